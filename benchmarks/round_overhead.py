@@ -1,0 +1,79 @@
+"""Share of a round's wall time that is not client training compute, on each engine.
+
+Tiny model, 8 clients, 3 rounds. Clients run one at a time on both engines (the simulation reserves every
+core for one client), so the train phase's wall time minus the clients' own training seconds is what the
+engine, the messages, (de)serialisation, client start-up and aggregation cost.
+
+    .venv/bin/python benchmarks/round_overhead.py [--rounds 3] [--clients 8] [--write docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fedhmoe.config import load_config
+from fedhmoe.evaluation.rundir import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(engine: str, clients: int, rounds: int, out: Path) -> dict[str, float]:
+    from fedhmoe.runtime.engines import run_inprocess, run_simulation_engine
+
+    cfg = load_config(ROOT / "configs" / "smoke.toml", [
+        f"federation.num-clients={clients}", f"federation.num-rounds={rounds}",
+        f"federation.num-cpus-per-client={os.cpu_count() or 1}", "train.num-threads=1",
+        "data.tasks=['basic_arithmetic', 'word_sorting', 'syllogism', 'gcd']", "data.examples-per-task=40",
+        "data.tasks-per-client=1", "eval.before-training=false", "eval.every-n-rounds=1000",
+        "train.local-steps=5",
+    ])
+    (run_inprocess if engine == "inprocess" else run_simulation_engine)(cfg, out)
+    rows = read_metrics(out)
+    per_round = []
+    for r in range(1, rounds + 1):
+        wall = next(x["train-phase-seconds"] for x in rows if x.get("split") == "server" and x["round"] == r)
+        compute = sum(x["train-seconds"] for x in rows if x.get("split") == "train" and x["round"] == r)
+        per_round.append((wall, compute))
+    # round 1 includes each worker's one-time backbone load; report it apart from the steady state
+    steady = per_round[1:] or per_round
+    wall, compute = (float(np.mean([w for w, _ in steady])), float(np.mean([c for _, c in steady])))
+    return {"first-wall": per_round[0][0], "first-compute": per_round[0][1], "wall": wall, "compute": compute,
+            "overhead-share": 1 - compute / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--write", help="markdown file to append the table to")
+    args = ap.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in ("inprocess", "simulation"):
+            results[engine] = measure(engine, args.clients, args.rounds, Path(tmp) / engine)
+    lines = [
+        f"### round_overhead ({args.clients} clients, {args.rounds} rounds, tiny-llama, 5 local steps; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "",
+        "| engine | round 1 wall s | round 1 client compute s | steady round wall s | steady client compute s "
+        "| share not client compute |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for engine, m in results.items():
+        lines.append(f"| {engine} | {m['first-wall']:.2f} | {m['first-compute']:.2f} | {m['wall']:.2f} | "
+                     f"{m['compute']:.2f} | {m['overhead-share']:.1%} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        with open(args.write, "a") as f:
+            f.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from fedhmoe.cli import main
+
+raise SystemExit(main())

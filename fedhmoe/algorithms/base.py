@@ -1,0 +1,241 @@
+"""The base of every method: a Flower Message-API ``Strategy`` over keyed tensors.
+
+A strategy holds the global state (every trainable tensor, keyed by name) and per-client structure. It builds
+**one message per sampled client** holding only the tensors that client holds, checks every reply (unknown
+keys, wrong shapes, NaN or Inf are rejected and reported, the round goes on), and aggregates with the one
+keyed rule of :mod:`fedhmoe.algorithms.aggregate`. Subclasses override the hooks ``client_keys``,
+``train_config`` and ``after_aggregate``; the math lives in pure functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedhmoe.algorithms.aggregate import aggregate_by_key, validate_update
+from fedhmoe.config import Config
+from fedhmoe.utils.seeding import numpy_rng
+from fedhmoe.wire import ARRAYS, CONFIG, METRICS, STATS, content_nbytes, decode_arrays, encode_arrays, make_content
+
+log = logging.getLogger("fedhmoe")
+
+__all__ = ["ClientReply", "FederatedStrategy", "Rejection"]
+
+
+@dataclass
+class ClientReply:
+    """One client's decoded reply."""
+
+    client: int
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, Any]
+    stats: dict[str, np.ndarray]
+    nbytes: int
+
+
+@dataclass
+class Rejection:
+    """A reply left out of aggregation, and why."""
+
+    client: int
+    reason: str
+
+
+@dataclass
+class RoundLog:
+    """What one call of configure/aggregate saw: bytes per client both ways, replies, rejections."""
+
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    replies: list[ClientReply] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+class FederatedStrategy(Strategy):
+    """Keyed-tensor strategy with per-client messages.
+
+    Args:
+        cfg: The resolved experiment config.
+        initial_state: Initial value of every global trainable tensor.
+        node_of: Client id (partition id) -> Flower node id.
+        run_config_text: The resolved config as TOML, shipped to clients in every message's config.
+    """
+
+    #: Registry name, set by each subclass.
+    name: str = ""
+    #: "global": clients are scored with the global model; "personal": with their own latest model.
+    eval_mode: str = "global"
+    #: Whether clients send their trained tensors back.
+    returns_arrays: bool = True
+
+    def __init__(
+        self,
+        cfg: Config,
+        initial_state: Mapping[str, np.ndarray],
+        node_of: Mapping[int, int],
+        run_config_text: str,
+    ) -> None:
+        self.cfg = cfg
+        self.global_state: dict[str, np.ndarray] = {k: np.asarray(v, np.float32) for k, v in initial_state.items()}
+        self.node_of = dict(node_of)
+        self.client_of = {n: c for c, n in self.node_of.items()}
+        self.clients = sorted(self.node_of)
+        self.run_config_text = run_config_text
+        self.wire_dtype = cfg.algorithm.transport_dtype
+        self.last_train = RoundLog()
+        self.last_eval = RoundLog()
+        self._sent_shapes: dict[int, dict[str, tuple[int, ...]]] = {}
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def client_keys(self, server_round: int, client: int) -> list[str]:
+        """Keys of the global state that ``client`` holds and trains this round (default: all)."""
+        return sorted(self.global_state)
+
+    def train_config(self, server_round: int, client: int) -> dict[str, Any]:
+        """Extra per-client training config (method knobs)."""
+        return {}
+
+    def aggregation_weight(self, reply: ClientReply) -> float:
+        """Weight of one client's update: its training examples, or 1 (``algorithm.weighting``)."""
+        if self.cfg.algorithm.weighting == "uniform":
+            return 1.0
+        return float(reply.metrics.get("num-examples", 0))
+
+    def after_aggregate(self, server_round: int, replies: list[ClientReply]) -> None:
+        """Structure updates after aggregation (expert assignment, recommendation); default none."""
+
+    # ------------------------------------------------------------------ sampling
+    def sample_clients(self, server_round: int) -> list[int]:
+        """The clients that train in ``server_round`` (seeded by run seed and round)."""
+        fed = self.cfg.federation
+        n = len(self.clients)
+        m = fed.clients_per_round or max(1, int(round(fed.fraction_per_round * n)))
+        if m >= n:
+            return list(self.clients)
+        rng = numpy_rng(self.cfg.run.seed, "sample-clients", server_round)
+        return sorted(int(c) for c in rng.choice(self.clients, size=m, replace=False))
+
+    # ------------------------------------------------------------------ Flower Strategy API
+    def _message(self, client: int, arrays: ArrayRecord | None, config: dict[str, Any], mtype: str) -> Message:
+        config = {**config, "client": client, "algorithm": self.name, "wire-dtype": self.wire_dtype,
+                  "run-config": self.run_config_text}
+        return Message(make_content(arrays=arrays, config=config), dst_node_id=self.node_of[client],
+                       message_type=mtype)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord | None = None, config: ConfigRecord | None = None,
+        grid: Grid | None = None,
+    ) -> Iterable[Message]:
+        """One message per sampled client, holding only the tensors that client holds."""
+        tr = self.cfg.train
+        lr = tr.learning_rate * tr.lr_decay ** (server_round - 1)
+        base = dict(config or {})
+        messages = []
+        self._sent_shapes = {}
+        self.last_train = RoundLog()
+        for client in self.sample_clients(server_round):
+            keys = self.client_keys(server_round, client) if self.returns_arrays else []
+            self._sent_shapes[client] = {k: self.global_state[k].shape for k in keys}
+            rec = encode_arrays({k: self.global_state[k] for k in keys}, self.wire_dtype) if keys else None
+            cfg = {**base, "server-round": server_round, "learning-rate": lr,
+                   "return-arrays": self.returns_arrays,
+                   "save-personal": self.eval_mode == "personal", **self.train_config(server_round, client)}
+            msg = self._message(client, rec, cfg, MessageType.TRAIN)
+            self.last_train.bytes_down[client] = content_nbytes(msg.content)
+            messages.append(msg)
+        return messages
+
+    def _decode(self, replies: Iterable[Message], log_: RoundLog, shapes: Mapping[int, Mapping[str, tuple]]
+                | None) -> list[ClientReply]:
+        out = []
+        for msg in replies:
+            client = self.client_of.get(msg.metadata.src_node_id, -1)
+            if msg.has_error():
+                log_.rejected.append(Rejection(client, f"client error: {msg.error.reason}"))
+                continue
+            content = msg.content
+            log_.bytes_up[client] = content_nbytes(content)
+            metrics = dict(content[METRICS]) if METRICS in content else {}
+            arrays = decode_arrays(content[ARRAYS], self.wire_dtype) if ARRAYS in content else {}
+            stats = decode_arrays(content[STATS]) if STATS in content else {}
+            reason = None
+            if client < 0:
+                reason = f"reply from unknown node {msg.metadata.src_node_id}"
+            elif shapes is not None:
+                reason = validate_update(shapes.get(client, {}), arrays, require_all=self.returns_arrays)
+            if reason is None and not all(np.isfinite(float(v)) for v in metrics.values()
+                                          if isinstance(v, (int, float))):
+                reason = "metrics hold NaN or Inf"
+            if reason is not None:
+                log.warning("round reply of client %s rejected: %s", client, reason)
+                log_.rejected.append(Rejection(client, reason))
+                continue
+            out.append(ClientReply(client, arrays, metrics, stats, log_.bytes_up[client]))
+        out.sort(key=lambda r: r.client)
+        log_.replies = out
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check replies, then average every key over the clients that returned it."""
+        good = self._decode(replies, self.last_train, self._sent_shapes)
+        if self.returns_arrays and good:
+            updates = [(self.aggregation_weight(r), r.arrays) for r in good]
+            if sum(w for w, _ in updates) <= 0:  # every client reported zero examples: fall back to uniform
+                updates = [(1.0, a) for _, a in updates]
+            self.global_state = aggregate_by_key(self.global_state, updates)
+        self.after_aggregate(server_round, good)
+        n = sum(int(r.metrics.get("num-examples", 0)) for r in good)
+        return ArrayRecord(), MetricRecord({"num-replies": len(good), "num-examples": n})
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord | None = None, config: ConfigRecord | None = None,
+        grid: Grid | None = None,
+    ) -> Iterable[Message]:
+        """Every client scores its own validation and test splits, with the global or its personal model."""
+        self.last_eval = RoundLog()
+        personal = self.eval_mode == "personal"
+        messages = []
+        for client in self.clients:
+            keys = [] if personal else self.client_keys(server_round, client)
+            rec = encode_arrays({k: self.global_state[k] for k in keys}, self.wire_dtype) if keys else None
+            cfg = {**dict(config or {}), "server-round": server_round, "use-personal": personal}
+            msg = self._message(client, rec, cfg, MessageType.EVALUATE)
+            self.last_eval.bytes_down[client] = content_nbytes(msg.content)
+            messages.append(msg)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Per-client metrics stay per client (see ``last_eval``); returns their example-weighted means."""
+        good = self._decode(replies, self.last_eval, None)
+        keys = sorted({k for r in good for k, v in r.metrics.items() if isinstance(v, float)})
+        means = {k: float(np.mean([r.metrics[k] for r in good if k in r.metrics])) for k in keys}
+        return MetricRecord(means)
+
+    def summary(self) -> None:
+        log.info("%s: %d global tensors, %d clients", self.name, len(self.global_state), len(self.clients))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Tensors and JSON-able structure needed to resume."""
+        return dict(self.global_state), {"name": self.name}
+
+    def load_state_dict(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        if meta.get("name") != self.name:
+            raise ValueError(f"checkpoint was written by {meta.get('name')!r}, not {self.name!r}")
+        missing = set(self.global_state) - set(tensors)
+        if missing:
+            raise ValueError(f"checkpoint lacks tensors {sorted(missing)[:3]}")
+        for k, v in tensors.items():
+            if k not in self.global_state or self.global_state[k].shape != v.shape:
+                raise ValueError(f"checkpoint tensor '{k}' does not match the model (shape {v.shape})")
+        self.global_state = {k: np.asarray(v, np.float32) for k, v in tensors.items()}

@@ -1,0 +1,12 @@
+"""Registry: method name -> strategy class. Adding a method is one entry here."""
+
+from __future__ import annotations
+
+from fedhmoe.algorithms.base import FederatedStrategy
+from fedhmoe.algorithms.fedit import FedIT, FedITFT, FedProx, LocalOnly
+
+ALGORITHMS: dict[str, type[FederatedStrategy]] = {
+    cls.name: cls for cls in (FedIT, FedITFT, FedProx, LocalOnly)
+}
+
+__all__ = ["ALGORITHMS"]

@@ -1,0 +1,139 @@
+"""Command line: ``fedhmoe run``, ``fedhmoe report``, ``fedhmoe prepare-model``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedhmoe.config import ConfigError
+
+log = logging.getLogger("fedhmoe")
+
+_OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s fedhmoe %(levelname)s: %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedhmoe.config import load_config
+    from fedhmoe.evaluation.report import client_table, write_run_report
+    from fedhmoe.evaluation.rundir import new_run_dir
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.toml").is_file():
+            raise ConfigError(f"{run_dir} is not a run directory (no config.toml)")
+        cfg = load_config(run_dir / "config.toml", args.set)
+    else:
+        if args.config is None:
+            raise ConfigError("fedhmoe run needs a CONFIG file (or --resume RUN_DIR)")
+        cfg = load_config(args.config, args.set)
+        run_dir = Path(args.out) if args.out else new_run_dir(cfg.run.out_dir, cfg.run.name)
+        if args.out:
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise ConfigError(f"--out {run_dir} exists and is not empty (use --resume to continue a run)")
+            run_dir.mkdir(parents=True, exist_ok=True)
+    engine = args.engine or cfg.federation.engine
+    _prepare_model(cfg)
+    log.info("run %s: %s on %d clients, %d rounds, engine %s", run_dir, cfg.algorithm.name,
+             cfg.federation.num_clients, cfg.federation.num_rounds, engine)
+    if engine == "inprocess":
+        from fedhmoe.runtime.engines import run_inprocess
+
+        summary = run_inprocess(cfg, run_dir, resume=bool(args.resume))
+    else:
+        from fedhmoe.runtime.engines import run_simulation_engine
+
+        summary = run_simulation_engine(cfg, run_dir, resume=bool(args.resume))
+    report = write_run_report(run_dir)
+    print()
+    print(f"{cfg.algorithm.name} on {cfg.model.name}: test score per client (data.source = {cfg.data.source})")
+    print(client_table(summary))
+    print(f"\nrun directory: {run_dir}\nreport: {report}")
+    return 0
+
+
+def _prepare_model(cfg) -> None:  # type: ignore[no-untyped-def]
+    """Convert the built-in SmolLM2 once, in the driver, so that workers find it cached."""
+    if cfg.model.name == "smollm2-135m-instruct":
+        from fedhmoe.models.smollm2 import prepare_smollm2
+
+        prepare_smollm2(Path(cfg.model.cache_dir) if cfg.model.cache_dir else None)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedhmoe.evaluation.report import client_table, compare_runs, load_summary, plot_runs
+
+    text = ["# fedhmoe report", "", compare_runs(args.runs), ""]
+    for d in args.runs:
+        text += [f"## {Path(d).name} ({load_summary(d)['algorithm']})", "", client_table(load_summary(d)), ""]
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "comparison.md"
+    plots = plot_runs(args.runs, out.parent / "plots")
+    text += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    out.write_text("\n".join(text) + "\n")
+    print("\n".join(text[:-len(plots)] if plots else text))
+    print(f"written: {out}")
+    return 0
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from fedhmoe.models.smollm2 import prepare_smollm2
+
+    path = prepare_smollm2(Path(args.cache_dir) if args.cache_dir else None, force=args.force)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedhmoe", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run one experiment")
+    r.add_argument("config", nargs="?", help="experiment TOML file (configs/*.toml)")
+    r.add_argument("--engine", choices=["inprocess", "simulation"], help="default: federation.engine")
+    r.add_argument("--out", help="run directory (default: <run.out-dir>/<run.name>-<UTC timestamp>)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    r.set_defaults(func=cmd_run)
+    rep = sub.add_parser("report", help="compare finished runs (markdown table and plots)")
+    rep.add_argument("runs", nargs="+", help="run directories")
+    rep.add_argument("--out", help="markdown file (default: <first run>/comparison.md)")
+    rep.set_defaults(func=cmd_report)
+    pm = sub.add_parser("prepare-model", help="convert the shipped SmolLM2-135M-Instruct GGUF once")
+    pm.add_argument("--cache-dir", help="default: $FEDHMOE_CACHE or ~/.cache/fedhmoe")
+    pm.add_argument("--force", action="store_true", help="convert again")
+    pm.set_defaults(func=cmd_prepare_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    for k, v in _OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"fedhmoe: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

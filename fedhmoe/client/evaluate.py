@@ -1,0 +1,96 @@
+"""Evaluation of a client's model on one of its own splits (torch; no Flower).
+
+Metrics per split:
+- ``eval-loss``: mean cross-entropy over answer tokens (teacher forcing);
+- ``accuracy`` (tasks with choices): the choice with the lowest mean token loss is the prediction;
+- ``exact-match``: greedy generation against the reference after normalisation;
+- ``rouge-l``: ROUGE-L F1 of greedy generation (generative tasks without their own scorer);
+- ``score``: the task's primary metric, averaged over examples: accuracy for choice tasks, the family's
+  own scorer for reasoning-gym, ROUGE-L otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from fedhmoe.config import EvalConfig
+from fedhmoe.data.format import PromptFormatter
+from fedhmoe.data.scoring import is_reasoning_gym, score_answer
+from fedhmoe.data.types import Example
+from fedhmoe.evaluation.metrics import exact_match, rouge_l
+
+__all__ = ["evaluate_examples", "generate", "token_losses"]
+
+
+@torch.no_grad()
+def token_losses(
+    model: nn.Module, formatter: PromptFormatter, items: Sequence[tuple[list[int], list[int]]], batch_size: int,
+    device: torch.device,
+) -> list[float]:
+    """Mean answer-token cross-entropy of each (input_ids, labels) item."""
+    out: list[float] = []
+    for s in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in formatter.collate_train(list(items[s : s + batch_size])).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]  # (B, T-1)
+        ce = nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )  # (B, T-1)
+        mask = (labels != -100).float()
+        out += (ce.sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    return out
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, formatter: PromptFormatter, examples: Sequence[Example], cfg: EvalConfig, device: torch.device
+) -> list[str]:
+    """Greedy completions of each example's prompt, decoded without special tokens."""
+    tok = formatter.tokenizer
+    gen = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    texts: list[str] = []
+    for s in range(0, len(examples), cfg.batch_size):
+        prompts = [formatter.encode_prompt(ex) for ex in examples[s : s + cfg.batch_size]]
+        batch = {k: v.to(device) for k, v in formatter.collate_prompts(prompts).items()}
+        seqs = model.generate(**batch, generation_config=gen)  # (B, T_prompt + new)
+        new = seqs[:, batch["input_ids"].shape[1] :]
+        texts += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    return texts
+
+
+def evaluate_examples(
+    model: nn.Module, formatter: PromptFormatter, examples: Sequence[Example], cfg: EvalConfig, device: torch.device
+) -> dict[str, float]:
+    """All metrics of one split. Returns an empty dict for an empty split."""
+    if not examples:
+        return {}
+    model.eval()
+    out: dict[str, float] = {}
+    losses = token_losses(model, formatter, [formatter.encode_train(ex) for ex in examples], cfg.batch_size, device)
+    out["eval-loss"] = float(np.mean(losses))
+    scores: list[float] = []
+    choice_ex = [ex for ex in examples if ex.choices]
+    gen_ex = [ex for ex in examples if not ex.choices]
+    if choice_ex:
+        correct = []
+        for ex in choice_ex:
+            cand = token_losses(model, formatter, formatter.encode_choices(ex), cfg.batch_size, device)
+            correct.append(float(ex.choices[int(np.argmin(cand))] == ex.answer))
+        out["accuracy"] = float(np.mean(correct))
+        scores += correct
+    if gen_ex:
+        preds = generate(model, formatter, gen_ex, cfg, device)
+        out["exact-match"] = float(np.mean([exact_match(p, ex.answer) for p, ex in zip(preds, gen_ex)]))
+        out["rouge-l"] = float(np.mean([rouge_l(p, ex.answer) for p, ex in zip(preds, gen_ex)]))
+        scores += [score_answer(p, ex) if is_reasoning_gym(ex) else rouge_l(p, ex.answer) for p, ex in zip(preds, gen_ex)]
+    out["score"] = float(np.mean(scores))
+    out["num-examples"] = float(len(examples))
+    return out

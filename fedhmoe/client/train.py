@@ -1,0 +1,110 @@
+"""Local training of a client's adapters (torch; no Flower).
+
+A fresh optimizer per client per round; loss is causal-LM cross-entropy on answer tokens only, plus, for
+FedProx, the proximal term (mu/2)||w - w_global||^2 over the trainable tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedhmoe.config import TrainConfig
+from fedhmoe.data.format import PromptFormatter
+from fedhmoe.data.types import Example
+
+__all__ = ["TrainResult", "make_optimizer", "train_local"]
+
+
+@dataclass
+class TrainResult:
+    """What a round of local training reports."""
+
+    loss: float  # mean training loss over the round's steps
+    steps: int
+    num_examples: int  # size of the client's training split (the aggregation weight)
+    seconds: float
+
+
+def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """The configured optimizer over ``params`` at learning rate ``lr``."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the next token over positions whose label is not -100."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
+    return nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100
+    )
+
+
+def train_local(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    formatter: PromptFormatter,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    lr: float,
+    rng: np.random.Generator,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """Run ``cfg.local_steps`` optimizer steps on batches drawn from ``examples``.
+
+    Batches are drawn without replacement from a permutation of the split (a new permutation whenever it is
+    used up), so the order depends only on ``rng``.
+
+    Args:
+        model: The backbone with adapters; only ``params`` are trained.
+        params: Trainable tensors by key.
+        formatter: Turns examples into token ids with answer-only labels.
+        examples: The client's training split.
+        cfg: Training hyperparameters.
+        lr: This round's learning rate.
+        rng: The client's batch-order stream for this round.
+        device: Where the model lives.
+        proximal_mu: FedProx coefficient; the anchor is the value of ``params`` at the start.
+    """
+    if not examples:
+        raise ValueError("client has no training examples")
+    start = time.perf_counter()
+    encoded = [formatter.encode_train(ex) for ex in examples]
+    anchor = {k: p.detach().clone() for k, p in params.items()} if proximal_mu > 0 else {}
+    opt = make_optimizer(list(params.values()), cfg, lr)
+    model.train()
+    order: list[int] = []
+    losses = []
+    for _ in range(cfg.local_steps):
+        if len(order) < cfg.batch_size:
+            order += [int(i) for i in rng.permutation(len(encoded))]
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        batch = {k: v.to(device) for k, v in formatter.collate_train([encoded[i] for i in idx]).items()}
+        loss = causal_lm_loss(model, batch)
+        total = loss
+        if anchor:
+            prox = sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
+            total = loss + 0.5 * proximal_mu * prox
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    mean = float(np.mean(losses))
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"training loss became {mean}")
+    return TrainResult(mean, cfg.local_steps, len(examples), time.perf_counter() - start)

@@ -1,0 +1,91 @@
+"""Scoring generated answers against an example's reference."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+
+from fedhmoe.data.types import Example
+
+__all__ = ["is_reasoning_gym", "match_choice", "normalize", "score_answer"]
+
+_TRAILING = string.punctuation + " \t\r\n"
+_SPACE = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, collapse whitespace and strip surrounding whitespace and trailing punctuation."""
+    return _SPACE.sub(" ", (text or "").lower()).strip().rstrip(_TRAILING)
+
+
+def is_reasoning_gym(example: Example) -> bool:
+    """Whether the example carries a reasoning-gym entry its family scorer can judge."""
+    if not example.meta:
+        return False
+    try:
+        meta = json.loads(example.meta)
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(meta, dict):
+        return False
+    metadata = meta.get("metadata")
+    if "source_dataset" in meta or (isinstance(metadata, dict) and "source_dataset" in metadata):
+        return True
+    if "question" in meta and "answer" in meta:
+        from fedhmoe.data.reasoning_gym import known_families
+
+        return example.task in known_families()
+    return False
+
+
+def match_choice(prediction: str, choices: tuple[str, ...] | list[str]) -> int | None:
+    """Index of the choice a prediction names, or None.
+
+    Tried in order: the normalised prediction equals a choice; it starts with a choice followed by a
+    non-word character (the longest such choice wins); exactly one choice occurs in it as a whole word.
+
+    Args:
+        prediction: Generated text.
+        choices: The verbalised options.
+
+    Returns:
+        The matched index, or None when no choice (or more than one, in the last step) matches.
+    """
+    pred = normalize(prediction)
+    norm = [normalize(c) for c in choices]
+    for i, c in enumerate(norm):
+        if c and pred == c:
+            return i
+    best: int | None = None
+    for i, c in enumerate(norm):
+        if c and pred.startswith(c) and not pred[len(c)].isalnum():
+            if best is None or len(c) > len(norm[best]):
+                best = i
+    if best is not None:
+        return best
+    hits = [i for i, c in enumerate(norm) if c and re.search(r"(?<!\w)" + re.escape(c) + r"(?!\w)", pred)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def score_answer(prediction: str, example: Example) -> float:
+    """Score a prediction in ``[0, 1]``.
+
+    reasoning-gym examples use the family's scorer; examples with choices score 1.0 when
+    :func:`match_choice` picks the reference; others use normalised exact match.
+
+    Args:
+        prediction: Generated text.
+        example: The example with its reference answer.
+
+    Returns:
+        The score.
+    """
+    if is_reasoning_gym(example):
+        from fedhmoe.data.reasoning_gym import score_reasoning_gym
+
+        return score_reasoning_gym(prediction, example)
+    if example.choices:
+        idx = match_choice(prediction, example.choices)
+        return float(idx is not None and normalize(example.choices[idx]) == normalize(example.answer))
+    return float(normalize(prediction) == normalize(example.answer))

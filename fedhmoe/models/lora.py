@@ -1,0 +1,177 @@
+"""Low-rank adapters (LoRA) as wrapper modules around frozen linear layers.
+
+A :class:`LoRALinear` holds the original ``nn.Linear`` as its ``base`` attribute and adds two float32
+parameters, ``lora_A`` (r x in) and ``lora_B`` (out x r). :func:`inject_lora` swaps the targeted linears of a
+model for these wrappers; no other library's code is patched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["LoRALinear", "inject_lora", "kaiming_uniform_a", "lora_draw_order"]
+
+
+def kaiming_uniform_a(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Kaiming-uniform values with ``a = sqrt(5)`` for a ``(rows, cols)`` weight whose fan-in is ``cols``.
+
+    With ``a = sqrt(5)`` the gain is ``sqrt(2 / (1 + a^2)) = sqrt(1/3)``, the standard deviation is
+    ``gain / sqrt(fan_in)``, and the uniform bound ``sqrt(3) * std`` simplifies to ``1 / sqrt(fan_in)``.
+
+    Args:
+        rows: Output dimension (the LoRA rank for ``lora_A``).
+        cols: Fan-in (the linear layer's ``in_features``).
+        generator: CPU generator to draw from; ``None`` uses torch's global RNG.
+
+    Returns:
+        A float32 CPU tensor of shape ``(rows, cols)``.
+    """
+    gain = math.sqrt(2.0 / (1.0 + 5.0))
+    bound = math.sqrt(3.0) * gain / math.sqrt(cols)
+    out = torch.empty(rows, cols, dtype=torch.float32)  # (rows, cols)
+    return out.uniform_(-bound, bound, generator=generator)
+
+
+def lora_draw_order(paths: Iterable[str]) -> list[str]:
+    """The order in which adapter modules draw their initial ``lora_A`` values: sorted module paths."""
+    return sorted(paths)
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update ``(alpha / r) * B @ A``.
+
+    ``forward(x) = base(x) + (dropout(x) @ A.T @ B.T) * alpha / r``; the update is computed in float32 and cast
+    back to the dtype of the base output.
+
+    Args:
+        base: The linear layer to wrap; its parameters are frozen.
+        rank: LoRA rank ``r``.
+        alpha: LoRA alpha; the update is scaled by ``alpha / r``.
+        dropout: Dropout probability on the LoRA input, active only in training mode.
+        generator: CPU generator for the initial ``lora_A``; ``None`` uses torch's global RNG. Ignored on the
+            meta device, where no values are drawn.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        device = base.weight.device
+        if device.type == "meta":
+            a = torch.empty(self.rank, self.in_features, dtype=torch.float32, device=device)  # (r, in)
+        else:
+            a = kaiming_uniform_a(self.rank, self.in_features, generator).to(device)  # (r, in)
+        b = torch.zeros(self.out_features, self.rank, dtype=torch.float32, device=device)  # (out, r)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(b)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (for code that inspects ``module.weight``)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The frozen base bias, if any."""
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base output plus the scaled low-rank update.
+
+        Args:
+            x: Input of shape ``(..., in_features)``.
+
+        Returns:
+            Output of shape ``(..., out_features)`` in the base output's dtype.
+        """
+        out = self.base(x)  # (..., out)
+        h = self.dropout(x).to(torch.float32)  # (..., in)
+        delta = (h @ self.lora_A.T) @ self.lora_B.T  # (..., r) -> (..., out)
+        return out + (delta * self.scaling).to(out.dtype)  # (..., out)
+
+    def extra_repr(self) -> str:
+        """Rank, alpha and the wrapped shape for ``print(model)``."""
+        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha:g}"
+
+
+def inject_lora(
+    model: nn.Module,
+    targets: list[str],
+    rank: int,
+    alpha: float,
+    dropout: float,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """Replace every ``nn.Linear`` whose attribute name is in ``targets`` by a :class:`LoRALinear`.
+
+    Modules are wrapped in sorted module-path order, which is also the order their ``lora_A`` values are drawn
+    from ``generator``; :func:`fedhmoe.models.payload.init_adapter_state` reproduces these values from shapes
+    alone. Works on meta-device models (the adapters are then created on meta, without values).
+
+    Args:
+        model: The model to modify in place.
+        targets: Attribute names of the linears to wrap, e.g. ``["q_proj", "v_proj"]``.
+        rank: LoRA rank ``r``.
+        alpha: LoRA alpha.
+        dropout: Dropout on the LoRA input during training.
+        generator: CPU generator for the ``lora_A`` initialisation; ``None`` uses torch's global RNG.
+
+    Returns:
+        The wrapped module paths, sorted.
+
+    Raises:
+        ValueError: If the model already carries adapters, or no linear matches ``targets``.
+    """
+    wanted = set(targets)
+    if not wanted:
+        raise ValueError("inject_lora needs at least one target module name")
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    existing = [p for p, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if existing:
+        raise ValueError(f"model already has LoRA adapters (e.g. at {existing[0]!r}); inject them only once")
+
+    matched: dict[str, nn.Linear] = {}
+    linear_names: set[str] = set()
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            leaf = path.rsplit(".", 1)[-1]
+            linear_names.add(leaf)
+            if leaf in wanted:
+                matched[path] = module
+    if not matched:
+        some = ", ".join(sorted(linear_names)[:12]) or "none"
+        raise ValueError(
+            f"no nn.Linear named {sorted(wanted)} in {type(model).__name__}; linear layer names present: {some}"
+        )
+
+    paths = lora_draw_order(matched)
+    for path in paths:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, leaf, LoRALinear(matched[path], rank, alpha, dropout, generator))
+    return paths

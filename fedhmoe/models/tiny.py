@@ -1,0 +1,102 @@
+"""A tiny randomly initialised Llama with a byte-level tokenizer: the fast built-in model for tests and smoke runs.
+
+Nothing here touches the network or the disk: the tokenizer is built in memory from the 256 ByteLevel symbols
+plus three special tokens, and the model is created from a seeded random initialisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+__all__ = [
+    "BOS_TOKEN",
+    "BYTE_VOCAB_SIZE",
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "TINY_MAX_POSITIONS",
+    "build_tiny_llama",
+    "byte_tokenizer",
+    "tiny_llama_config",
+]
+
+PAD_TOKEN = "<pad>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
+BYTE_VOCAB_SIZE = 259
+TINY_MAX_POSITIONS = 512
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: one token per UTF-8 byte, plus ``<pad>``, ``<s>`` and ``</s>``.
+
+    Ids 0..255 are the ByteLevel alphabet symbols in sorted order; ``<pad>`` = 256, ``<s>`` = 257,
+    ``</s>`` = 258. Encoding adds no special tokens, and ``decode(encode(text)) == text`` for any UTF-8 text.
+    The tokenizer has no chat template.
+
+    Returns:
+        A fast tokenizer with bos, eos and pad tokens set.
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    if len(alphabet) != 256:  # pragma: no cover - guards against a changed tokenizers release
+        raise RuntimeError(f"expected 256 ByteLevel symbols, got {len(alphabet)}")
+    vocab = {sym: i for i, sym in enumerate(alphabet)}
+    vocab.update({PAD_TOKEN: PAD_ID, BOS_TOKEN: BOS_ID, EOS_TOKEN: EOS_ID})
+
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)])
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=TINY_MAX_POSITIONS,
+        clean_up_tokenization_spaces=False,
+    )
+    return tok
+
+
+def tiny_llama_config(vocab_size: int = BYTE_VOCAB_SIZE) -> LlamaConfig:
+    """The configuration of the tiny Llama: hidden 64, 2 layers, 4 heads (2 key/value heads), MLP 128.
+
+    Args:
+        vocab_size: Size of the embedding table; the default matches :func:`byte_tokenizer`.
+
+    Returns:
+        A ``LlamaConfig`` with tied embeddings and the byte tokenizer's pad/bos/eos ids.
+    """
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        tie_word_embeddings=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def build_tiny_llama(seed: int) -> LlamaForCausalLM:
+    """A randomly initialised tiny Llama whose weights depend only on ``seed``.
+
+    The initialisation runs inside a forked RNG state, so the caller's global torch RNG is left untouched.
+
+    Args:
+        seed: Seed of the weight initialisation.
+
+    Returns:
+        The model in float32 on the CPU.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_llama_config())
+    return model

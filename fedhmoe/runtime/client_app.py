@@ -1,0 +1,28 @@
+"""The Flower ``ClientApp``: one handler per message type, the work done in :mod:`client_logic`."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedhmoe.runtime.client_logic import handle_evaluate, handle_query, handle_train
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node serves and how large its splits are."""
+    return handle_query(msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training of the tensors the server sent (or of the client's personal ones)."""
+    return handle_train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the client's own validation and test splits."""
+    return handle_evaluate(msg, context)

@@ -1,0 +1,171 @@
+"""What a client does with each message: the library behind the ``ClientApp``'s handlers.
+
+Every message's ``config`` record carries the resolved experiment config (``run-config``, TOML), so the
+same handlers serve the in-process engine, Flower's Simulation Engine and real SuperNodes. A client's
+personal state (its own adapter, for personalized methods) is a safetensors file per round under
+``<state-dir>/client-<id>/``; reading "the newest state strictly before round r" makes resume exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from safetensors.numpy import load_file, save_file
+
+from fedhmoe.client.evaluate import evaluate_examples
+from fedhmoe.client.train import train_local
+from fedhmoe.config import Config, load_config
+from fedhmoe.data.splits import client_data
+from fedhmoe.models.payload import load_adapter_state
+from fedhmoe.runtime.backbone_cache import get_worker
+from fedhmoe.utils.seeding import derive_seed, numpy_rng
+from fedhmoe.wire import ARRAYS, CONFIG, decode_arrays, encode_arrays, make_content
+
+__all__ = ["PersonalStore", "handle_evaluate", "handle_query", "handle_train"]
+
+
+@lru_cache(maxsize=4)
+def _parse(text_hash: str, text: str) -> Config:
+    return load_config(text=text)
+
+
+def message_config(msg: Message) -> tuple[dict[str, Any], Config]:
+    """The message's config record and the experiment config it carries."""
+    conf = dict(msg.content[CONFIG]) if CONFIG in msg.content else {}
+    text = conf.get("run-config")
+    if not isinstance(text, str):
+        raise ValueError("message config lacks 'run-config' (the experiment TOML)")
+    return conf, _parse(hashlib.sha1(text.encode()).hexdigest(), text)
+
+
+def client_id(context: Context, conf: dict[str, Any]) -> int:
+    """The partition id from the node config (simulation, --node-config), checked against the message."""
+    pid = context.node_config.get("partition-id")
+    if pid is None:
+        return int(conf["client"])
+    if "client" in conf and int(conf["client"]) != int(pid):
+        raise ValueError(f"message addressed to client {conf['client']} reached partition {pid}")
+    return int(pid)
+
+
+class PersonalStore:
+    """A client's personal tensors, one safetensors file per round it trained."""
+
+    def __init__(self, root: str | Path, client: int, keep_last: int = 0) -> None:
+        self.dir = Path(root) / f"client-{client}"
+        self.keep_last = keep_last
+
+    def rounds(self) -> list[int]:
+        if not self.dir.is_dir():
+            return []
+        found = (re.fullmatch(r"round-(\d+)\.safetensors", p.name) for p in self.dir.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def load_before(self, server_round: int) -> dict[str, np.ndarray] | None:
+        """The newest state saved in a round strictly before ``server_round``, or None."""
+        older = [r for r in self.rounds() if r < server_round]
+        if not older:
+            return None
+        path = self.dir / f"round-{older[-1]}.safetensors"
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise ValueError(f"personal state {path} is corrupt: {e}") from e
+
+    def save(self, server_round: int, state: dict[str, np.ndarray]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".round-{server_round}.tmp"
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+        tmp.rename(self.dir / f"round-{server_round}.safetensors")
+        if self.keep_last > 0:
+            for r in self.rounds()[: -self.keep_last]:
+                (self.dir / f"round-{r}.safetensors").unlink(missing_ok=True)
+
+
+def _store(context: Context, conf: dict[str, Any], cfg: Config, client: int) -> PersonalStore:
+    root = context.node_config.get("state-dir") or conf.get("state-dir")
+    if not root:
+        raise ValueError("no state directory: set node config 'state-dir' or send 'state-dir'")
+    return PersonalStore(str(root), client, cfg.checkpoint.keep_last)
+
+
+def _setup_threads(cfg: Config) -> None:
+    if cfg.train.num_threads > 0 and torch.get_num_threads() != cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """Identify this node: partition id and the sizes of its splits."""
+    conf, cfg = message_config(msg)
+    client = client_id(context, conf)
+    data = client_data(cfg, client)
+    info = {"client": client, "tasks": list(data.tasks), **{f"num-{s}": len(data.split(s))
+                                                           for s in ("train", "aux", "val", "test")}}
+    return Message(RecordDict({CONFIG: ConfigRecord(info)}), reply_to=msg)
+
+
+def _start_state(msg: Message, conf: dict[str, Any], worker: Any, store: PersonalStore,
+                 before_round: int) -> dict[str, np.ndarray]:
+    """Received tensors when the server sent any; else the newest personal state before a round, else init."""
+    if ARRAYS in msg.content:
+        return decode_arrays(msg.content[ARRAYS], conf.get("wire-dtype", "float32"))
+    return store.load_before(before_round) or worker.initial_state
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Load the received (or personal) adapter, train locally, save personal state, reply with tensors."""
+    conf, cfg = message_config(msg)
+    _setup_threads(cfg)
+    client = client_id(context, conf)
+    r = int(conf["server-round"])
+    worker = get_worker(cfg)
+    store = _store(context, conf, cfg, client)
+    start = _start_state(msg, conf, worker, store, before_round=r)
+    load_adapter_state(worker.model, start, strict=True)
+    data = client_data(cfg, client)
+    torch.manual_seed(derive_seed(cfg.run.seed, "dropout", r, client))
+    result = train_local(
+        worker.model, worker.params, worker.formatter, data.train, cfg.train, float(conf["learning-rate"]),
+        numpy_rng(cfg.run.seed, "batches", r, client), worker.device,
+        proximal_mu=float(conf.get("proximal-mu", 0.0)),
+    )
+    state = {k: p.detach().float().cpu().numpy() for k, p in worker.params.items()}
+    if conf.get("save-personal", False):
+        store.save(r, state)
+    metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-seconds": result.seconds,
+               "steps": result.steps, "client": client}
+    arrays = None
+    if conf.get("return-arrays", True):
+        sent = decode_arrays(msg.content[ARRAYS]) if ARRAYS in msg.content else state
+        arrays = encode_arrays({k: state[k] for k in sent}, conf.get("wire-dtype", "float32"))
+    return Message(make_content(arrays=arrays, metrics=metrics), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Score the client's validation and test splits with the received or the personal adapter."""
+    conf, cfg = message_config(msg)
+    _setup_threads(cfg)
+    client = client_id(context, conf)
+    r = int(conf["server-round"])
+    worker = get_worker(cfg)
+    store = _store(context, conf, cfg, client)
+    # A personal model evaluated after round r is the one saved in round r (or earlier).
+    start = _start_state(msg, conf, worker, store, before_round=r + 1)
+    load_adapter_state(worker.model, start, strict=True)
+    data = client_data(cfg, client)
+    t0 = time.perf_counter()
+    metrics: dict[str, Any] = {"client": client, "num-examples": len(data.test)}
+    for split in ("val", "test"):
+        for k, v in evaluate_examples(worker.model, worker.formatter, data.split(split), cfg.eval,
+                                      worker.device).items():
+            metrics[f"{split}.{k}"] = v
+    metrics["eval-seconds"] = time.perf_counter() - t0
+    return Message(make_content(metrics=metrics), reply_to=msg)

@@ -1,0 +1,126 @@
+"""Engines that run the same ServerApp and ClientApp: in-process (tests, debugging) and Flower's Simulation
+Engine (Ray). The Deployment Engine needs no code here: ``flower-superlink``, ``flower-supernode`` and
+``flwr run`` load :mod:`fedhmoe.runtime.server_app` and :mod:`fedhmoe.runtime.client_app` (see README).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.run import Run
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedhmoe.config import Config
+from fedhmoe.evaluation.rundir import RunDirectory
+from fedhmoe.runtime.server import run_federation
+
+log = logging.getLogger("fedhmoe")
+
+__all__ = ["InProcessGrid", "run_inprocess", "run_simulation_engine"]
+
+_RUN_ID = 1
+_SERVER_NODE = 1
+
+
+class InProcessGrid(Grid):
+    """A Grid that delivers each message by calling the ClientApp in this process, in node order.
+
+    Node ids are ``1000 + partition id``; each node has its own ``Context`` (``node_config`` carries
+    ``partition-id`` and ``num-partitions`` as the Simulation Engine sets them) kept across rounds.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
+        self.client_app = client_app
+        self.contexts = {
+            1000 + i: Context(run_id=_RUN_ID, node_id=1000 + i,
+                              node_config={"partition-id": i, "num-partitions": num_nodes},
+                              state=RecordDict(), run_config={})
+            for i in range(num_nodes)
+        }
+        self._run = Run.create_empty(run_id=_RUN_ID)
+        self._pending: dict[str, Message] = {}
+        self._next_id = 0
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def _deliver(self, msg: Message) -> Message:
+        self._next_id += 1
+        msg.metadata.__dict__["_message_id"] = f"m{self._next_id}"
+        try:
+            return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as e:  # a failing client must not stop the federation: reply with an error
+            log.warning("client on node %s failed: %s", msg.metadata.dst_node_id, e)
+            log.debug("%s", traceback.format_exc())
+            return Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            reply = self._deliver(msg)
+            ids.append(msg.metadata.message_id)
+            self._pending[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._pending.pop(i) for i in message_ids if i in self._pending]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return list(self.pull_messages(list(self.push_messages(messages))))
+
+
+def _set_task_identity() -> None:
+    TaskIdentity.run_id = _RUN_ID
+    TaskIdentity.node_id = _SERVER_NODE
+    TaskIdentity.task_id = 1
+
+
+def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: ClientApp | None = None) -> dict:
+    """Run the experiment in this process (no Ray) and return its summary."""
+    from fedhmoe.runtime.client_app import app as default_client_app
+
+    _set_task_identity()
+    grid = InProcessGrid(client_app or default_client_app, cfg.federation.num_clients)
+    return run_federation(grid, cfg, RunDirectory(run_dir), resume=resume)
+
+
+def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+    """Run the experiment on Flower's Simulation Engine (Ray): one virtual SuperNode per client."""
+    import json
+
+    from flwr.simulation import run_simulation
+
+    from fedhmoe.runtime.client_app import app as client_app
+    from fedhmoe.runtime.server_app import make_server_app
+
+    fed = cfg.federation
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    backend = {
+        "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
+        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
+                      "logging_level": logging.WARNING, "log_to_driver": True},
+    }
+    run_simulation(server_app=make_server_app(cfg, run_dir, resume), client_app=client_app,
+                   num_supernodes=fed.num_clients, backend_config=backend)
+    summary_path = Path(run_dir) / "summary.json"
+    if not summary_path.is_file():
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+    return json.loads(summary_path.read_text())

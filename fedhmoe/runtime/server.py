@@ -1,0 +1,155 @@
+"""The server's round loop, shared by every engine.
+
+``run_federation`` drives a strategy through the Grid: discover clients (a ``query`` round mapping node ids
+to partition ids), evaluate the untrained model (round 0), then per round train, aggregate, evaluate and
+checkpoint, writing every row to the run directory. It does not use ``Strategy.start()``: methods with
+multi-stage schedules and personalized evaluation need their own loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType
+from flwr.serverapp import Grid
+
+from fedhmoe.algorithms.base import FederatedStrategy, RoundLog
+from fedhmoe.algorithms.registry import ALGORITHMS
+from fedhmoe.config import Config, config_to_toml
+from fedhmoe.evaluation.rundir import RunDirectory, read_metrics, summarize
+from fedhmoe.models.backbone import backbone_shapes
+from fedhmoe.models.lora import inject_lora
+from fedhmoe.models.payload import init_adapter_state
+from fedhmoe.wire import CONFIG, make_content
+
+log = logging.getLogger("fedhmoe")
+
+__all__ = ["discover_clients", "initial_state", "run_federation"]
+
+
+def initial_state(cfg: Config) -> dict[str, np.ndarray]:
+    """Initial adapter tensors, from the model's shapes only (no weights are loaded on the server)."""
+    model = backbone_shapes(cfg.model, seed=cfg.run.seed)
+    m = cfg.model
+    inject_lora(model, m.lora_targets, m.lora_rank, m.lora_alpha, m.lora_dropout)
+    return init_adapter_state(model, cfg.run.seed)
+
+
+def discover_clients(grid: Grid, cfg: Config, toml_text: str) -> tuple[dict[int, int], dict[int, dict[str, Any]]]:
+    """Wait for ``num-clients`` nodes, then ask each which partition it serves."""
+    n = cfg.federation.num_clients
+    deadline = time.monotonic() + cfg.federation.round_timeout_s
+    while len(nodes := sorted(grid.get_node_ids())) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {n} clients connected")
+        time.sleep(1.0)
+    msgs = [Message(make_content(config={"run-config": toml_text}), dst_node_id=nid, message_type=MessageType.QUERY)
+            for nid in nodes]
+    node_of: dict[int, int] = {}
+    info: dict[int, dict[str, Any]] = {}
+    for reply in grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout_s):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+        rec = dict(reply.content[CONFIG])
+        c = int(rec["client"])
+        if not 0 <= c < n or c in node_of:
+            raise RuntimeError(f"node {reply.metadata.src_node_id} claims partition {c} (expected unique ids < {n})")
+        node_of[c] = reply.metadata.src_node_id
+        info[c] = rec
+    if len(node_of) < n:
+        raise RuntimeError(f"only partitions {sorted(node_of)} answered; expected {n}")
+    return node_of, info
+
+
+def _rows_train(r: int, rl: RoundLog) -> list[dict[str, Any]]:
+    rows = []
+    for rep in rl.replies:
+        m = rep.metrics
+        rows.append({"round": r, "client": rep.client, "split": "train", "train-loss": m.get("train-loss"),
+                     "num-examples": m.get("num-examples"), "steps": m.get("steps"),
+                     "bytes-up": rl.bytes_up.get(rep.client, 0), "bytes-down": rl.bytes_down.get(rep.client, 0),
+                     "train-seconds": m.get("train-seconds")})
+    return rows + _rows_rejected(r, "train", rl)
+
+
+def _rows_rejected(r: int, phase: str, rl: RoundLog) -> list[dict[str, Any]]:
+    return [{"round": r, "client": x.client, "split": "rejected", "phase": phase, "reason": x.reason,
+             "bytes-down": rl.bytes_down.get(x.client, 0), "bytes-up": rl.bytes_up.get(x.client, 0)}
+            for x in rl.rejected]
+
+
+def _rows_eval(r: int, rl: RoundLog) -> list[dict[str, Any]]:
+    rows = []
+    for rep in rl.replies:
+        for split in ("val", "test"):
+            vals = {k.split(".", 1)[1]: v for k, v in rep.metrics.items() if k.startswith(split + ".")}
+            row = {"round": r, "client": rep.client, "split": split, **vals}
+            if split == "test":  # the evaluation exchange's bytes, once per client
+                row |= {"bytes-up": rl.bytes_up.get(rep.client, 0), "bytes-down": rl.bytes_down.get(rep.client, 0),
+                        "eval-seconds": rep.metrics.get("eval-seconds")}
+            rows.append(row)
+    return rows + _rows_rejected(r, "evaluate", rl)
+
+
+def _evaluate(grid: Grid, strategy: FederatedStrategy, r: int, run: RunDirectory, base: dict, timeout: float) -> None:
+    replies = grid.send_and_receive(strategy.configure_evaluate(r, config=ConfigRecord(base)), timeout=timeout)
+    means = strategy.aggregate_evaluate(r, replies)
+    run.log(_rows_eval(r, strategy.last_eval))
+    test = (means or {}).get("test.score")
+    log.info("round %d: mean test score %s over %d clients", r, "n/a" if test is None else f"{test:.4f}",
+             len(strategy.last_eval.replies))
+
+
+def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) one experiment on ``grid`` and return its summary."""
+    toml_text = config_to_toml(cfg)
+    t0 = time.perf_counter()
+    node_of, info = discover_clients(grid, cfg, toml_text)
+    client_tasks = {c: list(info[c].get("tasks", [])) for c in sorted(info)}
+    log.info("%d clients: %s", len(node_of), ", ".join(f"{c}={'+'.join(t)}" for c, t in client_tasks.items()))
+    strategy = ALGORITHMS[cfg.algorithm.name](cfg, initial_state(cfg), node_of, toml_text)
+    base = {"state-dir": str(run.client_state_dir.resolve())}
+    timeout = cfg.federation.round_timeout_s
+    first = 1
+    if resume:
+        done = run.checkpoint_rounds()
+        if not done:
+            raise ValueError(f"{run.path} has no checkpoint to resume from")
+        tensors, meta = run.load_checkpoint(done[-1])
+        strategy.load_state_dict(tensors, meta.get("strategy", {}))
+        run.truncate_metrics(done[-1])
+        first = done[-1] + 1
+        log.info("resuming after round %d", done[-1])
+    else:
+        run.write_config(toml_text)
+        if cfg.eval.before_training:
+            _evaluate(grid, strategy, 0, run, base, timeout)
+    last = cfg.federation.num_rounds
+    for r in range(first, last + 1):
+        t_round = time.perf_counter()
+        replies = grid.send_and_receive(strategy.configure_train(r, config=ConfigRecord(base)), timeout=timeout)
+        strategy.aggregate_train(r, replies)
+        t_train = time.perf_counter() - t_round
+        run.log(_rows_train(r, strategy.last_train))
+        tl = [rep.metrics.get("train-loss", float("nan")) for rep in strategy.last_train.replies]
+        log.info("round %d/%d: %d replies (%d rejected), mean train loss %.4f, %.1f s", r, last,
+                 len(strategy.last_train.replies), len(strategy.last_train.rejected),
+                 float(np.mean(tl)) if tl else float("nan"), time.perf_counter() - t_round)
+        t_eval = time.perf_counter()
+        if r % cfg.eval.every_n_rounds == 0 or r == last:
+            _evaluate(grid, strategy, r, run, base, timeout)
+        t_eval = time.perf_counter() - t_eval
+        every = cfg.checkpoint.every_n_rounds
+        if every and (r % every == 0 or r == last):
+            tensors, meta = strategy.state_dict()
+            run.save_checkpoint(r, tensors, {"strategy": meta}, cfg.checkpoint.keep_last)
+        run.log([{"round": r, "split": "server", "train-phase-seconds": t_train, "eval-phase-seconds": t_eval,
+                  "round-seconds": time.perf_counter() - t_round}])
+    summary = summarize(read_metrics(run.path), cfg.algorithm.name, client_tasks, cfg.eval.select_metric,
+                        extra={"run-name": cfg.run.name, "seed": cfg.run.seed,
+                               "wall-seconds": time.perf_counter() - t0})
+    run.write_summary(summary)
+    return summary

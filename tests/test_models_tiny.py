@@ -1,0 +1,132 @@
+"""The byte tokenizer, the tiny Llama, and backbone loading without network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from fedhmoe.config import ModelConfig
+from fedhmoe.models import (
+    BUILTIN_MODELS,
+    backbone_shapes,
+    build_tiny_llama,
+    byte_tokenizer,
+    load_backbone,
+    resolve_model_path,
+    tiny_llama_config,
+)
+
+TEXTS = [
+    "",
+    "Hello, world!",
+    "  leading and trailing spaces  . , ; tabs\tand\nnewlines\r\n",
+    "Héllo wörld: naïve café, Grüße, ½ ∑ ≠",
+    "日本語のテキスト, 中文, 한국어",
+    "emoji 🎉🚀 and combining e\u0301 and zero\u200bwidth",
+    "<s> looks special but </s> and <pad> are tokens",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_byte_tokenizer_round_trip(text: str) -> None:
+    tok = byte_tokenizer()
+    ids = tok(text, add_special_tokens=True)["input_ids"]
+    assert tok.decode(ids) == text
+    if "<" not in text:
+        assert len(ids) == len(text.encode("utf-8"))
+        assert all(0 <= i < 256 for i in ids)
+
+
+def test_byte_tokenizer_vocab_and_specials() -> None:
+    tok = byte_tokenizer()
+    assert len(tok) == 259
+    assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<pad>", "<s>", "</s>")
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (256, 257, 258)
+    assert tok.chat_template is None
+    assert tok.convert_ids_to_tokens(list(range(3))) == ["!", '"', "#"]
+    a, b, c = (ord(ch) - ord("!") for ch in "abc")  # printable ASCII bytes sit at their offset from "!"
+    assert tok("<s>ab</s>")["input_ids"] == [257, a, b, 258]
+    assert tok.decode([257, a, b, 258], skip_special_tokens=True) == "ab"
+    batch = tok(["a", "abc"], padding=True, return_tensors="pt")
+    assert batch["input_ids"].tolist() == [[a, 256, 256], [a, b, c]]
+    assert batch["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
+
+
+def test_tiny_config() -> None:
+    cfg = tiny_llama_config()
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (259, 64, 2)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size) == (4, 2, 128)
+    assert cfg.max_position_embeddings == 512 and cfg.tie_word_embeddings
+    assert (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (256, 257, 258)
+    assert tiny_llama_config(vocab_size=300).vocab_size == 300
+
+
+def test_tiny_forward_backward_shapes() -> None:
+    model = build_tiny_llama(0)
+    ids = torch.randint(0, 259, (3, 17), generator=torch.Generator().manual_seed(0))  # (B, T)
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape == (3, 17, 259)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape, name
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_tiny_determinism_and_global_rng_untouched() -> None:
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b, c = build_tiny_llama(7), build_tiny_llama(7), build_tiny_llama(8)
+    assert torch.equal(before, torch.get_rng_state())
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["model.embed_tokens.weight"], sc["model.embed_tokens.weight"])
+
+
+def test_load_backbone_tiny_is_frozen() -> None:
+    model, tok = load_backbone(ModelConfig(name="tiny-llama"), seed=3)
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert tok.pad_token == "<pad>"
+    ref = build_tiny_llama(3)
+    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+    bf16, _ = load_backbone(ModelConfig(name="tiny-llama", dtype="bfloat16"))
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+
+
+def test_backbone_shapes_tiny_on_meta() -> None:
+    meta = backbone_shapes(ModelConfig(name="tiny-llama"))
+    real = build_tiny_llama(0)
+    got = {k: (v.shape, v.device.type) for k, v in meta.named_parameters()}
+    want = {k: (v.shape, "meta") for k, v in real.named_parameters()}
+    assert got == want
+
+
+def test_local_folder_round_trip(tmp_path) -> None:
+    model, tok = load_backbone(ModelConfig(name="tiny-llama"), seed=5)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg = ModelConfig(name=str(tmp_path))
+    assert resolve_model_path(cfg) == str(tmp_path.resolve())
+    loaded, tok2 = load_backbone(cfg)
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    assert tok2.pad_token_id == 256
+    assert tok2.decode(tok2("naïve ✓")["input_ids"]) == "naïve ✓"
+    ids = torch.tensor([[257, 72, 105]])  # (1, 3)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    shapes = backbone_shapes(cfg)
+    assert {k: v.shape for k, v in shapes.named_parameters()} == {k: v.shape for k, v in loaded.named_parameters()}
+
+
+def test_unavailable_models_raise_clearly(tmp_path) -> None:
+    assert BUILTIN_MODELS == ("smollm2-135m-instruct", "tiny-llama")
+    assert resolve_model_path(ModelConfig(name="tiny-llama")) == "tiny-llama"
+    with pytest.raises(OSError, match="no-such-org/no-such-model"):
+        load_backbone(ModelConfig(name="no-such-org/no-such-model"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model_path(ModelConfig(name=str(tmp_path / "missing")))
