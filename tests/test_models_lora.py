@@ -35,7 +35,8 @@ EXPECTED_PATHS = [f"model.layers.{i}.self_attn.{n}" for i in range(2) for n in (
 
 def _tiny(seed: int = 0, dropout: float = 0.0, lora_seed: int = 0):
     model, tok = load_backbone(ModelConfig(name="tiny-llama"), seed=seed)
-    paths = inject_lora(model, TARGETS, rank=4, alpha=8.0, dropout=dropout, generator=torch_generator(lora_seed, "lora-init"))
+    gen = torch_generator(lora_seed, "lora-init")
+    paths = inject_lora(model, TARGETS, rank=4, alpha=8.0, dropout=dropout, generator=gen)
     return model, tok, paths
 
 
@@ -141,8 +142,8 @@ def test_load_errors_name_the_key() -> None:
     nan[0, 0] = np.nan
     before = adapter_state(model)
     with pytest.raises(AdapterStateError, match=key.replace(".", r"\.") + ".*NaN"):
-        load_adapter_state(model, dict(good, **{"model.layers.0.self_attn.q_proj.lora_A": good[
-            "model.layers.0.self_attn.q_proj.lora_A"] + 1.0, key: nan}))
+        first = "model.layers.0.self_attn.q_proj.lora_A"
+        load_adapter_state(model, dict(good, **{first: good[first] + 1.0, key: nan}))
     after = adapter_state(model)
     assert all(np.array_equal(before[k], after[k]) for k in before), "a failed load must change nothing"
 

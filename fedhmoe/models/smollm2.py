@@ -86,7 +86,9 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
 
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(clean)
-    parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.float32)
+    parsed = load_gguf_checkpoint(
+        str(gguf_path), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.float32
+    )
     tensors: dict[str, torch.Tensor] = parsed["tensors"]
     del skeleton
 

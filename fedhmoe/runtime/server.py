@@ -114,6 +114,7 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
     base = {"state-dir": str(run.client_state_dir.resolve())}
     timeout = cfg.federation.round_timeout_s
     first = 1
+    run.write_config(toml_text)
     if resume:
         done = run.checkpoint_rounds()
         if not done:
@@ -124,7 +125,6 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
         first = done[-1] + 1
         log.info("resuming after round %d", done[-1])
     else:
-        run.write_config(toml_text)
         if cfg.eval.before_training:
             _evaluate(grid, strategy, 0, run, base, timeout)
     last = cfg.federation.num_rounds

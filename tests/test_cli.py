@@ -1,0 +1,54 @@
+"""The command line as a user drives it: run, report, errors."""
+
+import json
+from pathlib import Path
+
+from fedhmoe.cli import main
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
+FAST = ["--set", "train.num-threads=1", "--set", "data.max-test-examples=3", "--set", "data.max-val-examples=2"]
+
+
+def test_run_then_report(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", SMOKE, "--engine", "inprocess", "--out", str(a), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "| client | tasks | before | after |" in out and "basic_arithmetic" in out
+    assert main(["run", SMOKE, "--engine", "inprocess", "--out", str(b), *FAST, "--set", "algorithm.name=local"]) == 0
+    for d in (a, b):
+        assert (d / "report.md").is_file() and (d / "plots" / "score_by_round.png").stat().st_size > 1000
+        assert "[algorithm]" in (d / "config.toml").read_text()
+    assert json.loads((b / "summary.json").read_text())["algorithm"] == "local"
+    capsys.readouterr()
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "cmp.md")]) == 0
+    text = (tmp_path / "cmp.md").read_text()
+    assert "| a | fedit |" in text and "| b | local |" in text
+    # local sends no adapters: far fewer bytes up than fedit
+    rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| a |")
+            or line.startswith("| b |")}
+    assert float(rows["b"][8]) < float(rows["a"][8])
+    assert (tmp_path / "plots" / "score_by_round.png").is_file()
+
+
+def test_bad_config_fails_fast_with_exit_code_2(tmp_path, capsys):
+    assert main(["run", SMOKE, "--out", str(tmp_path / "x"), "--set", "federation.num-client=4"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'federation.num-client'" in err and "federation.num-clients" in err
+    assert not (tmp_path / "x").exists()  # nothing started
+
+
+def test_out_dir_must_be_empty_and_resume_needs_a_run(tmp_path, capsys):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("x")
+    assert main(["run", SMOKE, "--out", str(tmp_path / "busy")]) == 2
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_cli_resume_extends_a_finished_run(tmp_path):
+    d = tmp_path / "r"
+    assert main(["run", SMOKE, "--engine", "inprocess", "--out", str(d), *FAST]) == 0
+    assert main(["run", "--resume", str(d), "--engine", "inprocess", "--set", "federation.num-rounds=3"]) == 0
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["totals"]["rounds"] == 3
+    assert all(v["final-round"] == 3 for v in summary["clients"].values())
