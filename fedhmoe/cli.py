@@ -1,4 +1,4 @@
-"""Command line: ``fedhmoe run``, ``fedhmoe report``, ``fedhmoe prepare-model``."""
+"""Command line: ``fedhmoe run``, ``report``, ``show-config``, ``prepare-model``."""
 
 from __future__ import annotations
 
@@ -101,6 +101,13 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show_config(args: argparse.Namespace) -> int:
+    from fedhmoe.config import config_to_documented_toml, load_config
+
+    print(config_to_documented_toml(load_config(args.config, args.set)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhmoe", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -116,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run directories")
     rep.add_argument("--out", help="markdown file (default: <first run>/comparison.md)")
     rep.set_defaults(func=cmd_report)
+    sc = sub.add_parser("show-config", help="print the resolved config, every key documented")
+    sc.add_argument("config", nargs="?", help="experiment TOML file (default: all defaults)")
+    sc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sc.set_defaults(func=cmd_show_config)
     pm = sub.add_parser("prepare-model", help="convert the shipped SmolLM2-135M-Instruct GGUF once")
     pm.add_argument("--cache-dir", help="default: $FEDHMOE_CACHE or ~/.cache/fedhmoe")
     pm.add_argument("--force", action="store_true", help="convert again")

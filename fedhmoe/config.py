@@ -28,6 +28,7 @@ __all__ = [
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",
+    "config_to_documented_toml",
     "config_to_toml",
     "load_config",
     "parse_override",
@@ -300,6 +301,19 @@ def config_to_toml(cfg: Config) -> str:
     for sec, body in config_to_dict(cfg).items():
         lines.append(f"[{sec}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_to_documented_toml(cfg: Config) -> str:
+    """Like :func:`config_to_toml`, with each key's documentation as a comment above it."""
+    lines = []
+    for sec in fields(cfg):
+        body = getattr(cfg, sec.name)
+        lines.append(f"[{sec.name}]")
+        for f in fields(body):
+            lines.append(f"# {f.metadata['doc']}")
+            lines.append(f"{_kebab(f.name)} = {_toml_value(getattr(body, f.name))}")
         lines.append("")
     return "\n".join(lines)
 

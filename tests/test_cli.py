@@ -52,3 +52,12 @@ def test_cli_resume_extends_a_finished_run(tmp_path):
     summary = json.loads((d / "summary.json").read_text())
     assert summary["totals"]["rounds"] == 3
     assert all(v["final-round"] == 3 for v in summary["clients"].values())
+
+
+def test_show_config_prints_documented_resolved_toml(capsys):
+    from fedhmoe.config import load_config
+
+    assert main(["show-config", SMOKE, "--set", "train.local-steps=9"]) == 0
+    text = capsys.readouterr().out
+    assert "# Optimizer steps per client per round." in text and "local-steps = 9" in text
+    assert load_config(text=text).train.local_steps == 9

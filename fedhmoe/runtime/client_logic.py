@@ -8,7 +8,6 @@ personal state (its own adapter, for personalized methods) is a safetensors file
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from functools import lru_cache
@@ -33,7 +32,7 @@ __all__ = ["PersonalStore", "handle_evaluate", "handle_query", "handle_train"]
 
 
 @lru_cache(maxsize=4)
-def _parse(text_hash: str, text: str) -> Config:
+def _parse(text: str) -> Config:
     return load_config(text=text)
 
 
@@ -43,7 +42,7 @@ def message_config(msg: Message) -> tuple[dict[str, Any], Config]:
     text = conf.get("run-config")
     if not isinstance(text, str):
         raise ValueError("message config lacks 'run-config' (the experiment TOML)")
-    return conf, _parse(hashlib.sha1(text.encode()).hexdigest(), text)
+    return conf, _parse(text)
 
 
 def client_id(context: Context, conf: dict[str, Any]) -> int:
@@ -144,7 +143,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                "steps": result.steps, "client": client}
     arrays = None
     if conf.get("return-arrays", True):
-        sent = decode_arrays(msg.content[ARRAYS]) if ARRAYS in msg.content else state
+        sent = list(msg.content[ARRAYS].keys()) if ARRAYS in msg.content else list(state)
         arrays = encode_arrays({k: state[k] for k in sent}, conf.get("wire-dtype", "float32"))
     return Message(make_content(arrays=arrays, metrics=metrics), reply_to=msg)
 
