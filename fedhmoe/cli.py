@@ -51,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--out {run_dir} exists and is not empty (use --resume to continue a run)")
             run_dir.mkdir(parents=True, exist_ok=True)
     engine = args.engine or cfg.federation.engine
+    _check_data(cfg)
     _prepare_model(cfg)
     log.info("run %s: %s on %d clients, %d rounds, engine %s", run_dir, cfg.algorithm.name,
              cfg.federation.num_clients, cfg.federation.num_rounds, engine)
@@ -68,6 +69,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(client_table(summary))
     print(f"\nrun directory: {run_dir}\nreport: {report}")
     return 0
+
+
+def _check_data(cfg) -> None:  # type: ignore[no-untyped-def]
+    """Partition and split the data once in the driver, so that infeasible data fails before any worker starts."""
+    from fedhmoe.data.splits import build_federated_data
+
+    try:
+        clients = build_federated_data(cfg)
+    except ValueError as e:
+        raise ConfigError(f"data ({cfg.data.source}, partition {cfg.data.partition}): {e}") from e
+    for c in clients:
+        log.info("client %d: %s; %d train, %d aux, %d val, %d test examples", c.client, "+".join(c.tasks),
+                 len(c.train), len(c.aux), len(c.val), len(c.test))
 
 
 def _prepare_model(cfg) -> None:  # type: ignore[no-untyped-def]

@@ -61,3 +61,14 @@ def test_show_config_prints_documented_resolved_toml(capsys):
     text = capsys.readouterr().out
     assert "# Optimizer steps per client per round." in text and "local-steps = 9" in text
     assert load_config(text=text).train.local_steps == 9
+
+
+def test_infeasible_data_fails_before_any_client_starts(tmp_path, capsys):
+    jsonl = Path(__file__).resolve().parent / "assets" / "jsonl" / "sample.jsonl"  # 4 examples
+    args = ["run", SMOKE, "--out", str(tmp_path / "x"), "--set", "data.source='jsonl'",
+            "--set", f"data.path='{jsonl}'", "--set", "data.tasks=[]", "--set", "data.partition='iid'",
+            "--set", "data.min-examples-per-client=2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "data (jsonl, partition iid)" in err and "3 clients" in err
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()

@@ -276,7 +276,7 @@ class AMoLELinear(nn.Module):
             query = proj[:, s0 + nr :]  # (T, r)
             acts = keys  # (T, n, r)
 
-        logits = torch.einsum("tnr,tr->tn", keys, query) * (1.0 / math.sqrt(r))  # (T, n)
+        logits = (keys * query.unsqueeze(1)).sum(-1) * (1.0 / math.sqrt(r))  # (T, n)
         probs = torch.softmax(logits, dim=-1)  # (T, n)
         k = min(self.top_k, n)
         if k == n:
