@@ -11,6 +11,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Fixed string hashing: some reasoning-gym generators iterate over sets (fedhmoe also guards this itself).
+export PYTHONHASHSEED := 0
 
 .PHONY: demo test test-all install prepare-model clean
 

@@ -242,3 +242,25 @@ def test_hub_parquet_and_saved_dataset(tmp_path: Path) -> None:
     saved = tmp_path / "saved"
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(saved))
     assert [e.answer for e in load_hub("ag-news", str(saved), [])] == ["Business", "Sports"]
+
+
+def test_reasoning_gym_data_do_not_depend_on_the_process_hash_seed():
+    """Some generators iterate over sets of strings; every process must still see the same examples."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib; from fedhmoe.data.reasoning_gym import load_reasoning_gym as L; "
+        "ex = L(['ransom_note'], 30, {}, 0); "
+        "print(hashlib.md5(''.join(e.prompt + e.answer + e.meta for e in ex).encode()).hexdigest())"
+    )
+    digests = set()
+    for hash_seed in ("1", "2", "random"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        digests.add(out.stdout.strip())
+    ex = load_reasoning_gym(["ransom_note"], 30, {}, 0)
+    digests.add(hashlib.md5("".join(e.prompt + e.answer + e.meta for e in ex).encode()).hexdigest())
+    assert len(digests) == 1

@@ -11,6 +11,9 @@ import dataclasses
 import difflib
 import json
 import math
+import os
+import subprocess
+import sys
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -151,8 +154,6 @@ def load_reasoning_gym(
     Raises:
         ValueError: For an unknown family, an unknown or invalid option, or entries without an answer.
     """
-    import reasoning_gym
-
     if examples_per_task < 1:
         raise ValueError(f"examples_per_task must be at least 1, got {examples_per_task}")
     families = list(dict.fromkeys(tasks))
@@ -164,16 +165,25 @@ def load_reasoning_gym(
     for family in families:
         _check_options(family, task_options.get(family, {}))
 
-    out: list[Example] = []
+    rows = _generate_deterministic(families, examples_per_task, task_options, seed)
+    return [
+        Example(prompt=r["question"], answer=r["answer"], task=r["family"], meta=r["meta"], uid=r["uid"])
+        for r in rows
+    ]
+
+
+def _generate(families: list[str], n: int, task_options: dict[str, dict], seed: int) -> list[dict[str, str]]:
+    """Generate entries in this process (rows of family, uid, question, answer, meta)."""
+    import reasoning_gym
+
+    rows = []
     for family in families:
         options = dict(task_options.get(family, {}))
         try:
-            dataset = reasoning_gym.create_dataset(
-                family, size=examples_per_task, seed=family_seed(seed, family), **options
-            )
+            dataset = reasoning_gym.create_dataset(family, size=n, seed=family_seed(seed, family), **options)
         except (AssertionError, TypeError, ValueError) as e:
             raise ValueError(f"reasoning-gym family {family!r} rejected options {options}: {e}") from e
-        for i in range(examples_per_task):
+        for i in range(n):
             entry = dataset[i]
             answer = entry.get("answer")
             if answer is None:
@@ -181,16 +191,30 @@ def load_reasoning_gym(
                     f"reasoning-gym family {family!r} yields entries without a reference answer; "
                     "it cannot be used for fine-tuning"
                 )
-            out.append(
-                Example(
-                    prompt=str(entry["question"]),
-                    answer=str(answer),
-                    task=family,
-                    meta=encode_meta(entry),
-                    uid=f"{family}/{i}",
-                )
-            )
-    return out
+            rows.append({"family": family, "uid": f"{family}/{i}", "question": str(entry["question"]),
+                         "answer": str(answer), "meta": encode_meta(entry)})
+    return rows
+
+
+def _generate_deterministic(
+    families: list[str], n: int, task_options: dict[str, dict], seed: int
+) -> list[dict[str, str]]:
+    """Generate with Python's string hashing fixed, so every process and machine gets the same data.
+
+    Some generators iterate over sets of strings (e.g. ``ransom_note``), whose order depends on the
+    per-process hash seed; a client in a Ray worker and the driver would otherwise see different examples.
+    Generation runs in a child interpreter with ``PYTHONHASHSEED=0`` unless this process already has it.
+    """
+    if os.environ.get("PYTHONHASHSEED") == "0":
+        return _generate(families, n, task_options, seed)
+    request = json.dumps({"families": families, "n": n, "options": task_options, "seed": seed})
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.run([sys.executable, "-m", "fedhmoe.data.reasoning_gym"], input=request, env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise ValueError(lines[-1].split(": ", 1)[-1] if lines else "reasoning-gym generation failed")
+    return json.loads(proc.stdout)
 
 
 @lru_cache(maxsize=None)
@@ -235,3 +259,8 @@ def score_reasoning_gym(prediction: str, example: Example) -> float:
         if math.isfinite(score):
             best = max(best, score)
     return min(1.0, best)
+
+
+if __name__ == "__main__":  # the child interpreter of _generate_deterministic
+    _req = json.loads(sys.stdin.read())
+    sys.stdout.write(json.dumps(_generate(_req["families"], _req["n"], _req["options"], _req["seed"])))

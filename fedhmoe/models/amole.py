@@ -59,7 +59,8 @@ __all__ = [
 AMOLE_INIT_PURPOSE = "amole-init"
 
 _KEY_RE = re.compile(
-    r"^(?:(?P<path>.+)\.)?(?:experts\.(?P<eid>[0-9]+)\.lora_(?P<eab>[AB])|shared\.lora_(?P<sab>[AB])|router\.token_proj)$"
+    r"^(?:(?P<path>.+)\.)?"
+    r"(?:experts\.(?P<eid>[0-9]+)\.lora_(?P<eab>[AB])|shared\.lora_(?P<sab>[AB])|router\.token_proj)$"
 )
 
 
@@ -678,7 +679,8 @@ def load_amole_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
         ids = sorted(experts[path])
         if not ids:
             raise AMoLEStateError(
-                f"AMoLE module {path!r} would hold no expert: the state has no {_prefix(path)}experts.<id>.lora_A/B keys"
+                f"AMoLE module {path!r} would hold no expert: "
+                f"the state has no {_prefix(path)}experts.<id>.lora_A/B keys"
             )
         a_list, b_list = [], []
         for eid in ids:
