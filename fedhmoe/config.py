@@ -1,7 +1,7 @@
 """Typed experiment configuration: the one place where TOML keys become fields.
 
 An experiment is one TOML file with dotted tables (``[run]``, ``[federation]``, ``[model]``, ``[data]``,
-``[train]``, ``[eval]``, ``[algorithm]``, ``[checkpoint]``). Keys are kebab-case in TOML and snake_case
+``[train]``, ``[eval]``, ``[algorithm]``, ``[checkpoint]``, ``[fedamole]``). Keys are kebab-case in TOML and snake_case
 here. Every field has a default and a docstring (the ``doc`` metadata). Unknown keys, wrong types and
 infeasible combinations raise :class:`ConfigError` naming the key, before any work starts.
 """
@@ -22,6 +22,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "FedAMoLEConfig",
     "FederationConfig",
     "ModelConfig",
     "RunConfig",
@@ -171,6 +172,27 @@ class AlgorithmConfig:
 
 
 @dataclass(frozen=True)
+class FedAMoLEConfig:
+    num_experts: int = _f(30, "Domain experts in the global pool of every AMoLE module (E).")
+    clients_per_expert: int = _f(2, "Clients each expert selects per round in RSEA (c, `expert_choices`).")
+    min_experts: int = _f(0, "Fewest domain experts a client holds per module; 0 means `fedamole.top-k`.")
+    max_experts: int = _f(8, "Most domain experts a client holds per module (M).")
+    top_k: int = _f(2, "Routed experts per token.")
+    load_balance_coef: float = _f(0.001, "Weight of the load-balancing loss summed over modules (lambda).")
+    lora_targets: list[str] = _f(["q_proj", "v_proj"], "Linear layers that become AMoLE modules.")
+
+    @property
+    def min_held(self) -> int:
+        """The effective lower bound on experts per client and module."""
+        return self.min_experts or self.top_k
+
+    @property
+    def max_held(self) -> int:
+        """The effective upper bound: no client can hold more than the pool's ``num-experts``."""
+        return min(self.max_experts, self.num_experts)
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_n_rounds: int = _f(1, "Save server and client state every n-th round (and the last); 0 disables.")
     keep_last: int = _f(0, "Keep only the newest n checkpoints; 0 keeps all.")
@@ -186,6 +208,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fedamole: FedAMoLEConfig = field(default_factory=FedAMoLEConfig)
 
     def __post_init__(self) -> None:
         _check_feasible(self)
@@ -417,6 +440,7 @@ def _check_feasible(cfg: Config) -> None:
 
     need(cfg.algorithm.name in ALGORITHMS, "algorithm.name",
          f"unknown algorithm {cfg.algorithm.name!r}; known: {', '.join(sorted(ALGORITHMS))}")
+    ALGORITHMS[cfg.algorithm.name].check_config(cfg)
     if data.source == "reasoning-gym":
         from fedhmoe.data.reasoning_gym import known_families
 

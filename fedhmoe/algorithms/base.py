@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedhmoe.algorithms.aggregate import aggregate_by_key, validate_update
 from fedhmoe.config import Config
+from fedhmoe.models.adapters import AdapterSpec
 from fedhmoe.utils.seeding import numpy_rng
 from fedhmoe.wire import ARRAYS, CONFIG, METRICS, STATS, content_nbytes, decode_arrays, encode_arrays, make_content
 
@@ -94,6 +95,25 @@ class FederatedStrategy(Strategy):
         self._sent_shapes: dict[int, dict[str, tuple[int, ...]]] = {}
 
     # ------------------------------------------------------------------ hooks for subclasses
+    @classmethod
+    def adapter_spec(cls, cfg: Config) -> AdapterSpec:
+        """What clients inject into the backbone for this method (default: one LoRA per target)."""
+        m = cfg.model
+        return AdapterSpec("lora", tuple(m.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise ``ConfigError`` naming the key when ``cfg`` cannot run this method (default: no checks)."""
+
+    def eval_keys(self, server_round: int, client: int) -> list[str]:
+        """Keys sent for evaluation: the client's keys when scored with the global model; none when it is
+        scored with its personal model (it holds that itself)."""
+        return [] if self.eval_mode == "personal" else self.client_keys(server_round, client)
+
+    def structure(self) -> dict[str, Any] | None:
+        """Per-client structure to record each round (e.g. expert assignments), or None."""
+        return None
+
     def client_keys(self, server_round: int, client: int) -> list[str]:
         """Keys of the global state that ``client`` holds and trains this round (default: all)."""
         return sorted(self.global_state)
@@ -170,6 +190,8 @@ class FederatedStrategy(Strategy):
                 reason = f"reply from unknown node {msg.metadata.src_node_id}"
             elif shapes is not None:
                 reason = validate_update(shapes.get(client, {}), arrays, require_all=self.returns_arrays)
+            if reason is None and not all(np.all(np.isfinite(v)) for v in stats.values()):
+                reason = "statistics hold NaN or Inf"
             if reason is None and not all(np.isfinite(float(v)) for v in metrics.values()
                                           if isinstance(v, (int, float))):
                 reason = "metrics hold NaN or Inf"
@@ -205,7 +227,7 @@ class FederatedStrategy(Strategy):
         personal = self.eval_mode == "personal"
         messages = []
         for client in self.clients:
-            keys = [] if personal else self.client_keys(server_round, client)
+            keys = self.eval_keys(server_round, client)
             rec = encode_arrays({k: self.global_state[k] for k in keys}, self.wire_dtype) if keys else None
             cfg = {**dict(config or {}), "server-round": server_round, "use-personal": personal}
             msg = self._message(client, rec, cfg, MessageType.EVALUATE)

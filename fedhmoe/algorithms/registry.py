@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from fedhmoe.algorithms.base import FederatedStrategy
+from fedhmoe.algorithms.fedamole import FedAMoLE, FedAMoLENoShared, FedAMoLERandom, FedMoLE, FedMoLEHomogeneous
 from fedhmoe.algorithms.fedit import FedIT, FedITFT, FedProx, LocalOnly
 
 ALGORITHMS: dict[str, type[FederatedStrategy]] = {
-    cls.name: cls for cls in (FedIT, FedITFT, FedProx, LocalOnly)
+    cls.name: cls
+    for cls in (FedIT, FedITFT, FedProx, LocalOnly, FedAMoLE, FedAMoLERandom, FedMoLE, FedMoLEHomogeneous,
+                FedAMoLENoShared)
 }
 
 __all__ = ["ALGORITHMS"]

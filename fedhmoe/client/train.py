@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,8 @@ def train_local(
     rng: np.random.Generator,
     device: torch.device,
     proximal_mu: float = 0.0,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    forward_context: Callable[[Mapping[str, torch.Tensor]], AbstractContextManager] | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` optimizer steps on batches drawn from ``examples``.
 
@@ -77,6 +80,9 @@ def train_local(
         rng: The client's batch-order stream for this round.
         device: Where the model lives.
         proximal_mu: FedProx coefficient; the anchor is the value of ``params`` at the start.
+        extra_loss: Added to the loss after each forward (e.g. the weighted load-balancing loss).
+        forward_context: Context entered around each forward, given the batch (e.g. lending the padding
+            mask to routed modules).
     """
     if not examples:
         raise ValueError("client has no training examples")
@@ -92,11 +98,12 @@ def train_local(
             order += [int(i) for i in rng.permutation(len(encoded))]
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         batch = {k: v.to(device) for k, v in formatter.collate_train([encoded[i] for i in idx]).items()}
-        loss = causal_lm_loss(model, batch)
-        total = loss
+        with forward_context(batch) if forward_context else nullcontext():
+            loss = causal_lm_loss(model, batch)
+        total = loss + extra_loss() if extra_loss else loss
         if anchor:
             prox = sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
-            total = loss + 0.5 * proximal_mu * prox
+            total = total + 0.5 * proximal_mu * prox
         opt.zero_grad(set_to_none=True)
         total.backward()
         if cfg.max_grad_norm > 0:

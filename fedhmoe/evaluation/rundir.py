@@ -105,6 +105,12 @@ class RunDirectory:
             raise ValueError(f"checkpoint {d} says round {meta.get('round')}, expected {server_round}")
         return tensors, meta
 
+    def write_json(self, relative: str, obj: Any) -> None:
+        """Write ``obj`` as JSON at a path inside the run directory."""
+        path = self.path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=1) + "\n")
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=1, default=_clean) + "\n")
 

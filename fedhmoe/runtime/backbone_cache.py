@@ -14,9 +14,9 @@ from torch import nn
 
 from fedhmoe.config import Config
 from fedhmoe.data.format import PromptFormatter
+from fedhmoe.models import adapters
+from fedhmoe.models.adapters import AdapterSpec
 from fedhmoe.models.backbone import load_backbone
-from fedhmoe.models.lora import inject_lora
-from fedhmoe.models.payload import adapter_parameters, init_adapter_state
 from fedhmoe.utils.seeding import torch_generator
 
 __all__ = ["Worker", "get_worker"]
@@ -24,12 +24,13 @@ __all__ = ["Worker", "get_worker"]
 
 @dataclass
 class Worker:
-    """A process's model: frozen backbone with adapters, tokenizer formatting, trainable tensors."""
+    """A process's model: frozen backbone with adapters, and tokenizer formatting."""
 
     model: nn.Module
     formatter: PromptFormatter
-    params: dict[str, nn.Parameter]
-    initial_state: dict  # the adapter values every client starts from (run seed)
+    spec: AdapterSpec
+    #: The adapter values a client starts from when the server sends none (LoRA: the run's initial adapter).
+    initial_state: dict | None
     device: torch.device
 
 
@@ -43,28 +44,27 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _key(cfg: Config) -> tuple:
+def _key(cfg: Config, spec: AdapterSpec) -> tuple:
     m, d = cfg.model, cfg.data
-    return (m.name, m.dtype, m.device, m.cache_dir, tuple(m.lora_targets), m.lora_rank, m.lora_alpha,
-            m.lora_dropout, m.max_seq_len, d.prompt_template, d.system_prompt, cfg.run.seed)
+    return (m.name, m.dtype, m.device, m.cache_dir, spec, m.max_seq_len, d.prompt_template, d.system_prompt,
+            cfg.run.seed)
 
 
-def get_worker(cfg: Config) -> Worker:
-    """The cached worker for this config's model, built on first use in this process."""
-    key = _key(cfg)
+def get_worker(cfg: Config, spec: AdapterSpec) -> Worker:
+    """The cached worker for this config's model and adapter kind, built on first use in this process."""
+    key = _key(cfg, spec)
     with _LOCK:
         w = _CACHE.get(key)
         if w is not None:
             return w
         m = cfg.model
         model, tokenizer = load_backbone(m, seed=cfg.run.seed)
-        inject_lora(model, m.lora_targets, m.lora_rank, m.lora_alpha, m.lora_dropout,
-                    generator=torch_generator(cfg.run.seed, "lora-init"))
+        adapters.inject(model, spec, generator=torch_generator(cfg.run.seed, "lora-init"))
         device = _device(m.device)
         model.to(device)
-        params = adapter_parameters(model)
         formatter = PromptFormatter(tokenizer, cfg.data.prompt_template, cfg.data.system_prompt, m.max_seq_len)
-        w = Worker(model, formatter, params, init_adapter_state(model, cfg.run.seed), device)
+        initial = adapters.init_global_state(model, spec, cfg.run.seed) if spec.kind == "lora" else None
+        w = Worker(model, formatter, spec, initial, device)
         _CACHE.clear()  # one backbone per process: a new model replaces the old one
         _CACHE[key] = w
         return w

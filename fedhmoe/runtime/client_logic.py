@@ -19,14 +19,16 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from safetensors.numpy import load_file, save_file
 
+from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.client.evaluate import evaluate_examples
+from fedhmoe.client.stats import amole_embeddings
 from fedhmoe.client.train import train_local
 from fedhmoe.config import Config, load_config
 from fedhmoe.data.splits import client_data
-from fedhmoe.models.payload import load_adapter_state
-from fedhmoe.runtime.backbone_cache import get_worker
+from fedhmoe.models import adapters
+from fedhmoe.runtime.backbone_cache import Worker, get_worker
 from fedhmoe.utils.seeding import derive_seed, numpy_rng
-from fedhmoe.wire import ARRAYS, CONFIG, decode_arrays, encode_arrays, make_content
+from fedhmoe.wire import ARRAYS, CONFIG, STATS, decode_arrays, encode_arrays, make_content
 
 __all__ = ["PersonalStore", "handle_evaluate", "handle_query", "handle_train"]
 
@@ -111,12 +113,21 @@ def handle_query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({CONFIG: ConfigRecord(info)}), reply_to=msg)
 
 
-def _start_state(msg: Message, conf: dict[str, Any], worker: Any, store: PersonalStore,
-                 before_round: int) -> dict[str, np.ndarray]:
-    """Received tensors when the server sent any; else the newest personal state before a round, else init."""
+def _worker(cfg: Config) -> Worker:
+    return get_worker(cfg, ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg))
+
+
+def _load_start(msg: Message, conf: dict[str, Any], worker: Worker, store: PersonalStore,
+                before_round: int) -> None:
+    """Load the received tensors when the server sent any; else the newest personal state before a round;
+    else the run's initial adapter."""
     if ARRAYS in msg.content:
-        return decode_arrays(msg.content[ARRAYS], conf.get("wire-dtype", "float32"))
-    return store.load_before(before_round) or worker.initial_state
+        state = decode_arrays(msg.content[ARRAYS], conf.get("wire-dtype", "float32"))
+    else:
+        state = store.load_before(before_round) or worker.initial_state
+    if not state:
+        raise ValueError("the server sent no tensors and this client has no personal state yet")
+    adapters.load_state(worker.model, worker.spec, state)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -125,27 +136,33 @@ def handle_train(msg: Message, context: Context) -> Message:
     _setup_threads(cfg)
     client = client_id(context, conf)
     r = int(conf["server-round"])
-    worker = get_worker(cfg)
+    worker = _worker(cfg)
+    model, spec = worker.model, worker.spec
     store = _store(context, conf, cfg, client)
-    start = _start_state(msg, conf, worker, store, before_round=r)
-    load_adapter_state(worker.model, start, strict=True)
+    _load_start(msg, conf, worker, store, before_round=r)
     data = client_data(cfg, client)
     torch.manual_seed(derive_seed(cfg.run.seed, "dropout", r, client))
+    coef = float(conf.get("load-balance-coef", 0.0))
     result = train_local(
-        worker.model, worker.params, worker.formatter, data.train, cfg.train, float(conf["learning-rate"]),
-        numpy_rng(cfg.run.seed, "batches", r, client), worker.device,
+        model, adapters.trainable(model, spec), worker.formatter, data.train, cfg.train,
+        float(conf["learning-rate"]), numpy_rng(cfg.run.seed, "batches", r, client), worker.device,
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
+        extra_loss=(lambda: coef * adapters.balance_loss(model, spec)) if coef > 0 else None,
+        forward_context=lambda batch: adapters.token_mask(model, spec, batch["attention_mask"]),
     )
-    state = {k: p.detach().float().cpu().numpy() for k, p in worker.params.items()}
+    state = adapters.read_state(model, spec)
     if conf.get("save-personal", False):
         store.save(r, state)
     metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-seconds": result.seconds,
                "steps": result.steps, "client": client}
-    arrays = None
+    arrays = stats = None
     if conf.get("return-arrays", True):
         sent = list(msg.content[ARRAYS].keys()) if ARRAYS in msg.content else list(state)
         arrays = encode_arrays({k: state[k] for k in sent}, conf.get("wire-dtype", "float32"))
-    return Message(make_content(arrays=arrays, metrics=metrics), reply_to=msg)
+    if conf.get("collect-stats", False):
+        emb = amole_embeddings(model, worker.formatter, data.aux, cfg.eval.batch_size, worker.device)
+        stats = encode_arrays(emb)
+    return Message(make_content(arrays=arrays, metrics=metrics, stats=stats), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
@@ -154,11 +171,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     _setup_threads(cfg)
     client = client_id(context, conf)
     r = int(conf["server-round"])
-    worker = get_worker(cfg)
+    worker = _worker(cfg)
     store = _store(context, conf, cfg, client)
     # A personal model evaluated after round r is the one saved in round r (or earlier).
-    start = _start_state(msg, conf, worker, store, before_round=r + 1)
-    load_adapter_state(worker.model, start, strict=True)
+    _load_start(msg, conf, worker, store, before_round=r + 1)
     data = client_data(cfg, client)
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {"client": client, "num-examples": len(data.test)}

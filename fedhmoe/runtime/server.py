@@ -20,9 +20,8 @@ from fedhmoe.algorithms.base import FederatedStrategy, RoundLog
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.config import Config, config_to_toml
 from fedhmoe.evaluation.rundir import RunDirectory, read_metrics, summarize
+from fedhmoe.models import adapters
 from fedhmoe.models.backbone import backbone_shapes
-from fedhmoe.models.lora import inject_lora
-from fedhmoe.models.payload import init_adapter_state
 from fedhmoe.wire import CONFIG, make_content
 
 log = logging.getLogger("fedhmoe")
@@ -32,10 +31,10 @@ __all__ = ["discover_clients", "initial_state", "run_federation"]
 
 def initial_state(cfg: Config) -> dict[str, np.ndarray]:
     """Initial adapter tensors, from the model's shapes only (no weights are loaded on the server)."""
+    spec = ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg)
     model = backbone_shapes(cfg.model, seed=cfg.run.seed)
-    m = cfg.model
-    inject_lora(model, m.lora_targets, m.lora_rank, m.lora_alpha, m.lora_dropout)
-    return init_adapter_state(model, cfg.run.seed)
+    adapters.inject(model, spec)
+    return adapters.init_global_state(model, spec, cfg.run.seed)
 
 
 def discover_clients(grid: Grid, cfg: Config, toml_text: str) -> tuple[dict[int, int], dict[int, dict[str, Any]]]:
@@ -94,6 +93,13 @@ def _rows_eval(r: int, rl: RoundLog) -> list[dict[str, Any]]:
     return rows + _rows_rejected(r, "evaluate", rl)
 
 
+def _record_structure(run: RunDirectory, strategy: FederatedStrategy, r: int) -> None:
+    """``assignments/round-<r>.json``: the structure the clients hold while training in round r."""
+    structure = strategy.structure()
+    if structure is not None:
+        run.write_json(f"assignments/round-{r}.json", structure)
+
+
 def _evaluate(grid: Grid, strategy: FederatedStrategy, r: int, run: RunDirectory, base: dict, timeout: float) -> None:
     replies = grid.send_and_receive(strategy.configure_evaluate(r, config=ConfigRecord(base)), timeout=timeout)
     means = strategy.aggregate_evaluate(r, replies)
@@ -130,6 +136,7 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
     last = cfg.federation.num_rounds
     for r in range(first, last + 1):
         t_round = time.perf_counter()
+        _record_structure(run, strategy, r)
         replies = grid.send_and_receive(strategy.configure_train(r, config=ConfigRecord(base)), timeout=timeout)
         strategy.aggregate_train(r, replies)
         t_train = time.perf_counter() - t_round

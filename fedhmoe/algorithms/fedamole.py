@@ -1,0 +1,216 @@
+"""FedAMoLE: adaptive mixtures of LoRA experts with reverse selection-based expert assignment (RSEA).
+
+Zhang et al., "Personalized Federated Fine-Tuning for LLMs via Data-Driven Heterogeneous Model
+Architectures" (arXiv 2411.19128). Every AMoLE module has a global pool of E domain experts, a shared expert and
+a token projection. Each round every client holds, per module, the experts RSEA assigned it; it trains them with
+the shared expert and the token projection, is scored right after local training, and uploads its tensors plus
+the mean token projection and expert embeddings of its aux split. The server averages each expert over its
+holders (shared expert and token projection over all replies), then solves, per module, the assignment in
+which each expert selects ``clients-per-expert`` clients (spec sections 2 and 3).
+
+Variants (spec section 5.5): ``fedamole-r`` random scores every round; ``fedmole`` the round-0 random
+architecture kept fixed; ``fedmole-h`` fixed and homogeneous (every client the same number of experts);
+``fedamole-s`` without the shared expert.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from fedhmoe.algorithms.assignment import (
+    InfeasibleAssignment,
+    assignment_to_lists,
+    check_feasible,
+    expert_means,
+    random_scores,
+    rsea_scores,
+    softmax_over_clients,
+    solve_assignment,
+)
+from fedhmoe.algorithms.base import ClientReply, FederatedStrategy
+from fedhmoe.config import Config, ConfigError
+from fedhmoe.models.adapters import AdapterSpec
+from fedhmoe.utils.seeding import numpy_rng
+
+__all__ = ["FedAMoLE", "FedAMoLENoShared", "FedAMoLERandom", "FedMoLE", "FedMoLEHomogeneous"]
+
+_EXPERT = re.compile(r"^(?P<path>.+)\.experts\.(?P<eid>\d+)\.lora_[AB]$")
+_SHARED = re.compile(r"^(?P<path>.+)\.(shared\.lora_[AB]|router\.token_proj)$")
+_EXPERT_EMB = re.compile(r"^(?P<path>.+)\.experts\.(?P<eid>\d+)\.embedding$")
+_CLIENT_EMB = ".router.client_embedding"
+
+
+class FedAMoLE(FederatedStrategy):
+    """FedAMoLE with RSEA every round (round 1 uses the random round-0 architecture)."""
+
+    name = "fedamole"
+    eval_mode = "personal"
+    #: "rsea": scores from uploaded embeddings; "random": U(0,1) scores every round.
+    scores = "rsea"
+    #: Keep the round-0 architecture for the whole run.
+    static = False
+    #: Every client holds E*c/N experts per module.
+    homogeneous = False
+    use_shared = True
+
+    @classmethod
+    def adapter_spec(cls, cfg: Config) -> AdapterSpec:
+        fa, m = cfg.fedamole, cfg.model
+        return AdapterSpec("amole", tuple(fa.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout,
+                           num_experts=fa.num_experts, top_k=fa.top_k, use_shared=cls.use_shared)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        fa = cfg.fedamole
+        if fa.top_k < 1:
+            raise ConfigError("config key 'fedamole.top-k': must be at least 1")
+        if fa.load_balance_coef < 0:
+            raise ConfigError("config key 'fedamole.load-balance-coef': must be non-negative")
+        try:
+            check_feasible(fa.num_experts, cfg.federation.num_clients, fa.clients_per_expert, fa.min_held,
+                           fa.max_held, homogeneous=cls.homogeneous)
+        except InfeasibleAssignment as e:
+            raise ConfigError(f"infeasible expert assignment: {e}") from e
+        if cls.scores == "rsea" and not cls.static and cfg.data.aux_fraction <= 0:
+            raise ConfigError("config key 'data.aux-fraction': FedAMoLE's RSEA needs an aux (embedding) split; "
+                              "set it above 0 (the paper uses 0.04)")
+
+    def __init__(self, cfg: Config, initial_state, node_of, run_config_text: str) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(cfg, initial_state, node_of, run_config_text)
+        fa = cfg.fedamole
+        self.num_experts = fa.num_experts
+        self.common_keys: dict[str, list[str]] = {}  # module -> shared expert and token projection keys
+        self.expert_keys: dict[str, dict[int, list[str]]] = {}  # module -> expert id -> its A and B keys
+        for key in sorted(self.global_state):
+            if m := _EXPERT.match(key):
+                self.expert_keys.setdefault(m["path"], {}).setdefault(int(m["eid"]), []).append(key)
+            elif m := _SHARED.match(key):
+                self.common_keys.setdefault(m["path"], []).append(key)
+            else:
+                raise ValueError(f"FedAMoLE does not know the global tensor {key!r}")
+        self.modules = sorted(self.expert_keys)
+        self.client_emb: dict[str, dict[int, np.ndarray]] = {p: {} for p in self.modules}
+        self.expert_emb: dict[str, np.ndarray | None] = {p: None for p in self.modules}
+        self.assignment: dict[str, dict[int, list[int]]] = self._assign(0, random=True)
+        self.trained: set[int] = set()
+
+    # ------------------------------------------------------------------ structure
+    def _assign(self, server_round: int, random: bool) -> dict[str, dict[int, list[int]]]:
+        """RSEA for every module: scores, softmax over clients, exact assignment (spec 2.2-2.5)."""
+        fa, n = self.cfg.fedamole, len(self.clients)
+        out: dict[str, dict[int, list[int]]] = {}
+        for j, path in enumerate(self.modules):
+            if random:
+                scores = random_scores(self.num_experts, n, numpy_rng(self.cfg.run.seed, "rsea-random", server_round, j))
+            else:
+                means = self.expert_emb[path]
+                assert means is not None
+                # a client that has never uploaded has a zero embedding: it is indifferent between experts
+                clients = np.stack([self.client_emb[path].get(c, np.zeros(means.shape[1])) for c in self.clients])
+                scores = rsea_scores(means, clients)
+            x = solve_assignment(softmax_over_clients(scores), fa.clients_per_expert, fa.min_held, fa.max_held,
+                                 homogeneous=self.homogeneous)
+            lists = assignment_to_lists(x)  # column index -> expert ids
+            out[path] = {c: lists[i] for i, c in enumerate(self.clients)}
+        return out
+
+    def structure(self) -> dict[str, Any]:
+        """Module -> client -> held expert ids (``assignments/round-<r>.json``)."""
+        return {p: {str(c): ids for c, ids in per.items()} for p, per in self.assignment.items()}
+
+    def client_keys(self, server_round: int, client: int) -> list[str]:
+        keys: list[str] = []
+        for path in self.modules:
+            keys += self.common_keys.get(path, [])
+            for eid in self.assignment[path][client]:
+                keys += self.expert_keys[path][eid]
+        return sorted(keys)
+
+    def eval_keys(self, server_round: int, client: int) -> list[str]:
+        # A client that has not trained yet holds no personal model: send it its current architecture.
+        return [] if client in self.trained else self.client_keys(server_round, client)
+
+    def train_config(self, server_round: int, client: int) -> dict[str, Any]:
+        return {"load-balance-coef": self.cfg.fedamole.load_balance_coef,
+                "collect-stats": self.scores == "rsea" and not self.static}
+
+    def after_aggregate(self, server_round: int, replies: list[ClientReply]) -> None:
+        """Keep the embeddings the clients uploaded, then reassign experts for the next round."""
+        self.trained |= {r.client for r in replies}
+        if self.static:
+            return
+        if self.scores == "random":
+            self.assignment = self._assign(server_round, random=True)
+            return
+        uploads: dict[str, dict[int, dict[int, np.ndarray]]] = {p: {} for p in self.modules}
+        for rep in replies:
+            for key, value in rep.stats.items():
+                if key.endswith(_CLIENT_EMB):
+                    path = key[: -len(_CLIENT_EMB)]
+                    if path in self.client_emb:
+                        self.client_emb[path][rep.client] = np.asarray(value, np.float64)
+                elif (m := _EXPERT_EMB.match(key)) and m["path"] in uploads:
+                    uploads[m["path"]].setdefault(rep.client, {})[int(m["eid"])] = value
+        if not any(uploads.values()):
+            return  # nobody uploaded statistics: keep the architecture
+        for path in self.modules:
+            grouped: dict[int, list[np.ndarray]] = {}
+            for client in sorted(uploads[path]):
+                for eid, emb in sorted(uploads[path][client].items()):
+                    grouped.setdefault(eid, []).append(emb)
+            dim = self.cfg.model.lora_rank
+            self.expert_emb[path] = expert_means(grouped, self.num_experts, self.expert_emb[path], dim=dim)
+        self.assignment = self._assign(server_round, random=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        tensors, meta = super().state_dict()
+        for path in self.modules:
+            if self.expert_emb[path] is not None:
+                tensors[f"rsea-expert-emb:{path}"] = self.expert_emb[path].astype(np.float32)
+            for c, v in self.client_emb[path].items():
+                tensors[f"rsea-client-emb:{c}:{path}"] = v.astype(np.float32)
+        meta |= {"assignment": self.structure(), "trained": sorted(self.trained)}
+        return tensors, meta
+
+    def load_state_dict(self, tensors, meta) -> None:  # type: ignore[no-untyped-def]
+        super().load_state_dict({k: v for k, v in tensors.items() if not k.startswith("rsea-")}, meta)
+        for key, value in tensors.items():
+            if key.startswith("rsea-expert-emb:"):
+                self.expert_emb[key.split(":", 1)[1]] = np.asarray(value, np.float64)
+            elif key.startswith("rsea-client-emb:"):
+                _, c, path = key.split(":", 2)
+                self.client_emb[path][int(c)] = np.asarray(value, np.float64)
+        self.assignment = {p: {int(c): list(ids) for c, ids in per.items()} for p, per in meta["assignment"].items()}
+        self.trained = set(meta.get("trained", []))
+
+
+class FedAMoLERandom(FedAMoLE):
+    """FedAMoLE-R: random scores every round (no data-aware assignment)."""
+
+    name = "fedamole-r"
+    scores = "random"
+
+
+class FedMoLE(FedAMoLE):
+    """FedMoLE: the random round-0 heterogeneous architecture, kept for the whole run."""
+
+    name = "fedmole"
+    static = True
+
+
+class FedMoLEHomogeneous(FedMoLE):
+    """FedMoLE-H: fixed and homogeneous: every client holds E*c/N experts per module."""
+
+    name = "fedmole-h"
+    homogeneous = True
+
+
+class FedAMoLENoShared(FedAMoLE):
+    """FedAMoLE-S: without the shared expert."""
+
+    name = "fedamole-s"
+    use_shared = False

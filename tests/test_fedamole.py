@@ -1,0 +1,84 @@
+"""FedAMoLE on the server: RSEA from uploaded embeddings, config checks, exact resume."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedhmoe.algorithms.base import ClientReply
+from fedhmoe.algorithms.fedamole import FedAMoLE
+from fedhmoe.config import ConfigError, load_config
+from fedhmoe.runtime.engines import run_inprocess
+from fedhmoe.runtime.server import initial_state
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+FAST = ["train.num-threads=1", "data.examples-per-task=30", "data.max-test-examples=3", "data.max-val-examples=2"]
+
+
+def smoke(*overrides):
+    return load_config(SMOKE, [*FAST, "algorithm.name=fedamole", *overrides])
+
+
+def test_rsea_lets_each_expert_pick_the_clients_whose_data_match_it():
+    cfg = smoke("fedamole.num-experts=6", "fedamole.clients-per-expert=1", "fedamole.min-experts=1",
+                "fedamole.top-k=1", "fedamole.max-experts=3")
+    strategy = FedAMoLE(cfg, initial_state(cfg), {0: 1000, 1: 1001, 2: 1002}, "")
+    r = cfg.model.lora_rank
+    basis = np.eye(r)
+    replies = []
+    for client in range(3):
+        stats = {}
+        for path in strategy.modules:
+            stats[f"{path}.router.client_embedding"] = basis[client] * 3.0
+            for eid in strategy.assignment[path][client]:
+                # expert e's keys point at client e % 3's data
+                stats[f"{path}.experts.{eid}.embedding"] = basis[eid % 3] * 3.0
+        replies.append(ClientReply(client, {}, {"num-examples": 10}, stats, 0))
+    strategy.after_aggregate(1, replies)
+    for path in strategy.modules:
+        for eid in range(6):
+            holders = [c for c in range(3) if eid in strategy.assignment[path][c]]
+            assert holders == [eid % 3], (path, eid, holders)
+    # the client's message holds exactly its assigned experts, plus shared expert and token projection
+    keys = strategy.client_keys(2, 1)
+    path = strategy.modules[0]
+    held = sorted({int(k.split(".experts.")[1].split(".")[0]) for k in keys if k.startswith(path + ".experts.")})
+    assert held == [1, 4]
+    assert f"{path}.shared.lora_A" in keys and f"{path}.router.token_proj" in keys
+
+
+def test_experts_nobody_held_keep_their_embedding_average():
+    cfg = smoke()
+    strategy = FedAMoLE(cfg, initial_state(cfg), {0: 1000, 1: 1001, 2: 1002}, "")
+    path = strategy.modules[0]
+    r = cfg.model.lora_rank
+    stats = {f"{p}.router.client_embedding": np.ones(r) for p in strategy.modules}
+    held = strategy.assignment[path][0]
+    stats |= {f"{path}.experts.{e}.embedding": np.full(r, 2.0) for e in held}
+    strategy.after_aggregate(1, [ClientReply(0, {}, {}, stats, 0)])
+    means = strategy.expert_emb[path]
+    for e in range(cfg.fedamole.num_experts):
+        np.testing.assert_allclose(means[e], 2.0 if e in held else 0.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["fedamole.num-experts=2"], r"fedamole.num-experts \(2\).*fedamole.min-experts"),
+        (["fedamole.max-experts=1", "fedamole.min-experts=1"], "fedamole.max-experts"),
+        (["data.aux-fraction=0.0"], "data.aux-fraction"),
+        (["algorithm.name=fedmole-h", "fedamole.num-experts=7"], "infeasible expert assignment"),
+    ],
+)
+def test_infeasible_fedamole_configs_fail_before_training(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        smoke(*overrides)
+
+
+def test_fedamole_resume_continues_exactly(tmp_path):
+    straight = run_inprocess(smoke("federation.num-rounds=3"), tmp_path / "s")
+    run_inprocess(smoke("federation.num-rounds=2"), tmp_path / "r")
+    resumed = run_inprocess(smoke("federation.num-rounds=3"), tmp_path / "r", resume=True)
+    assert resumed["clients"] == straight["clients"]
+    for name in ("round-3.json",):
+        assert (tmp_path / "s" / "assignments" / name).read_text() == (tmp_path / "r" / "assignments" / name).read_text()
