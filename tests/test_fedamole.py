@@ -82,3 +82,13 @@ def test_fedamole_resume_continues_exactly(tmp_path):
     assert resumed["clients"] == straight["clients"]
     for name in ("round-3.json",):
         assert (tmp_path / "s" / "assignments" / name).read_text() == (tmp_path / "r" / "assignments" / name).read_text()
+
+
+def test_report_shows_experts_per_client_and_assignment_changes(tmp_path):
+    from fedhmoe.evaluation.report import write_run_report
+
+    run_inprocess(smoke(), tmp_path)
+    text = write_run_report(tmp_path).read_text()
+    assert "## Experts held per client" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2 and rows[0].endswith("| - |") and rows[1].endswith("% |")

@@ -117,6 +117,29 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]
     return files
 
 
+def assignment_table(run_dir: str | Path) -> str | None:
+    """Markdown: per round, each client's mean number of held experts per module, and the share of
+    (module, client) expert sets that changed since the previous round; None for runs without assignments."""
+    files = sorted(Path(run_dir).glob("assignments/round-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    if not files:
+        return None
+    rounds = [(int(f.stem.split("-")[1]), json.loads(f.read_text())) for f in files]
+    clients = sorted({c for _, a in rounds for per in a.values() for c in per}, key=int)
+    lines = ["| round | " + " | ".join(f"client {c}" for c in clients) + " | sets changed |",
+             "|---:|" + "---:|" * (len(clients) + 1)]
+    prev = None
+    for r, a in rounds:
+        means = [np.mean([len(per[c]) for per in a.values() if c in per]) for c in clients]
+        changed = "-"
+        if prev is not None:
+            pairs = [(m, c) for m in a for c in a[m]]
+            diff = sum(sorted(a[m][c]) != sorted(prev.get(m, {}).get(c, [])) for m, c in pairs)
+            changed = f"{diff / max(1, len(pairs)):.0%}"
+        lines.append(f"| {r} | " + " | ".join(f"{v:.2f}" for v in means) + f" | {changed} |")
+        prev = a
+    return "\n".join(lines)
+
+
 def write_run_report(run_dir: str | Path) -> Path:
     """``report.md`` and ``plots/`` for one run."""
     run_dir = Path(run_dir)
@@ -126,6 +149,9 @@ def write_run_report(run_dir: str | Path) -> Path:
     text = [f"# {s.get('run-name', run_dir.name)}: {s['algorithm']}", "", client_table(s), "",
             f"Communication: {_mb(t['bytes-up'])} MB up, {_mb(t['bytes-down'])} MB down; "
             f"client training {t['train-seconds']:.1f} s; rejected replies: {t['rejected-replies']}.", ""]
+    table = assignment_table(run_dir)
+    if table:
+        text += ["## Experts held per client (mean over modules) and assignment changes", "", table, ""]
     text += [f"![{p.stem}](plots/{p.name})" for p in plots]
     path = run_dir / "report.md"
     path.write_text("\n".join(text) + "\n")
