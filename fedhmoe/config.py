@@ -180,6 +180,8 @@ class FedAMoLEConfig:
     top_k: int = _f(2, "Routed experts per token.")
     load_balance_coef: float = _f(0.001, "Weight of the load-balancing loss summed over modules (lambda).")
     lora_targets: list[str] = _f(["q_proj", "v_proj"], "Linear layers that become AMoLE modules.")
+    dp_eta: float = _f(0.0, "Metric-DP noise on the uploaded embeddings: Gamma rate eta (larger: less noise); "
+                            "0 sends them clean.")
 
     @property
     def min_held(self) -> int:

@@ -88,7 +88,29 @@ def test_report_shows_experts_per_client_and_assignment_changes(tmp_path):
     from fedhmoe.evaluation.report import write_run_report
 
     run_inprocess(smoke(), tmp_path)
-    text = write_run_report(tmp_path).read_text()
-    assert "## Experts held per client" in text
+    text = write_run_report(tmp_path).read_text().split("## Experts held per client")[1]
     rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and rows[0].endswith("| - |") and rows[1].endswith("% |")
+
+
+def test_metric_dp_noise_perturbs_and_clamps_to_the_clean_norm_per_module():
+    from fedhmoe.client.stats import metric_dp_noise
+
+    rng = np.random.default_rng(0)
+    stats = {"m1.router.client_embedding": np.array([3.0, 4.0, 0.0, 0.0]),
+             "m1.experts.2.embedding": np.array([1.0, 0.0, 0.0, 0.0]),
+             "m2.router.client_embedding": np.array([0.0, 0.5, 0.0, 0.0])}
+    noisy = metric_dp_noise(stats, eta=1.0, rng=rng)
+    assert set(noisy) == set(stats)
+    for k in stats:
+        assert not np.allclose(noisy[k], stats[k])
+    assert all(np.linalg.norm(noisy[k]) <= 5.0 + 1e-6 for k in ("m1.router.client_embedding", "m1.experts.2.embedding"))
+    assert np.linalg.norm(noisy["m2.router.client_embedding"]) <= 0.5 + 1e-6
+    # weak noise (large eta) stays close to the clean vector
+    quiet = metric_dp_noise(stats, eta=1e6, rng=np.random.default_rng(1))
+    np.testing.assert_allclose(quiet["m1.router.client_embedding"], stats["m1.router.client_embedding"], atol=1e-3)
+
+
+def test_fedamole_with_dp_noise_runs(tmp_path):
+    summary = run_inprocess(smoke("fedamole.dp-eta=50.0", "federation.num-rounds=2"), tmp_path)
+    assert summary["algorithm"] == "fedamole" and summary["totals"]["rejected-replies"] == 0

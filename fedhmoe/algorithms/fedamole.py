@@ -67,6 +67,8 @@ class FedAMoLE(FederatedStrategy):
         fa = cfg.fedamole
         if fa.top_k < 1:
             raise ConfigError("config key 'fedamole.top-k': must be at least 1")
+        if fa.dp_eta < 0:
+            raise ConfigError("config key 'fedamole.dp-eta': must be non-negative (0 disables the noise)")
         if fa.load_balance_coef < 0:
             raise ConfigError("config key 'fedamole.load-balance-coef': must be non-negative")
         try:
@@ -135,7 +137,7 @@ class FedAMoLE(FederatedStrategy):
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
         return {"load-balance-coef": self.cfg.fedamole.load_balance_coef,
-                "collect-stats": self.scores == "rsea" and not self.static}
+                "collect-stats": self.scores == "rsea" and not self.static, "dp-eta": self.cfg.fedamole.dp_eta}
 
     def after_aggregate(self, server_round: int, replies: list[ClientReply]) -> None:
         """Keep the embeddings the clients uploaded, then reassign experts for the next round."""

@@ -17,7 +17,7 @@ from fedhmoe.data.format import PromptFormatter
 from fedhmoe.data.types import Example
 from fedhmoe.models.amole import collect_embeddings, embedding_stats, token_mask
 
-__all__ = ["amole_embeddings"]
+__all__ = ["amole_embeddings", "metric_dp_noise"]
 
 
 @torch.no_grad()
@@ -35,3 +35,33 @@ def amole_embeddings(
             with token_mask(model, batch["attention_mask"]):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return embedding_stats(model)
+
+
+def metric_dp_noise(stats: dict[str, np.ndarray], eta: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Metric-DP noise on uploaded embeddings (FedAMoLE spec 2.6), with the norm clamp applied per module.
+
+    Each vector v of dimension r becomes v + l * u with l ~ Gamma(shape=r, rate=eta) and u ~ U(-1, 1)^r; the
+    noisy vector is then scaled down, if needed, so that its L2 norm does not exceed the largest norm among the
+    module's clean vectors (its client embedding and its experts' embeddings) of this very upload.
+
+    Args:
+        stats: ``<module>.router.client_embedding`` and ``<module>.experts.<id>.embedding`` vectors.
+        eta: Rate of the Gamma distribution; larger means less noise.
+        rng: The client's noise stream for this round.
+    """
+    if eta <= 0:
+        raise ValueError(f"the noise rate eta must be positive, got {eta}")
+    module_of = {k: k.rsplit(".router.", 1)[0] if ".router." in k else k.rsplit(".experts.", 1)[0] for k in stats}
+    bound: dict[str, float] = {}
+    for k, v in stats.items():
+        bound[module_of[k]] = max(bound.get(module_of[k], 0.0), float(np.linalg.norm(v)))
+    out = {}
+    for k in sorted(stats):
+        v = np.asarray(stats[k], dtype=np.float64)
+        scale = rng.gamma(shape=v.shape[-1], scale=1.0 / eta)
+        noisy = v + scale * rng.uniform(-1.0, 1.0, size=v.shape)
+        norm, limit = float(np.linalg.norm(noisy)), bound[module_of[k]]
+        if norm > limit > 0:
+            noisy *= limit / norm
+        out[k] = noisy.astype(np.float32)
+    return out

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.client.evaluate import evaluate_examples
-from fedhmoe.client.stats import amole_embeddings
+from fedhmoe.client.stats import amole_embeddings, metric_dp_noise
 from fedhmoe.client.train import train_local
 from fedhmoe.config import Config, load_config
 from fedhmoe.data.splits import client_data
@@ -161,6 +161,9 @@ def handle_train(msg: Message, context: Context) -> Message:
         arrays = encode_arrays({k: state[k] for k in sent}, conf.get("wire-dtype", "float32"))
     if conf.get("collect-stats", False):
         emb = amole_embeddings(model, worker.formatter, data.aux, cfg.eval.batch_size, worker.device)
+        eta = float(conf.get("dp-eta", 0.0))
+        if eta > 0:
+            emb = metric_dp_noise(emb, eta, numpy_rng(cfg.run.seed, "dp-noise", r, client))
         stats = encode_arrays(emb)
     return Message(make_content(arrays=arrays, metrics=metrics, stats=stats), reply_to=msg)
 
