@@ -75,14 +75,16 @@ class AMoLELinear(nn.Module):
     held set. Every adapter parameter is float32 and the adapter math runs in float32; the update is cast back
     to the base output's dtype.
 
-    Routing and the expert path share one batched projection: ``x @ [A0; A_1..A_n; W_tau]^T`` gives the shared
-    expert's low-rank activation, every held expert's key ``k_e = A_e x`` and the router query ``u = W_tau x``
-    in a single matmul. With dropout inactive (eval mode or ``p = 0``) the keys double as the experts'
-    low-rank activations; otherwise one more matmul computes ``drop(x) @ [A0; A_1..A_n]^T``. The top-k gates
-    are scattered into a dense ``(T, n)`` gate matrix (zero for unselected experts), the activations are scaled
-    by their gate, and one matmul against ``[B0 | B_1 | .. | B_n]`` (``out x (n + 1) r``) applies every up
-    projection at once. For the small ``n`` of FedAMoLE the ``(n + 1) r`` inner dimension is tiny next to
-    ``in``, so the dense combination costs less than gathering per-token expert matrices and needs no loop.
+    The hot path has no loop over experts. With dropout inactive (eval mode or ``p = 0``) one matmul
+    ``x @ [A0; A_1; ..; A_n; W_tau]^T`` gives the shared expert's low-rank activation, every held expert's key
+    ``k_e = A_e x`` and the router query ``u = W_tau x``; the keys double as the experts' low-rank
+    activations. With dropout active the router keeps the un-dropped ``x @ [A_1; ..; A_n; W_tau]^T`` and one
+    more matmul computes the activations ``drop(x) @ [A0; A_1; ..; A_n]^T``. The top-k gates are scattered
+    into a dense ``(T, n)`` gate matrix (zero for unselected experts), the ``(T, n, r)`` activations are scaled
+    by their gate, and one matmul against the stacked up projections ``[B0^T; B_1^T; ..; B_n^T]``
+    (``(n + 1) r x out``) applies the shared and all routed experts at once. For the small ``n`` of FedAMoLE
+    the ``(n + 1) r`` inner dimension is small next to ``in``, so this dense combination is cheaper than
+    gathering per-token expert matrices, and unselected experts get exactly zero gradient through ``B``.
 
     Per forward the module records:
 
@@ -289,11 +291,11 @@ class AMoLELinear(nn.Module):
             gates = torch.zeros_like(probs).scatter(1, top_idx, top_g)  # (T, n)
 
         coef = (acts * gates.unsqueeze(-1)).reshape(t, nr)  # (T, n*r)
-        b_flat = self.experts_B.permute(1, 0, 2).reshape(self.out_features, nr)  # (out, n*r)
+        b_rows = self.experts_B.transpose(1, 2).reshape(nr, self.out_features)  # (n*r, out)
         if shared:
             coef = torch.cat([low[:, :s0], coef], 1)  # (T, r + n*r)
-            b_flat = torch.cat([self.shared_B, b_flat], 1)  # (out, r + n*r)
-        delta = F.linear(coef * self.scaling, b_flat)  # (T, out)
+            b_rows = torch.cat([self.shared_B.t(), b_rows], 0)  # (r + n*r, out)
+        delta = (coef * self.scaling) @ b_rows  # (T, out)
 
         weights = None
         if (self.training and n > 1) or self._collecting:
@@ -322,18 +324,19 @@ class AMoLELinear(nn.Module):
         """
         t, n = probs.shape
         if weights is None:
-            weights = torch.ones(t, dtype=probs.dtype, device=probs.device)  # (T,)
-        count = weights.sum()  # ()
-        if float(count) == 0.0:
-            return torch.zeros((), dtype=torch.float32, device=probs.device)
-        p_mean = (probs * weights.unsqueeze(1)).sum(0) / count  # (n,)
+            p_mean = probs.mean(0)  # (n,)
+        else:
+            count = float(weights.sum())
+            if count == 0.0:
+                return torch.zeros((), dtype=torch.float32, device=probs.device)
+            p_mean = (weights @ probs) / count  # (n,)
         with torch.no_grad():
             if top_idx is None:
                 frac = torch.full((n,), 1.0 / n, dtype=probs.dtype, device=probs.device)  # (n,)
             else:
-                chosen = torch.zeros_like(probs).scatter_(1, top_idx, 1.0)  # (T, n)
-                frac = (chosen * weights.unsqueeze(1)).sum(0) / (count * k)  # (n,)
-        return n * (p_mean * frac).sum()  # ()
+                chosen = torch.zeros_like(probs).scatter_(1, top_idx, 1.0 / k)  # (T, n)
+                frac = chosen.mean(0) if weights is None else (weights @ chosen) / count  # (n,)
+        return n * torch.dot(p_mean, frac)  # ()
 
     def _accumulate(self, keys: torch.Tensor, query: torch.Tensor, weights: torch.Tensor | None) -> None:
         """Add the non-padding tokens' ``A_e x`` and ``W_tau x`` to the running embedding sums."""
