@@ -18,9 +18,11 @@ starts from the assignment in which every expert takes its ``c`` best clients (o
 bounds are ignored) and repairs the client bounds with successive shortest paths: node potentials keep
 every residual arc's reduced cost non-negative, a multi-source Dijkstra (scipy) finds shortest paths from
 every node with surplus, and all paths of the shortest-path forest that still have capacity are
-augmented before the next search. Large instances run on a sparse set of candidate arcs; at the end,
-every arc outside it is checked against the potentials and any arc that would improve the objective is
-added, so the result is optimal for the full problem, not only for the candidates.
+augmented before the next search. When many clients start overloaded, a few rounds of a client-price
+heuristic shape the starting assignment first. Large instances run on a sparse set of candidate arcs; at
+the end, every arc outside it is checked against the potentials and any arc that would improve the
+objective is added (or, when many would, the solver starts again from the current prices with the larger
+arc set), so the result is optimal for the full problem, not only for the candidates.
 """
 
 from __future__ import annotations
@@ -54,10 +56,16 @@ KEY_HOMOGENEOUS = "fedamole.homogeneous"
 # Instances with at most this many (expert, client) pairs use every pair as an arc from the start.
 _DENSE_LIMIT = 20_000
 # Extra candidate clients per expert and candidate experts per client beyond the ones the bounds need.
-_EXTRA_CANDIDATES = 8
+_EXTRA_CANDIDATES = 4
 # Rounds of the client-price heuristic that precedes the exact repair when clients start overloaded.
 _WARM_ROUNDS = 10
 _WARM_DAMPING = 0.8
+# Start again from the experts' best choices at the current prices (at most this many times) when more
+# than this share of the candidate count turns out to be missing arcs that would improve the objective;
+# the restart adds, per expert and per client, this many of the most improving missing arcs.
+_MAX_RESTARTS = 3
+_RESTART_SHARE = 0.05
+_RESTART_TOP = 8
 # Reduced costs are computed on preferences rescaled to [0, 1]; this absorbs float rounding only.
 _TOL = 1e-13
 
@@ -125,12 +133,6 @@ def check_feasible(
             "experts than there are")
     total = e * c
     head = f"{KEY_NUM_EXPERTS} ({e}) x {KEY_CLIENTS_PER_EXPERT} ({c}) = {total} assignments"
-    if total < n * lo:
-        raise InfeasibleAssignment(
-            f"{head} cannot give each of the {n} clients at least {KEY_MIN_EXPERTS} ({lo}) = {n * lo}")
-    if total > n * hi:
-        raise InfeasibleAssignment(
-            f"{head} cannot fit into the {n} clients holding at most {KEY_MAX_EXPERTS} ({hi}) = {n * hi}")
     if homogeneous:
         if total % n:
             raise InfeasibleAssignment(
@@ -141,6 +143,12 @@ def check_feasible(
             raise InfeasibleAssignment(
                 f"{KEY_HOMOGENEOUS} gives each of the {n} clients {total} / {n} = {per_client} experts, outside "
                 f"[{KEY_MIN_EXPERTS} ({lo}), {KEY_MAX_EXPERTS} ({hi})]")
+    if total < n * lo:
+        raise InfeasibleAssignment(
+            f"{head} cannot give each of the {n} clients at least {KEY_MIN_EXPERTS} ({lo}) = {n * lo}")
+    if total > n * hi:
+        raise InfeasibleAssignment(
+            f"{head} cannot fit into the {n} clients holding at most {KEY_MAX_EXPERTS} ({hi}) = {n * hi}")
 
 
 def group_by_expert(uploads: Mapping[int, Mapping[int, np.ndarray]]) -> dict[int, list[np.ndarray]]:
@@ -197,7 +205,10 @@ def expert_means(
     if r is None:
         for embs in expert_embs.values():
             if len(embs):
-                r = int(np.asarray(embs[0]).shape[-1]) if np.asarray(embs[0]).ndim else 0
+                first = np.asarray(embs[0])
+                if first.ndim != 1:
+                    raise ValueError(f"expert embeddings must be 1-D, got shape {first.shape}")
+                r = first.shape[0]
                 break
     if r is None:
         raise ValueError("no embedding, no previous averages and no dim: the embedding dimension is unknown")
@@ -210,9 +221,11 @@ def expert_means(
             raise ValueError(f"expert id {idx} is outside [0, {e})")
         if not len(embs):
             continue
-        stack = np.stack([np.asarray(v, dtype=np.float64) for v in embs])
-        if stack.shape != (len(embs), r):
-            raise ValueError(f"embeddings of expert {idx} must each have shape ({r},), got {stack.shape[1:]}")
+        rows = [np.asarray(v, dtype=np.float64) for v in embs]
+        for row in rows:
+            if row.shape != (r,):
+                raise ValueError(f"embeddings of expert {idx} must each have shape ({r},), got {row.shape}")
+        stack = np.stack(rows)
         if not np.all(np.isfinite(stack)):
             raise ValueError(f"an embedding of expert {idx} is not finite")
         out[idx] = stack.mean(axis=0)
@@ -387,10 +400,10 @@ def _candidates(w: np.ndarray, value: np.ndarray, x: np.ndarray, q_exp: np.ndarr
     cand = x.copy()
     k = min(num_clients, c + _EXTRA_CANDIDATES)
     cand[rows, np.argpartition(-value, k - 1, axis=1)[:, :k]] = True
-    l = min(num_experts, hi + _EXTRA_CANDIDATES)
-    if l < num_experts:
-        cand[np.argpartition(q_exp[:, None] - value, l - 1, axis=0)[:l], cols] = True
-        cand[np.argpartition(-w, l - 1, axis=0)[:l], cols] = True
+    m = min(num_experts, hi + _EXTRA_CANDIDATES)
+    if m < num_experts:
+        cand[np.argpartition(q_exp[:, None] - value, m - 1, axis=0)[:m], cols] = True
+        cand[np.argpartition(-w, m - 1, axis=0)[:m], cols] = True
     else:
         cand[:] = True
     cand[rows, (rows * c + np.arange(c)[None, :]) % num_clients] = True
@@ -408,39 +421,25 @@ def _min_cost_assignment(pref: np.ndarray, c: int, lo: int, hi: int) -> np.ndarr
     """
     num_experts, num_clients = pref.shape
     sink = num_experts + num_clients
-    num_nodes = sink + 1
-    exp_ids = np.arange(num_experts)
-    w = pref - pref.min(axis=1, keepdims=True)
+    # Rescale to [0, 1]: positive scaling and per-expert offsets leave the optimal assignments unchanged
+    # (every expert holds exactly c clients), and the tolerances below are then relative to the range.
+    scale = float(np.abs(pref).max())
+    w = pref / scale if scale > 0 else pref.copy()
+    w -= w.min(axis=1, keepdims=True)
     span = float(w.max())
     if span > 0:
-        w = w / span
-
-    q = np.zeros(num_nodes)
+        w /= span
+    q = np.zeros(sink + 1)
     x = np.zeros((num_experts, num_clients), dtype=bool)
-
-    def start(prices: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        if prices is not None:
-            q[num_experts:sink] = -prices
-        value = w + q[num_experts:sink]
-        order = np.argsort(-value, axis=1, kind="stable")
-        x[:] = False
-        x[exp_ids[:, None], order[:, :c]] = True
-        q[:num_experts] = value[exp_ids, order[:, c - 1]]
-        return value, x.sum(axis=0)
-
-    value, deg = start(None)
+    value, deg = _start(w, q, x, c, None)
     if c < num_clients and np.any(deg > hi):
-        value, deg = start(_warm_prices(w, c, lo, hi))
-    q_cli = q[num_experts:sink]
-    g = np.where(q_cli > 0, lo, np.where(q_cli < 0, hi, np.clip(deg, lo, hi))).astype(np.int64)
-    excess = np.zeros(num_nodes, dtype=np.int64)
-    excess[num_experts:sink] = deg - g
-    excess[sink] = int(g.sum()) - num_experts * c
-
+        value, deg = _start(w, q, x, c, _warm_prices(w, c, lo, hi))
+    g, excess = _pin(q, deg, num_experts * c, lo, hi)
     if num_experts * num_clients <= _DENSE_LIMIT:
         cand = np.ones_like(x)
     else:
         cand = _candidates(w, value, x, q[:num_experts], c, hi)
+    restarts = 0
     while True:
         _repair(w, x, cand, q, g, excess, lo, hi)
         if cand.all():
@@ -449,13 +448,66 @@ def _min_cost_assignment(pref: np.ndarray, c: int, lo: int, hi: int) -> np.ndarr
         better = ~cand & (reduced < -_TOL)
         if not better.any():
             return x
-        # An unused arc with negative reduced cost: take it (optimality again holds on it) and let the
-        # next repair move the resulting surplus at the client and shortage at the expert.
+        if restarts < _MAX_RESTARTS and better.sum() > _RESTART_SHARE * cand.sum():
+            # The candidates were far from the optimum's support: start again from the experts' best
+            # choices under the current client prices, which are much closer to the optimal ones.
+            restarts += 1
+            most = _most_violated(better, reduced)
+            value, deg = _start(w, q, x, c, q[sink] - q[num_experts:sink])
+            g, excess = _pin(q, deg, num_experts * c, lo, hi)
+            cand |= most | _candidates(w, value, x, q[:num_experts], c, hi)
+            continue
+        # Few arcs would improve the objective: take them (optimality then holds on them too) and let the
+        # next repair move the resulting surplus at each client and shortage at each expert.
         e_idx, i_idx = np.nonzero(better)
         cand |= better
         x |= better
         np.subtract.at(excess, e_idx, 1)
         np.add.at(excess, i_idx + num_experts, 1)
+
+
+def _most_violated(better: np.ndarray, reduced: np.ndarray) -> np.ndarray:
+    """The improving arcs that rank among the ``_RESTART_TOP`` most negative reduced costs of their expert
+    or of their client."""
+    num_experts, num_clients = better.shape
+    score = np.where(better, reduced, np.inf)
+    k_cli, k_exp = min(_RESTART_TOP, num_clients), min(_RESTART_TOP, num_experts)
+    top = np.zeros_like(better)
+    top[np.arange(num_experts)[:, None], np.argpartition(score, k_cli - 1, axis=1)[:, :k_cli]] = True
+    top[np.argpartition(score, k_exp - 1, axis=0)[:k_exp], np.arange(num_clients)[None, :]] = True
+    return top & better
+
+
+def _start(w: np.ndarray, q: np.ndarray, x: np.ndarray, c: int, prices: np.ndarray | None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Every expert takes its ``c`` best clients at the given client prices (lower index first on ties).
+
+    Sets the client potentials to minus the prices, the sink's to zero and each expert's to the value of
+    its ``c``-th choice, which makes every expert-client arc's reduced cost non-negative. Returns the
+    price-adjusted values and the clients' degrees.
+    """
+    num_experts = w.shape[0]
+    rows = np.arange(num_experts)
+    q[num_experts:-1] = 0.0 if prices is None else -prices
+    q[-1] = 0.0
+    value = w + q[num_experts:-1]
+    order = np.argsort(-value, axis=1, kind="stable")
+    x[:] = False
+    x[rows[:, None], order[:, :c]] = True
+    q[:num_experts] = value[rows, order[:, c - 1]]
+    return value, x.sum(axis=0)
+
+
+def _pin(q: np.ndarray, deg: np.ndarray, total: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Client -> sink flows consistent with the potentials, and the imbalances they leave."""
+    num_clients = deg.size
+    num_experts = q.size - 1 - num_clients
+    q_cli = q[num_experts:-1] - q[-1]
+    g = np.where(q_cli > _TOL, lo, np.where(q_cli < -_TOL, hi, np.clip(deg, lo, hi))).astype(np.int64)
+    excess = np.zeros(q.size, dtype=np.int64)
+    excess[num_experts:-1] = deg - g
+    excess[-1] = int(g.sum()) - total
+    return g, excess
 
 
 def _repair(w: np.ndarray, x: np.ndarray, cand: np.ndarray, q: np.ndarray, g: np.ndarray, excess: np.ndarray,
@@ -465,28 +517,34 @@ def _repair(w: np.ndarray, x: np.ndarray, cand: np.ndarray, q: np.ndarray, g: np
     sink = num_experts + num_clients
     num_nodes = sink + 1
     a_exp, a_cli = np.nonzero(cand)
+    num_arcs = a_exp.size
     a_cli_node = a_cli + num_experts
-    w_arc = w[a_exp, a_cli]
+    a_flat = a_exp * num_clients + a_cli
+    w_arc = w.ravel()[a_flat]
+    x_flat = x.reshape(-1)
     cli_nodes = np.arange(num_experts, sink)
-    # One fixed sparsity pattern with both directions of every arc; a direction that is not residual
-    # gets an infinite weight, which Dijkstra never relaxes.
-    tails = np.concatenate([a_exp, a_cli_node, cli_nodes, np.full(num_clients, sink)])
-    heads = np.concatenate([a_cli_node, a_exp, np.full(num_clients, sink), cli_nodes])
-    perm = np.argsort(tails, kind="stable")
+    # One fixed sparsity pattern with both directions of every arc; a direction that is not residual gets
+    # an infinite weight, which Dijkstra never relaxes. Expert rows hold the arcs in their own order, then
+    # come the client rows (arcs back to experts and the arc to the sink), then the sink's row.
+    by_client = np.argsort(np.concatenate([a_cli, np.arange(num_clients)]), kind="stable")
+    heads = np.concatenate([a_cli_node, np.concatenate([a_exp, np.full(num_clients, sink)])[by_client], cli_nodes])
+    counts = np.concatenate([np.bincount(a_exp, minlength=num_experts),
+                             np.bincount(a_cli, minlength=num_clients) + 1, [num_clients]])
     indptr = np.zeros(num_nodes + 1, dtype=np.int64)
-    np.cumsum(np.bincount(tails, minlength=num_nodes), out=indptr[1:])
-    graph = csr_array((np.zeros(tails.size), heads[perm], indptr), shape=(num_nodes, num_nodes))
+    np.cumsum(counts, out=indptr[1:])
+    graph = csr_array((np.zeros(heads.size), heads, indptr), shape=(num_nodes, num_nodes))
+    fwd = graph.data[:num_arcs]
+    back = graph.data[num_arcs:2 * num_arcs + num_clients]
+    down = graph.data[2 * num_arcs + num_clients:]
 
     while np.any(excess > 0):
-        held = x[a_exp, a_cli]
-        reduced = q[a_exp] - q[a_cli_node] - w_arc
+        held = np.take(x_flat, a_flat)
+        reduced = np.take(q, a_exp) - np.take(q, a_cli_node) - w_arc
         to_sink = q[num_experts:sink] - q[sink]
-        weights = np.concatenate([
-            np.where(held, np.inf, reduced), np.where(held, -reduced, np.inf),
-            np.where(g < hi, to_sink, np.inf), np.where(g > lo, -to_sink, np.inf),
-        ])
-        np.maximum(weights, 0.0, out=weights)
-        np.take(weights, perm, out=graph.data)
+        np.maximum(np.where(held, np.inf, reduced), 0.0, out=fwd)
+        np.take(np.maximum(np.concatenate([np.where(held, -reduced, np.inf), np.where(g < hi, to_sink, np.inf)]),
+                           0.0), by_client, out=back)
+        np.maximum(np.where(g > lo, -to_sink, np.inf), 0.0, out=down)
         sources = np.flatnonzero(excess > 0)
         dist, pred, _ = dijkstra(graph, directed=True, indices=sources, min_only=True, return_predecessors=True)
         reach = np.isfinite(dist)
@@ -525,7 +583,7 @@ def _augment_forest(x: np.ndarray, g: np.ndarray, excess: np.ndarray, pred: np.n
     g_l: list[int] = g.tolist()
     blocked: set[int] = set()
 
-    for end, via in zip(ends[order].tolist(), is_via[order].tolist()):
+    for end, via in zip(ends[order].tolist(), is_via[order].tolist(), strict=True):
         if via:
             need = min(-exc_l[sink], hi - g_l[end - num_experts])
         else:
@@ -562,7 +620,7 @@ def _augment_forest(x: np.ndarray, g: np.ndarray, excess: np.ndarray, pred: np.n
             blocked.update(path)
             continue
         amount = min(need, exc_l[node], *caps) if caps else min(need, exc_l[node])
-        for j, cap in enumerate(caps):
+        for j in range(len(caps)):
             head, tail = path[j], path[j + 1]
             if tail < num_experts:
                 x[tail, head - num_experts] = True
