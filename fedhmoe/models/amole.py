@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedhmoe.models.lora import LoRALinear, kaiming_uniform_a
+from fedhmoe.models.lora import kaiming_uniform_a, wrap_linears
 from fedhmoe.models.payload import AdapterStateError
 from fedhmoe.utils.seeding import torch_generator
 
@@ -546,31 +546,8 @@ def inject_amole(
         raise ValueError(f"AMoLE top_k must be at least 1, got {top_k}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"AMoLE dropout must be in [0, 1), got {dropout}")
-    existing = [p for p, m in model.named_modules() if isinstance(m, AMoLELinear | LoRALinear)]
-    if existing:
-        raise ValueError(f"model already has adapters (e.g. at {existing[0]!r}); inject them only once")
-
-    matched: dict[str, nn.Linear] = {}
-    linear_names: set[str] = set()
-    for path, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            leaf = path.rsplit(".", 1)[-1]
-            linear_names.add(leaf)
-            if leaf in wanted:
-                matched[path] = module
-    if not matched:
-        some = ", ".join(sorted(linear_names)[:12]) or "none"
-        raise ValueError(
-            f"no nn.Linear named {sorted(wanted)} in {type(model).__name__}; linear layer names present: {some}"
-        )
-
-    paths = sorted(matched)
-    for path in paths:
-        parent_path, _, leaf = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        wrapped = AMoLELinear(matched[path], rank, alpha, dropout, top_k, use_shared, generator)
-        setattr(parent, leaf, wrapped)
-    return paths
+    return wrap_linears(model, targets,
+                        lambda base: AMoLELinear(base, rank, alpha, dropout, top_k, use_shared, generator))
 
 
 def amole_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

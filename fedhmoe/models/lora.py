@@ -8,12 +8,12 @@ model for these wrappers; no other library's code is patched.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["LoRALinear", "inject_lora", "kaiming_uniform_a", "lora_draw_order"]
+__all__ = ["LoRALinear", "inject_lora", "kaiming_uniform_a", "lora_draw_order", "wrap_linears"]
 
 
 def kaiming_uniform_a(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -151,10 +151,29 @@ def inject_lora(
         raise ValueError(f"LoRA rank must be at least 1, got {rank}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-    existing = [p for p, m in model.named_modules() if isinstance(m, LoRALinear)]
-    if existing:
-        raise ValueError(f"model already has LoRA adapters (e.g. at {existing[0]!r}); inject them only once")
+    return wrap_linears(model, targets, lambda base: LoRALinear(base, rank, alpha, dropout, generator),
+                        order=lora_draw_order)
 
+
+def wrap_linears(
+    model: nn.Module,
+    targets: Iterable[str],
+    make: Callable[[nn.Linear], nn.Module],
+    order: Callable[[Iterable[str]], list[str]] = sorted,
+) -> list[str]:
+    """Replace every ``nn.Linear`` whose attribute name is in ``targets`` by ``make(linear)``.
+
+    Modules are wrapped in ``order`` of their paths (sorted by default), so that adapters drawing initial
+    values from one generator draw them in a fixed order.
+
+    Raises:
+        ValueError: If the model already carries adapters (a module with ``base`` wrapped by a previous call),
+            or no linear matches ``targets`` (the message lists linear names that exist).
+    """
+    wanted = set(targets)
+    existing = [p for p, m in model.named_modules() if isinstance(getattr(m, "base", None), nn.Linear)]
+    if existing:
+        raise ValueError(f"model already has adapters (e.g. at {existing[0]!r}); inject them only once")
     matched: dict[str, nn.Linear] = {}
     linear_names: set[str] = set()
     for path, module in model.named_modules():
@@ -168,10 +187,9 @@ def inject_lora(
         raise ValueError(
             f"no nn.Linear named {sorted(wanted)} in {type(model).__name__}; linear layer names present: {some}"
         )
-
-    paths = lora_draw_order(matched)
+    paths = order(matched)
     for path in paths:
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, leaf, LoRALinear(matched[path], rank, alpha, dropout, generator))
+        setattr(parent, leaf, make(matched[path]))
     return paths
