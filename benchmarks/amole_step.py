@@ -47,6 +47,7 @@ from fedhmoe.models.amole import (
 )
 from fedhmoe.models.lora import LoRALinear, inject_lora
 from fedhmoe.utils.seeding import torch_generator
+from common import emit
 
 TARGETS = ["q_proj", "v_proj"]
 VARIANTS = ("lora", "amole", "loop")
@@ -316,11 +317,7 @@ def main() -> None:
         *table(f"whole model ({args.layers} layers)", model_ms, model_best),
         *table("one adapted 576x576 layer", layer_ms, layer_best),
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        with open(args.write, "a") as f:
-            f.write(text + "\n\n")
+    emit("\n".join(lines), args.write)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedhmoe.config import load_config
+from common import emit
 
 
 def run_one(config: str, method: str, seed: int, engine: str, out: Path, overrides: list[str]) -> dict:
@@ -64,11 +65,7 @@ def main() -> None:
         secs = np.mean([r["totals"]["train-seconds"] for r in runs])
         lines.append(f"| {method} | {ms(final)} | {ms(best)} | {np.mean(spread):.3f} | {up:.1f} | {down:.1f} | "
                      f"{secs:.0f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        with open(args.write, "a") as f:
-            f.write(text + "\n\n")
+    emit("\n".join(lines), args.write)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 
 from fedhmoe.config import load_config
 from fedhmoe.evaluation.rundir import read_metrics
+from common import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,11 +69,7 @@ def main() -> None:
     for engine, m in results.items():
         lines.append(f"| {engine} | {m['first-wall']:.2f} | {m['first-compute']:.2f} | {m['wall']:.2f} | "
                      f"{m['compute']:.2f} | {m['overhead-share']:.1%} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        with open(args.write, "a") as f:
-            f.write(text + "\n\n")
+    emit("\n".join(lines), args.write)
 
 
 if __name__ == "__main__":
