@@ -90,9 +90,6 @@ def check_assignments(cfg, strategy_cls, run_dir):
         rounds.append(a)
     if strategy_cls.static:
         assert rounds[0] == rounds[1]
-    # the experts each client was sent in a round are exactly its assignment (plus shared and router)
-    summary_rows = [r for r in read_metrics(run_dir) if r["split"] == "train" and r["round"] == 1]
-    assert len(summary_rows) == 3
 
 
 def test_personal_evaluation_uses_the_locally_finetuned_adapter(tmp_path):

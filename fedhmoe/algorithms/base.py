@@ -224,12 +224,11 @@ class FederatedStrategy(Strategy):
     ) -> Iterable[Message]:
         """Every client scores its own validation and test splits, with the global or its personal model."""
         self.last_eval = RoundLog()
-        personal = self.eval_mode == "personal"
         messages = []
         for client in self.clients:
             keys = self.eval_keys(server_round, client)
             rec = encode_arrays({k: self.global_state[k] for k in keys}, self.wire_dtype) if keys else None
-            cfg = {**dict(config or {}), "server-round": server_round, "use-personal": personal}
+            cfg = {**dict(config or {}), "server-round": server_round, "use-personal": self.eval_mode == "personal"}
             msg = self._message(client, rec, cfg, MessageType.EVALUATE)
             self.last_eval.bytes_down[client] = content_nbytes(msg.content)
             messages.append(msg)

@@ -25,6 +25,7 @@ from fedhmoe.algorithms.assignment import (
     assignment_to_lists,
     check_feasible,
     expert_means,
+    group_by_expert,
     random_scores,
     rsea_scores,
     softmax_over_clients,
@@ -159,10 +160,7 @@ class FedAMoLE(FederatedStrategy):
         if not any(uploads.values()):
             return  # nobody uploaded statistics: keep the architecture
         for path in self.modules:
-            grouped: dict[int, list[np.ndarray]] = {}
-            for client in sorted(uploads[path]):
-                for eid, emb in sorted(uploads[path][client].items()):
-                    grouped.setdefault(eid, []).append(emb)
+            grouped = group_by_expert(uploads[path])
             dim = self.cfg.model.lora_rank
             self.expert_emb[path] = expert_means(grouped, self.num_experts, self.expert_emb[path], dim=dim)
         self.assignment = self._assign(server_round, random=False)

@@ -540,12 +540,7 @@ def inject_amole(
     wanted = set(targets)
     if not wanted:
         raise ValueError("inject_amole needs at least one target module name")
-    if rank < 1:
-        raise ValueError(f"AMoLE rank must be at least 1, got {rank}")
-    if top_k < 1:
-        raise ValueError(f"AMoLE top_k must be at least 1, got {top_k}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"AMoLE dropout must be in [0, 1), got {dropout}")
+    # AMoLELinear checks rank, top_k and dropout when the first module is built, before anything is replaced
     return wrap_linears(model, targets,
                         lambda base: AMoLELinear(base, rank, alpha, dropout, top_k, use_shared, generator))
 

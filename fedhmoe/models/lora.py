@@ -147,10 +147,7 @@ def inject_lora(
     wanted = set(targets)
     if not wanted:
         raise ValueError("inject_lora needs at least one target module name")
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    # LoRALinear checks rank and dropout when the first module is built, before anything is replaced
     return wrap_linears(model, targets, lambda base: LoRALinear(base, rank, alpha, dropout, generator),
                         order=lora_draw_order)
 
