@@ -1,8 +1,8 @@
 """Typed experiment configuration: the one place where TOML keys become fields.
 
 An experiment is one TOML file with dotted tables (``[run]``, ``[federation]``, ``[model]``, ``[data]``,
-``[train]``, ``[eval]``, ``[algorithm]``, ``[checkpoint]``, ``[fedamole]``). Keys are kebab-case in TOML and snake_case
-here. Every field has a default and a docstring (the ``doc`` metadata). Unknown keys, wrong types and
+``[train]``, ``[eval]``, ``[algorithm]``, ``[checkpoint]``, ``[fedamole]``, ``[fedmoe]``). Keys are kebab-case in
+TOML and snake_case here. Every field has a default and a docstring (the ``doc`` metadata). Unknown keys, wrong types and
 infeasible combinations raise :class:`ConfigError` naming the key, before any work starts.
 """
 
@@ -70,13 +70,19 @@ class FederationConfig:
     num_cpus_per_client: float = _f(1.0, "CPU cores Ray reserves for each simulated client.")
     num_gpus_per_client: float = _f(0.0, "GPU share Ray reserves for each simulated client.")
     round_timeout_s: float = _f(3600.0, "Seconds the server waits for the replies of one round.")
+    sampling: str = _f(
+        "standard",
+        "How the round's clients are drawn: `standard` (clients-per-round at random) or `enforced` (one client "
+        "of each task at random; FedMoE's Enforced-Hetero settings).",
+        ("standard", "enforced"),
+    )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _f(
         "tiny-llama",
-        "A Hugging Face id or local path, or a built-in: `smollm2-135m-instruct`, `tiny-llama`.",
+        "A Hugging Face id or local path, or a built-in: `smollm2-135m-instruct`, `tiny-llama`, `tiny-mixtral`.",
     )
     dtype: str = _f(
         "float32", "Dtype of the frozen backbone. Adapters always train in float32.", ("float32", "bfloat16")
@@ -88,6 +94,10 @@ class ModelConfig:
     lora_rank: int = _f(8, "LoRA rank r.")
     lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input during training.")
+    upcycle_experts: int = _f(
+        0, "Sparse upcycling: turn a dense Llama-family model into a Mixtral-style MoE with this many copies of "
+           "each MLP as experts and a new router; 0 keeps the model as it is.")
+    upcycle_top_k: int = _f(2, "Experts per token of the upcycled MoE.")
 
 
 @dataclass(frozen=True)
@@ -159,13 +169,15 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = _f("fedit", "Registry name of the method: `fedit`, `fedit-ft`, `fedprox`, `local`.")
+    name: str = _f("fedit", "Registry name of the method: `fedit`, `fedit-ft`, `fedprox`, `local`, `fedamole` and "
+                            "its variants, `fedmoe`, `random-moe`, `scaffold`.")
     weighting: str = _f(
         "num-examples",
         "Aggregation weights: `num-examples` (training examples of each client) or `uniform`.",
         ("num-examples", "uniform"),
     )
     proximal_mu: float = _f(0.01, "FedProx: weight mu of the proximal term (mu/2)*||w - w_global||^2.")
+    server_lr: float = _f(1.0, "SCAFFOLD: global step size eta_g applied to the mean client change.")
     transport_dtype: str = _f(
         "float32", "Dtype of tensors on the wire; clients and server compute in float32.", ("float32", "bfloat16")
     )
@@ -195,6 +207,41 @@ class FedAMoLEConfig:
 
 
 @dataclass(frozen=True)
+class FedMoEConfig:
+    profile_rounds: int = _f(
+        5, "Stage 1: rounds of federated training of the full MoE by the clients whose budget fits it, before "
+           "their activation profiles are measured; 0 profiles the initial model.")
+    memory_budgets_gb: list[float] = _f(
+        [], "Training-memory budget of each client in GiB (one value per client, or one value for all); empty "
+            "means unlimited.")
+    memory_model: str = _f(
+        "training",
+        "What a sub-MoE's memory counts: `training` (weights, gradients, AdamW state, activations for "
+        "train.batch-size x model.max-seq-len) or `params` (parameter bytes only, as in the paper's Eq. 3).",
+        ("training", "params"),
+    )
+    memory_reserve: float = _f(0.8, "Share of the budget the stage-1 search may fill (alpha_mem); the rest is "
+                                     "headroom for experts added by recommendation.")
+    search: str = _f("water-fill", "Sub-MoE search: `water-fill` (exact, maximises the worst layer's coverage) or "
+                                   "`binary` (the paper's binary search on the coverage threshold).",
+                     ("water-fill", "binary"))
+    search_tol: float = _f(1e-4, "Tolerance of the binary search on the coverage threshold.")
+    min_experts_per_layer: int = _f(1, "Fewest experts a sub-MoE keeps in any MoE layer.")
+    load_balance_coef: float = _f(0.001, "Weight of the load-balancing loss (mean over MoE layers), lambda_lb.")
+    label_smoothing: float = _f(0.1, "Label smoothing of the local cross-entropy.")
+    recommend: bool = _f(True, "Stage 2: global expert recommendation for clients whose validation score stalls.")
+    patience: int = _f(3, "Participations without improvement before a client's structure is adjusted.")
+    min_delta: float = _f(0.001, "Smallest validation-score gain that counts as an improvement.")
+    neighbours: int = _f(3, "K: most similar clients (cosine of activation profiles) consulted by recommendation.")
+    max_step: int = _f(1, "Most experts added or removed per adjustment; 0 applies the paper's full count.")
+    confirm_failures: int = _f(1, "Failed trial adjustments before a client's structure is frozen (1: the paper).")
+    single_holder_lr: float = _f(
+        1.0, "Server step for an expert (and its router row) that one sampled client held: W += lr * (w_k - W); "
+             "1 overwrites as the paper does.")
+    train_dense: bool = _f(True, "Train the dense (non-expert) parameters too (full fine-tuning, as the paper).")
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_n_rounds: int = _f(1, "Save server and client state every n-th round (and the last); 0 disables.")
     keep_last: int = _f(0, "Keep only the newest n checkpoints; 0 keeps all.")
@@ -211,6 +258,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fedamole: FedAMoLEConfig = field(default_factory=FedAMoLEConfig)
+    fedmoe: FedMoEConfig = field(default_factory=FedMoEConfig)
 
     def __post_init__(self) -> None:
         _check_feasible(self)
@@ -436,7 +484,26 @@ def _check_feasible(cfg: Config) -> None:
     need(0.0 <= mo.lora_dropout < 1.0, "model.lora-dropout", "must be in [0, 1)")
     need(len(mo.lora_targets) > 0, "model.lora-targets", "needs at least one target module name")
     need(cfg.algorithm.proximal_mu >= 0, "algorithm.proximal-mu", "must be non-negative")
+    need(cfg.algorithm.server_lr > 0, "algorithm.server-lr", "must be positive")
     need(cfg.checkpoint.every_n_rounds >= 0, "checkpoint.every-n-rounds", "must be non-negative")
+    need(mo.upcycle_experts >= 0, "model.upcycle-experts", "must be non-negative")
+    if mo.upcycle_experts:
+        need(1 <= mo.upcycle_top_k <= mo.upcycle_experts, "model.upcycle-top-k",
+             f"must be between 1 and model.upcycle-experts ({mo.upcycle_experts}), got {mo.upcycle_top_k}")
+    fm = cfg.fedmoe
+    need(fm.profile_rounds >= 0, "fedmoe.profile-rounds", "must be non-negative")
+    need(len(fm.memory_budgets_gb) in (0, 1, fed.num_clients), "fedmoe.memory-budgets-gb",
+         f"needs one value per client ({fed.num_clients}) or a single value, got {len(fm.memory_budgets_gb)}")
+    need(all(b > 0 for b in fm.memory_budgets_gb), "fedmoe.memory-budgets-gb", "budgets must be positive")
+    need(0.0 < fm.memory_reserve <= 1.0, "fedmoe.memory-reserve", f"must be in (0, 1], got {fm.memory_reserve}")
+    need(fm.min_experts_per_layer >= 1, "fedmoe.min-experts-per-layer", "must be at least 1")
+    need(0.0 <= fm.label_smoothing < 1.0, "fedmoe.label-smoothing", "must be in [0, 1)")
+    need(fm.load_balance_coef >= 0, "fedmoe.load-balance-coef", "must be non-negative")
+    need(fm.patience >= 1, "fedmoe.patience", "must be at least 1")
+    need(fm.neighbours >= 1, "fedmoe.neighbours", "must be at least 1")
+    need(fm.max_step >= 0, "fedmoe.max-step", "must be non-negative")
+    need(fm.confirm_failures >= 1, "fedmoe.confirm-failures", "must be at least 1")
+    need(0.0 < fm.single_holder_lr <= 1.0, "fedmoe.single-holder-lr", "must be in (0, 1]")
 
     from fedhmoe.algorithms.registry import ALGORITHMS  # late import: the registry imports config types
 

@@ -31,7 +31,8 @@ def server_tensors(run_dir, r):
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_every_algorithm_runs_end_to_end(algorithm, tmp_path):
-    cfg = smoke(f"algorithm.name={algorithm}")
+    moe_only = algorithm in ("fedmoe", "random-moe")  # they select experts of an MoE backbone
+    cfg = smoke(f"algorithm.name={algorithm}", *(["model.name=tiny-mixtral"] if moe_only else []))
     summary = run_inprocess(cfg, tmp_path)
     rows = read_metrics(tmp_path)
     assert summary["algorithm"] == algorithm
@@ -59,6 +60,8 @@ def test_every_algorithm_runs_end_to_end(algorithm, tmp_path):
         assert changed
         assert all(0 < r["bytes-up"] < lora_bytes and 0 < r["bytes-down"] < lora_bytes for r in train)
         check_assignments(cfg, ALGORITHMS[algorithm], tmp_path)
+    elif ALGORITHMS[algorithm].adapter_spec(cfg).kind == "moe":
+        assert changed  # sizes, bytes and memory of MoE methods: tests/test_fedmoe.py
     elif algorithm == "local":
         # nothing but configs and metrics travel; the server state never moves
         assert not changed

@@ -67,6 +67,8 @@ class FederatedStrategy(Strategy):
         initial_state: Initial value of every global trainable tensor.
         node_of: Client id (partition id) -> Flower node id.
         run_config_text: The resolved config as TOML, shipped to clients in every message's config.
+        client_info: What each client reported when discovered (its ``tasks`` and split sizes ``num-train``,
+            ...); needed by enforced sampling and by methods that use task labels.
     """
 
     #: Registry name, set by each subclass.
@@ -82,8 +84,10 @@ class FederatedStrategy(Strategy):
         initial_state: Mapping[str, np.ndarray],
         node_of: Mapping[int, int],
         run_config_text: str,
+        client_info: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.client_info = {int(c): dict(v) for c, v in (client_info or {}).items()}
         self.global_state: dict[str, np.ndarray] = {k: np.asarray(v, np.float32) for k, v in initial_state.items()}
         self.node_of = dict(node_of)
         self.client_of = {n: c for c, n in self.node_of.items()}
@@ -114,6 +118,10 @@ class FederatedStrategy(Strategy):
         """Per-client structure to record each round (e.g. expert assignments), or None."""
         return None
 
+    def artifacts(self, server_round: int) -> dict[str, Any]:
+        """JSON files to write into the run directory after a round's aggregation (relative path -> object)."""
+        return {}
+
     def client_keys(self, server_round: int, client: int) -> list[str]:
         """Keys of the global state that ``client`` holds and trains this round (default: all)."""
         return sorted(self.global_state)
@@ -132,9 +140,23 @@ class FederatedStrategy(Strategy):
         """Structure updates after aggregation (expert assignment, recommendation); default none."""
 
     # ------------------------------------------------------------------ sampling
+    def client_task(self, client: int) -> str:
+        """A client's task label (its tasks joined by '+'), from discovery; '' when unknown."""
+        return "+".join(self.client_info.get(client, {}).get("tasks", []))
+
     def sample_clients(self, server_round: int) -> list[int]:
-        """The clients that train in ``server_round`` (seeded by run seed and round)."""
+        """The clients that train in ``server_round`` (seeded by run seed and round).
+
+        ``standard``: ``clients-per-round`` (or the fraction) at random; ``enforced``: one client of each task
+        at random, so every round mixes every task.
+        """
         fed = self.cfg.federation
+        if fed.sampling == "enforced":
+            by_task: dict[str, list[int]] = {}
+            for c in self.clients:
+                by_task.setdefault(self.client_task(c), []).append(c)
+            rng = numpy_rng(self.cfg.run.seed, "sample-clients", server_round)
+            return sorted(int(rng.choice(by_task[t])) for t in sorted(by_task))
         n = len(self.clients)
         m = fed.clients_per_round or max(1, int(round(fed.fraction_per_round * n)))
         if m >= n:

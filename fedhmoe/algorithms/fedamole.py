@@ -81,8 +81,9 @@ class FedAMoLE(FederatedStrategy):
             raise ConfigError("config key 'data.aux-fraction': FedAMoLE's RSEA needs an aux (embedding) split; "
                               "set it above 0 (the paper uses 0.04)")
 
-    def __init__(self, cfg: Config, initial_state, node_of, run_config_text: str) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(cfg, initial_state, node_of, run_config_text)
+    def __init__(self, cfg: Config, initial_state, node_of, run_config_text: str,  # type: ignore[no-untyped-def]
+                 client_info=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(cfg, initial_state, node_of, run_config_text, client_info)
         fa = cfg.fedamole
         self.num_experts = fa.num_experts
         self.common_keys: dict[str, list[str]] = {}  # module -> shared expert and token projection keys

@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from fedhmoe.algorithms.base import FederatedStrategy
+from fedhmoe.config import Config
+from fedhmoe.models.adapters import AdapterSpec
 
 __all__ = ["FedIT", "FedITFT", "FedProx", "LocalOnly"]
 
@@ -32,12 +34,25 @@ class FedITFT(FedIT):
 
 
 class FedProx(FedIT):
-    """FedIT plus a proximal term in the client loss; the server only sends ``proximal-mu``."""
+    """FedIT plus a proximal term in the client loss; the server only sends ``proximal-mu``. On an MoE backbone
+    it fine-tunes the full MoE (dense tensors, every expert and the routers), as FedMoE's baseline does."""
 
     name = "fedprox"
 
+    @classmethod
+    def adapter_spec(cls, cfg: Config) -> AdapterSpec:
+        from fedhmoe.models.backbone import is_moe_backbone
+
+        if is_moe_backbone(cfg.model):
+            return AdapterSpec("moe", (), 0, 0.0, 0.0, train_dense=cfg.fedmoe.train_dense)
+        return super().adapter_spec(cfg)
+
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
-        return {"proximal-mu": self.cfg.algorithm.proximal_mu}
+        out: dict[str, Any] = {"proximal-mu": self.cfg.algorithm.proximal_mu}
+        if self.adapter_spec(self.cfg).kind == "moe":
+            fm = self.cfg.fedmoe
+            out |= {"label-smoothing": fm.label_smoothing, "load-balance-coef": fm.load_balance_coef}
+        return out
 
 
 class LocalOnly(FederatedStrategy):

@@ -3,6 +3,9 @@
 FedAMoLE, section 2.1: after local training, one inference pass over the client's aux (embedding) split gives,
 per AMoLE module, the mean token projection ``W_tau x`` (the client embedding) and, per held expert, the mean
 ``A_e x`` (the expert embedding), over prompt and answer tokens but never padding.
+
+FedMoE, section 3.1: the activation profile, per MoE layer the share of (non-padding) tokens routed to each
+global expert (top-k slots counted), over prompt and answer tokens of a split; zeros for experts not held.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from fedhmoe.data.format import PromptFormatter
 from fedhmoe.data.types import Example
 from fedhmoe.models.amole import collect_embeddings, embedding_stats, token_mask
 
-__all__ = ["amole_embeddings", "metric_dp_noise"]
+__all__ = ["amole_embeddings", "metric_dp_noise", "moe_activation_profile"]
 
 
 @torch.no_grad()
@@ -35,6 +38,34 @@ def amole_embeddings(
             with token_mask(model, batch["attention_mask"]):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return embedding_stats(model)
+
+
+@torch.no_grad()
+def moe_activation_profile(
+    model: nn.Module, formatter: PromptFormatter, examples: Sequence[Example], batch_size: int,
+    device: torch.device, num_experts: int,
+) -> np.ndarray:
+    """Activation profile ``(layers, num_experts)``: per MoE layer, the share of routed token slots per global
+    expert over ``examples`` (rows sum to 1; a layer that saw no token is all zero)."""
+    from fedhmoe.models import moe
+
+    if not examples:
+        raise ValueError("no examples to profile the experts on")
+    rec = moe.install_recorder(model)
+    model.eval()
+    items = [formatter.encode_train(ex) for ex in examples]
+    blocks = list(moe.moe_blocks(model))
+    with rec.counting_tokens() as counts:
+        for s in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in formatter.collate_train(items[s : s + batch_size]).items()}
+            with rec.masked(batch["attention_mask"]):
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    prof = np.zeros((len(blocks), num_experts), dtype=np.float32)  # (L, E)
+    for i, path in enumerate(blocks):
+        for gid, c in counts.get(path, {}).items():
+            prof[i, gid] = c
+    sums = prof.sum(1, keepdims=True)  # (L, 1)
+    return np.divide(prof, sums, out=np.zeros_like(prof), where=sums > 0)
 
 
 def metric_dp_noise(stats: dict[str, np.ndarray], eta: float, rng: np.random.Generator) -> dict[str, np.ndarray]:

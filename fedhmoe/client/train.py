@@ -1,7 +1,8 @@
 """Local training of a client's adapters (torch; no Flower).
 
-A fresh optimizer per client per round; loss is causal-LM cross-entropy on answer tokens only, plus, for
-FedProx, the proximal term (mu/2)||w - w_global||^2 over the trainable tensors.
+A fresh optimizer per client per round; loss is causal-LM cross-entropy on answer tokens only (optionally
+label-smoothed), plus, for FedProx, the proximal term (mu/2)||w - w_global||^2 over the trainable tensors, and
+any method loss (load balancing); SCAFFOLD's correction is added to the gradients.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class TrainResult:
     steps: int
     num_examples: int  # size of the client's training split (the aggregation weight)
     seconds: float
+    #: Mean raw gradient per parameter over the steps (before any ``grad_offset``), when asked for.
+    grad_mean: dict[str, torch.Tensor] | None = None
 
 
 def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -42,13 +45,14 @@ def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig, lr: float) 
     return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the next token over positions whose label is not -100."""
+def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of the next token over positions whose label is not -100 (optionally label-smoothed)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     shift_logits = logits[:, :-1].float()  # (B, T-1, V)
     shift_labels = batch["labels"][:, 1:]  # (B, T-1)
     return nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100,
+        label_smoothing=label_smoothing,
     )
 
 
@@ -64,6 +68,8 @@ def train_local(
     proximal_mu: float = 0.0,
     extra_loss: Callable[[], torch.Tensor] | None = None,
     forward_context: Callable[[Mapping[str, torch.Tensor]], AbstractContextManager] | None = None,
+    label_smoothing: float = 0.0,
+    grad_offset: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` optimizer steps on batches drawn from ``examples``.
 
@@ -83,6 +89,9 @@ def train_local(
         extra_loss: Added to the loss after each forward (e.g. the weighted load-balancing loss).
         forward_context: Context entered around each forward, given the batch (e.g. lending the padding
             mask to routed modules).
+        label_smoothing: Label smoothing of the cross-entropy.
+        grad_offset: Added to the gradient of the parameter with the same key before each step (SCAFFOLD's
+            control-variate correction ``c - c_i``); the mean raw gradient is then returned as ``grad_mean``.
     """
     if not examples:
         raise ValueError("client has no training examples")
@@ -93,19 +102,28 @@ def train_local(
     model.train()
     order: list[int] = []
     losses = []
+    grad_sum: dict[str, torch.Tensor] | None = {} if grad_offset is not None else None
     for _ in range(cfg.local_steps):
         if len(order) < cfg.batch_size:
             order += [int(i) for i in rng.permutation(len(encoded))]
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         batch = {k: v.to(device) for k, v in formatter.collate_train([encoded[i] for i in idx]).items()}
         with forward_context(batch) if forward_context else nullcontext():
-            loss = causal_lm_loss(model, batch)
+            loss = causal_lm_loss(model, batch, label_smoothing)
         total = loss + extra_loss() if extra_loss else loss
         if anchor:
             prox = sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
             total = total + 0.5 * proximal_mu * prox
         opt.zero_grad(set_to_none=True)
         total.backward()
+        if grad_sum is not None:
+            with torch.no_grad():
+                for k, p in params.items():
+                    if p.grad is not None:
+                        grad_sum[k] = p.grad.detach().clone() if k not in grad_sum else grad_sum[k] + p.grad
+                for k, off in (grad_offset or {}).items():
+                    p = params[k]
+                    p.grad = off.clone() if p.grad is None else p.grad.add_(off)
         if cfg.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         opt.step()
@@ -114,4 +132,8 @@ def train_local(
     mean = float(np.mean(losses))
     if not math.isfinite(mean):
         raise FloatingPointError(f"training loss became {mean}")
-    return TrainResult(mean, cfg.local_steps, len(examples), time.perf_counter() - start)
+    grad_mean = None
+    if grad_sum is not None:
+        grad_mean = {k: grad_sum[k] / cfg.local_steps if k in grad_sum else torch.zeros_like(p)
+                     for k, p in params.items()}
+    return TrainResult(mean, cfg.local_steps, len(examples), time.perf_counter() - start, grad_mean)

@@ -1,8 +1,9 @@
 """Adapter kinds a method can put into a frozen backbone, behind one small interface.
 
 ``lora``: one LoRA pair per target linear (FedIT and relatives). ``amole``: an adaptive mixture of LoRA
-experts per target linear (FedAMoLE). The runtime calls only these functions; which kind a run uses follows
-from its algorithm (``FederatedStrategy.adapter_spec``).
+experts per target linear (FedAMoLE). ``moe``: the (sub-)MoE itself is trained: dense parameters, the held experts
+and their router rows (FedMoE, and FedProx / SCAFFOLD on an MoE backbone). The runtime calls only these functions;
+which kind a run uses follows from its algorithm (``FederatedStrategy.adapter_spec``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedhmoe.models import amole, lora, payload
+from fedhmoe.models import amole, lora, moe, payload
 
 __all__ = ["AdapterSpec", "balance_loss", "init_global_state", "inject", "load_state", "read_state",
            "token_mask", "trainable"]
@@ -24,7 +25,7 @@ __all__ = ["AdapterSpec", "balance_loss", "init_global_state", "inject", "load_s
 class AdapterSpec:
     """What a method injects into the backbone."""
 
-    kind: str  # "lora" or "amole"
+    kind: str  # "lora", "amole" or "moe"
     targets: tuple[str, ...]
     rank: int
     alpha: float
@@ -32,14 +33,21 @@ class AdapterSpec:
     num_experts: int = 0  # amole: size of the global expert pool per module
     top_k: int = 2  # amole: routed experts per token
     use_shared: bool = True  # amole: the shared expert every client holds
+    train_dense: bool = True  # moe: dense parameters are trained and travel
 
     def __post_init__(self) -> None:
-        if self.kind not in ("lora", "amole"):
+        if self.kind not in ("lora", "amole", "moe"):
             raise ValueError(f"unknown adapter kind {self.kind!r}")
 
 
 def inject(model: nn.Module, spec: AdapterSpec, generator: torch.Generator | None = None) -> list[str]:
-    """Wrap the spec's target linears; returns the wrapped module paths."""
+    """Wrap the spec's target linears (``moe``: watch the routers); returns the adapted module paths."""
+    if spec.kind == "moe":
+        if not moe.is_moe_model(model):
+            raise ValueError(f"{type(model).__name__} has no sparse MoE block; this method needs an MoE backbone "
+                             "(e.g. model.name = 'tiny-mixtral', or model.upcycle-experts > 0)")
+        moe.install_recorder(model)
+        return list(moe.moe_blocks(model))
     if spec.kind == "lora":
         return lora.inject_lora(model, list(spec.targets), spec.rank, spec.alpha, spec.dropout, generator=generator)
     return amole.inject_amole(model, list(spec.targets), spec.rank, spec.alpha, spec.dropout, top_k=spec.top_k,
@@ -47,32 +55,44 @@ def inject(model: nn.Module, spec: AdapterSpec, generator: torch.Generator | Non
 
 
 def trainable(model: nn.Module, spec: AdapterSpec) -> dict[str, nn.Parameter]:
-    """The parameters to optimise (call again after :func:`load_state`: AMoLE may resize them)."""
+    """The parameters to optimise (call again after :func:`load_state`: AMoLE and MoE may resize them)."""
+    if spec.kind == "moe":
+        return moe.trainable_parameters(model, spec.train_dense)
     return payload.adapter_parameters(model) if spec.kind == "lora" else amole.amole_parameters(model)
 
 
 def read_state(model: nn.Module, spec: AdapterSpec) -> dict[str, np.ndarray]:
     """Every adapter tensor the model holds, keyed by its wire name."""
+    if spec.kind == "moe":
+        return moe.read_submoe(model, include_dense=spec.train_dense)
     return payload.adapter_state(model) if spec.kind == "lora" else amole.amole_state(model)
 
 
 def load_state(model: nn.Module, spec: AdapterSpec, state: Mapping[str, np.ndarray]) -> None:
     """Copy ``state`` into the model (AMoLE: the keys present decide each module's held experts)."""
-    if spec.kind == "lora":
+    if spec.kind == "moe":
+        moe.load_submoe(model, state, require_dense=spec.train_dense)
+    elif spec.kind == "lora":
         payload.load_adapter_state(model, state, strict=True)
     else:
         amole.load_amole_state(model, state)
 
 
 def init_global_state(model: nn.Module, spec: AdapterSpec, seed: int) -> dict[str, np.ndarray]:
-    """The server's initial tensors (shapes only: works on a meta-device model)."""
+    """The server's initial tensors (LoRA / AMoLE: from shapes only, so a meta-device model works; MoE: the
+    model's own weights, so it must be real)."""
+    if spec.kind == "moe":
+        return moe.read_submoe(model, include_dense=spec.train_dense)
     if spec.kind == "lora":
         return payload.init_adapter_state(model, seed)
     return amole.init_amole_state(model, spec.num_experts, seed)
 
 
 def balance_loss(model: nn.Module, spec: AdapterSpec) -> torch.Tensor | None:
-    """The summed load-balancing loss of the last forward (AMoLE), or None."""
+    """The load-balancing loss of the last forward (AMoLE: summed over modules; MoE: mean over layers), or None."""
+    if spec.kind == "moe":
+        rec = moe.recorder(model)
+        return rec.balance_loss() if rec is not None else None
     return amole.balance_loss(model) if spec.kind == "amole" else None
 
 
@@ -80,6 +100,8 @@ def token_mask(model: nn.Module, spec: AdapterSpec, mask: torch.Tensor | None): 
     """A context lending the attention mask to routed modules (padding leaves routing statistics)."""
     if spec.kind == "amole":
         return amole.token_mask(model, mask)
+    if spec.kind == "moe" and moe.recorder(model) is not None:
+        return moe.recorder(model).masked(mask)  # type: ignore[union-attr]
     from contextlib import nullcontext
 
     return nullcontext()

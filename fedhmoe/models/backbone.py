@@ -1,7 +1,9 @@
 """Loading the frozen backbone (model + tokenizer) named by ``[model]`` in the experiment config.
 
-``model.name`` is a built-in (``smollm2-135m-instruct``, ``tiny-llama``), a local folder, or a Hugging Face id
-already in the local cache. Nothing is ever downloaded: every load passes ``local_files_only=True``.
+``model.name`` is a built-in (``smollm2-135m-instruct``, ``tiny-llama``, ``tiny-mixtral``), a local folder, or a
+Hugging Face id already in the local cache. Nothing is ever downloaded: every load passes ``local_files_only=True``.
+With ``model.upcycle-experts > 0`` a dense Llama-family model is sparsely upcycled into a Mixtral-style MoE after
+loading (:func:`fedhmoe.models.moe.upcycle_llama`; the router seed derives from the run seed).
 """
 
 from __future__ import annotations
@@ -21,12 +23,21 @@ from transformers import (
 
 from fedhmoe.config import ModelConfig
 from fedhmoe.models.smollm2 import SMOLLM2_DIRNAME, prepare_smollm2
-from fedhmoe.models.tiny import build_tiny_llama, byte_tokenizer, tiny_llama_config
+from fedhmoe.models.tiny import (
+    build_tiny_llama,
+    build_tiny_mixtral,
+    byte_tokenizer,
+    tiny_llama_config,
+    tiny_mixtral_config,
+)
 
-__all__ = ["BUILTIN_MODELS", "backbone_shapes", "load_backbone", "resolve_model_path", "torch_dtype"]
+__all__ = ["BUILTIN_MODELS", "backbone_shapes", "is_moe_backbone", "load_backbone", "resolve_model_path",
+           "torch_dtype"]
 
-BUILTIN_MODELS = (SMOLLM2_DIRNAME, "tiny-llama")
 TINY_LLAMA = "tiny-llama"
+TINY_MIXTRAL = "tiny-mixtral"
+BUILTIN_MODELS = (SMOLLM2_DIRNAME, TINY_LLAMA, TINY_MIXTRAL)
+_TINY = {TINY_LLAMA: (build_tiny_llama, tiny_llama_config), TINY_MIXTRAL: (build_tiny_mixtral, tiny_mixtral_config)}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -47,9 +58,9 @@ def _looks_like_path(name: str) -> bool:
 def resolve_model_path(cfg: ModelConfig) -> str:
     """Where ``cfg.name`` is loaded from.
 
-    The built-in SmolLM2 resolves to its converted cache folder (converting on first use); ``tiny-llama`` has
-    no files and resolves to its own name; an existing local folder resolves to its absolute path; anything
-    else is taken as a Hugging Face id, to be read from the local cache only.
+    The built-in SmolLM2 resolves to its converted cache folder (converting on first use); ``tiny-llama`` and
+    ``tiny-mixtral`` have no files and resolve to their own names; an existing local folder resolves to its
+    absolute path; anything else is taken as a Hugging Face id, to be read from the local cache only.
 
     Args:
         cfg: The ``[model]`` section.
@@ -63,7 +74,7 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     name = cfg.name
     if name == SMOLLM2_DIRNAME:
         return str(prepare_smollm2(Path(cfg.cache_dir) if cfg.cache_dir else None))
-    if name == TINY_LLAMA:
+    if name in _TINY:
         return name
     local = Path(name).expanduser()
     if local.exists():
@@ -115,7 +126,7 @@ def load_backbone(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, Pre
 
     Args:
         cfg: The ``[model]`` section (name, dtype, cache folder).
-        seed: Weight seed of ``tiny-llama``; ignored by pretrained models.
+        seed: Weight seed of the tiny built-ins and of an upcycled router; ignored otherwise.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode with every parameter frozen, in ``cfg.dtype``; the
@@ -126,8 +137,8 @@ def load_backbone(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, Pre
     """
     dtype = torch_dtype(cfg.dtype)
     path = resolve_model_path(cfg)
-    if path == TINY_LLAMA:
-        model: PreTrainedModel = build_tiny_llama(seed).to(dtype)
+    if path in _TINY:
+        model: PreTrainedModel = _TINY[path][0](seed).to(dtype)
         tokenizer: PreTrainedTokenizerBase = byte_tokenizer()
     else:
         _load_config(path)
@@ -136,6 +147,11 @@ def load_backbone(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, Pre
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as err:
             raise _not_available(path, err) from err
+    if cfg.upcycle_experts:
+        from fedhmoe.models.moe import upcycle_llama
+        from fedhmoe.utils.seeding import derive_seed
+
+        model = upcycle_llama(model, cfg.upcycle_experts, cfg.upcycle_top_k, derive_seed(seed, "upcycle-router"))
     _ensure_pad(tokenizer, model)
     return _freeze(model), tokenizer
 
@@ -156,7 +172,21 @@ def backbone_shapes(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     del seed
     dtype = torch_dtype(cfg.dtype)
     path = resolve_model_path(cfg)
-    config = tiny_llama_config() if path == TINY_LLAMA else _load_config(path)
+    config = _TINY[path][1]() if path in _TINY else _load_config(path)
+    if cfg.upcycle_experts:
+        from fedhmoe.models.moe import upcycled_config
+
+        config = upcycled_config(config, cfg.upcycle_experts, cfg.upcycle_top_k)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return _freeze(model)
+
+
+def is_moe_backbone(cfg: ModelConfig) -> bool:
+    """Whether the configured backbone is a sparse MoE (a built-in MoE, an MoE config, or upcycling on)."""
+    if cfg.upcycle_experts:
+        return True
+    path = resolve_model_path(cfg)
+    config = _TINY[path][1]() if path in _TINY else _load_config(path)
+    return any(isinstance(getattr(config, a, None), int) and getattr(config, a) > 0
+               for a in ("num_local_experts", "num_experts"))

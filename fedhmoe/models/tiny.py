@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
 __all__ = [
     "BOS_TOKEN",
@@ -17,8 +17,10 @@ __all__ = [
     "PAD_TOKEN",
     "TINY_MAX_POSITIONS",
     "build_tiny_llama",
+    "build_tiny_mixtral",
     "byte_tokenizer",
     "tiny_llama_config",
+    "tiny_mixtral_config",
 ]
 
 PAD_TOKEN = "<pad>"
@@ -99,4 +101,43 @@ def build_tiny_llama(seed: int) -> LlamaForCausalLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_llama_config())
+    return model
+
+
+def tiny_mixtral_config(vocab_size: int = BYTE_VOCAB_SIZE, num_experts: int = 4, top_k: int = 2) -> MixtralConfig:
+    """The tiny Mixtral-style MoE: the tiny Llama's attention with ``num_experts`` experts (MLP 128) per layer.
+
+    Args:
+        vocab_size: Size of the embedding table; the default matches :func:`byte_tokenizer`.
+        num_experts: Experts per MoE layer.
+        top_k: Experts per token.
+
+    Returns:
+        A ``MixtralConfig`` with tied embeddings, no router jitter, and the byte tokenizer's special ids.
+    """
+    return MixtralConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        tie_word_embeddings=True,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        router_jitter_noise=0.0,
+        output_router_logits=False,
+        sliding_window=None,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def build_tiny_mixtral(seed: int, num_experts: int = 4, top_k: int = 2) -> MixtralForCausalLM:
+    """A randomly initialised tiny Mixtral whose weights depend only on ``seed`` (see :func:`build_tiny_llama`)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MixtralForCausalLM(tiny_mixtral_config(num_experts=num_experts, top_k=top_k))
     return model

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.client.evaluate import evaluate_examples
-from fedhmoe.client.stats import amole_embeddings, metric_dp_noise
+from fedhmoe.client.stats import amole_embeddings, metric_dp_noise, moe_activation_profile
 from fedhmoe.client.train import train_local
 from fedhmoe.config import Config, load_config
 from fedhmoe.data.splits import client_data
@@ -30,7 +30,10 @@ from fedhmoe.runtime.backbone_cache import Worker, get_worker
 from fedhmoe.utils.seeding import derive_seed, numpy_rng
 from fedhmoe.wire import ARRAYS, CONFIG, STATS, decode_arrays, encode_arrays, make_content
 
-__all__ = ["PersonalStore", "handle_evaluate", "handle_query", "handle_train"]
+__all__ = ["SCAFFOLD_PREFIX", "PersonalStore", "handle_evaluate", "handle_query", "handle_train"]
+
+#: Wire prefix of SCAFFOLD's control variates (server -> client: c; client -> server: c + (c_i' - c_i)).
+SCAFFOLD_PREFIX = "scaffold-c:"
 
 
 @lru_cache(maxsize=4)
@@ -60,7 +63,7 @@ def client_id(context: Context, conf: dict[str, Any]) -> int:
 class PersonalStore:
     """A client's personal tensors, one safetensors file per round it trained."""
 
-    def __init__(self, root: str | Path, client: int, keep_last: int = 0) -> None:
+    def __init__(self, root: str | Path, client: int | str, keep_last: int = 0) -> None:
         self.dir = Path(root) / f"client-{client}"
         self.keep_last = keep_last
 
@@ -118,16 +121,20 @@ def _worker(cfg: Config) -> Worker:
 
 
 def _load_start(msg: Message, conf: dict[str, Any], worker: Worker, store: PersonalStore,
-                before_round: int) -> None:
+                before_round: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Load the received tensors when the server sent any; else the newest personal state before a round;
-    else the run's initial adapter."""
+    else the run's initial adapter. Returns the loaded state and any SCAFFOLD control variates received."""
+    extra: dict[str, np.ndarray] = {}
     if ARRAYS in msg.content:
         state = decode_arrays(msg.content[ARRAYS], conf.get("wire-dtype", "float32"))
+        extra = {k[len(SCAFFOLD_PREFIX):]: v for k, v in state.items() if k.startswith(SCAFFOLD_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(SCAFFOLD_PREFIX)}
     else:
         state = store.load_before(before_round) or worker.initial_state
     if not state:
         raise ValueError("the server sent no tensors and this client has no personal state yet")
     adapters.load_state(worker.model, worker.spec, state)
+    return state, extra
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -139,26 +146,50 @@ def handle_train(msg: Message, context: Context) -> Message:
     worker = _worker(cfg)
     model, spec = worker.model, worker.spec
     store = _store(context, conf, cfg, client)
-    _load_start(msg, conf, worker, store, before_round=r)
+    _, control = _load_start(msg, conf, worker, store, before_round=r)
     data = client_data(cfg, client)
     torch.manual_seed(derive_seed(cfg.run.seed, "dropout", r, client))
     coef = float(conf.get("load-balance-coef", 0.0))
+    lr = float(conf["learning-rate"])
+    params = adapters.trainable(model, spec)
+    offset = None
+    if control:  # SCAFFOLD: gradient correction c - c_i, both in wire names
+        c_store = PersonalStore(store.dir.parent, f"{client}-scaffold", cfg.checkpoint.keep_last)
+        c_i = c_store.load_before(r) or {k: np.zeros_like(v) for k, v in control.items()}
+        offset = _param_offsets(model, spec, {k: control[k] - c_i[k] for k in control})
     result = train_local(
-        model, adapters.trainable(model, spec), worker.formatter, data.train, cfg.train,
-        float(conf["learning-rate"]), numpy_rng(cfg.run.seed, "batches", r, client), worker.device,
+        model, params, worker.formatter, data.train, cfg.train,
+        lr, numpy_rng(cfg.run.seed, "batches", r, client), worker.device,
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
         extra_loss=(lambda: coef * adapters.balance_loss(model, spec)) if coef > 0 else None,
         forward_context=lambda batch: adapters.token_mask(model, spec, batch["attention_mask"]),
+        label_smoothing=float(conf.get("label-smoothing", 0.0)),
+        grad_offset=offset,
     )
     state = adapters.read_state(model, spec)
     if conf.get("save-personal", False):
         store.save(r, state)
     metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-seconds": result.seconds,
-               "steps": result.steps, "client": client}
+               "steps": result.steps, "client": client,
+               "param-bytes": int(sum(p.numel() * p.element_size() for p in model.parameters()))}
     arrays = stats = None
     if conf.get("return-arrays", True):
         sent = list(msg.content[ARRAYS].keys()) if ARRAYS in msg.content else list(state)
-        arrays = encode_arrays({k: state[k] for k in sent}, conf.get("wire-dtype", "float32"))
+        out = {k: state[k] for k in sent if not k.startswith(SCAFFOLD_PREFIX)}
+        if control:  # c_i' = the mean local gradient; the server averages c + (c_i' - c_i)
+            new_ci = _wire_grads(model, spec, result.grad_mean or {})
+            new_ci = {k: new_ci.get(k, np.zeros_like(control[k])) for k in control}
+            c_store.save(r, new_ci)
+            out |= {SCAFFOLD_PREFIX + k: control[k] + new_ci[k] - c_i[k] for k in control}
+        arrays = encode_arrays(out, conf.get("wire-dtype", "float32"))
+    if conf.get("collect-profile", False):  # FedMoE: activation profile and validation score of w_k*
+        split = data.val or data.train
+        prof = moe_activation_profile(model, worker.formatter, split, cfg.eval.batch_size, worker.device,
+                                      int(conf["num-experts"]))
+        stats = encode_arrays({"profile": prof})
+        if conf.get("validate", False) and data.val:
+            ev = evaluate_examples(model, worker.formatter, data.val, cfg.eval, worker.device)
+            metrics["val-score"] = float(-ev["eval-loss"] if cfg.eval.select_metric == "eval-loss" else ev["score"])
     if conf.get("collect-stats", False):
         emb = amole_embeddings(model, worker.formatter, data.aux, cfg.eval.batch_size, worker.device)
         eta = float(conf.get("dp-eta", 0.0))
@@ -166,6 +197,28 @@ def handle_train(msg: Message, context: Context) -> Message:
             emb = metric_dp_noise(emb, eta, numpy_rng(cfg.run.seed, "dp-noise", r, client))
         stats = encode_arrays(emb)
     return Message(make_content(arrays=arrays, metrics=metrics, stats=stats), reply_to=msg)
+
+
+def _param_offsets(model: torch.nn.Module, spec: adapters.AdapterSpec,
+                   wire: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Per-parameter gradient offsets from wire-named arrays (MoE experts are stacked into their parameters)."""
+    if spec.kind == "moe":
+        from fedhmoe.models import moe
+
+        return moe.param_view(model, wire)
+    params = adapters.trainable(model, spec)
+    return {k: torch.as_tensor(v, dtype=params[k].dtype, device=params[k].device) for k, v in wire.items()
+            if k in params}
+
+
+def _wire_grads(model: torch.nn.Module, spec: adapters.AdapterSpec,
+                grads: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Per-parameter tensors back in wire names (the inverse of :func:`_param_offsets`)."""
+    if spec.kind == "moe":
+        from fedhmoe.models import moe
+
+        return moe.wire_view(model, grads)
+    return {k: v.detach().cpu().float().numpy() for k, v in grads.items()}
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

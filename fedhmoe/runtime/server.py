@@ -21,7 +21,7 @@ from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.config import Config, config_to_toml
 from fedhmoe.evaluation.rundir import RunDirectory, read_metrics, summarize
 from fedhmoe.models import adapters
-from fedhmoe.models.backbone import backbone_shapes
+from fedhmoe.models.backbone import backbone_shapes, load_backbone
 from fedhmoe.wire import CONFIG, make_content
 
 log = logging.getLogger("fedhmoe")
@@ -30,8 +30,13 @@ __all__ = ["discover_clients", "initial_state", "run_federation"]
 
 
 def initial_state(cfg: Config) -> dict[str, np.ndarray]:
-    """Initial adapter tensors, from the model's shapes only (no weights are loaded on the server)."""
+    """Initial trainable tensors: adapters from the model's shapes only (no weights are loaded on the server);
+    for methods that train the MoE itself, the backbone's weights."""
     spec = ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg)
+    if spec.kind == "moe":  # the MoE itself is trained: the server starts from its real weights
+        model, _ = load_backbone(cfg.model, seed=cfg.run.seed)
+        adapters.inject(model, spec)
+        return adapters.init_global_state(model, spec, cfg.run.seed)
     model = backbone_shapes(cfg.model, seed=cfg.run.seed)
     adapters.inject(model, spec)
     return adapters.init_global_state(model, spec, cfg.run.seed)
@@ -70,7 +75,8 @@ def _rows_train(r: int, rl: RoundLog) -> list[dict[str, Any]]:
         rows.append({"round": r, "client": rep.client, "split": "train", "train-loss": m.get("train-loss"),
                      "num-examples": m.get("num-examples"), "steps": m.get("steps"),
                      "bytes-up": rl.bytes_up.get(rep.client, 0), "bytes-down": rl.bytes_down.get(rep.client, 0),
-                     "train-seconds": m.get("train-seconds")})
+                     "train-seconds": m.get("train-seconds"),
+                     **{k: m[k] for k in ("val-score", "param-bytes") if k in m}})
     return rows + _rows_rejected(r, "train", rl)
 
 
@@ -116,7 +122,7 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
     node_of, info = discover_clients(grid, cfg, toml_text)
     client_tasks = {c: list(info[c].get("tasks", [])) for c in sorted(info)}
     log.info("%d clients: %s", len(node_of), ", ".join(f"{c}={'+'.join(t)}" for c, t in client_tasks.items()))
-    strategy = ALGORITHMS[cfg.algorithm.name](cfg, initial_state(cfg), node_of, toml_text)
+    strategy = ALGORITHMS[cfg.algorithm.name](cfg, initial_state(cfg), node_of, toml_text, client_info=info)
     base = {"state-dir": str(run.client_state_dir.resolve())}
     timeout = cfg.federation.round_timeout_s
     first = 1
@@ -139,6 +145,8 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
         _record_structure(run, strategy, r)
         replies = grid.send_and_receive(strategy.configure_train(r, config=ConfigRecord(base)), timeout=timeout)
         strategy.aggregate_train(r, replies)
+        for name, obj in strategy.artifacts(r).items():
+            run.write_json(name, obj)
         t_train = time.perf_counter() - t_round
         run.log(_rows_train(r, strategy.last_train))
         tl = [rep.metrics.get("train-loss", float("nan")) for rep in strategy.last_train.replies]

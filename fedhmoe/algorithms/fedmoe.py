@@ -1,0 +1,374 @@
+"""FedMoE and the baselines it is measured against, on a sparse MoE backbone.
+
+Mei et al., "FedMoE: Personalized Federated Learning via Heterogeneous Mixture of Experts" (arXiv 2408.11304).
+
+* ``fedmoe``: stage 1 trains the full MoE for ``fedmoe.profile-rounds`` rounds with the clients whose memory
+  budget fits it, then each of them uploads its activation profile; clients that cannot profile get the
+  data-size-weighted profile of profiled clients of their task; a search under each client's budget picks its
+  sub-MoE (spec section 3). Stage 2 trains the sub-MoEs: dense tensors are averaged over all sampled clients,
+  each expert and its router row over the sampled clients that hold it (one holder: its copy, or a damped step
+  with ``fedmoe.single-holder-lr``); clients whose validation score stalls get experts added or removed by
+  global expert recommendation (spec sections 4 and 5).
+* ``random-moe``: the same stage 1 and sub-MoE sizes per layer, but the experts are drawn at random.
+* ``scaffold``: SCAFFOLD (Karimireddy et al. 2020) with control variates; on an MoE backbone it fine-tunes the
+  full MoE, on a dense one a LoRA adapter. (``fedprox`` on an MoE backbone also trains the full MoE.)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedhmoe.algorithms.base import ClientReply, FederatedStrategy
+from fedhmoe.algorithms.recommend import RecommendConfig, RecommendState, recommend
+from fedhmoe.algorithms.submoe_search import MemoryModel, SearchError, estimate_profiles, search_submoe
+from fedhmoe.config import Config, ConfigError
+from fedhmoe.models.adapters import AdapterSpec
+from fedhmoe.utils.seeding import numpy_rng
+
+__all__ = ["FedMoE", "RandomMoE", "Scaffold", "moe_adapter_spec", "moe_memory_model"]
+
+_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<gid>\d+)\.\w+$")
+_ROUTER = re.compile(r"^(?P<block>.+)\.router\.(?P<gid>\d+)$")
+_GIB = float(1 << 30)
+
+
+def moe_adapter_spec(cfg: Config) -> AdapterSpec:
+    """The ``moe`` adapter kind: the (sub-)MoE itself is trained."""
+    return AdapterSpec("moe", (), 0, 0.0, 0.0, train_dense=cfg.fedmoe.train_dense)
+
+
+def _natural(path: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path))
+
+
+def _expert_block(key: str) -> tuple[str, int] | None:
+    m = _EXPERT.match(key) or _ROUTER.match(key)
+    return (m.group("block"), int(m.group("gid"))) if m else None
+
+
+def moe_memory_model(cfg: Config, state: dict[str, np.ndarray], num_blocks: int) -> MemoryModel:
+    """Memory of a client's sub-MoE, from the tensor sizes of the global state and the training config.
+
+    ``training``: float32 weights (4 B/parameter), plus gradient and AdamW moments (12 B) for what is
+    trained, plus an activation estimate for one step of ``train.batch-size`` x ``model.max-seq-len`` tokens:
+    per token and layer about 16 hidden-size vectors (residual stream, norms, attention inputs and outputs)
+    and 3 intermediate vectors per routed expert, the attention scores, and the logits twice (float32 and
+    their gradient). ``params``: parameter bytes only (the paper's Eq. 3).
+    """
+    dense = sum(v.size for k, v in state.items() if _expert_block(k) is None)
+    per_expert: dict[tuple[str, int], int] = {}
+    for k, v in state.items():
+        eb = _expert_block(k)
+        if eb is not None:
+            per_expert[eb] = per_expert.get(eb, 0) + int(v.size)
+    one = max(per_expert.values()) if per_expert else 0
+    if cfg.fedmoe.memory_model == "params":
+        return MemoryModel.params_only(dense, one)
+    hidden = next((v.shape[0] for k, v in state.items() if _ROUTER.match(k)), 0)
+    inter = next((v.shape[0] // 2 for k, v in state.items() if k.endswith("gate_up_proj")), 4 * hidden)
+    vocab = max((v.shape[0] for k, v in state.items() if k.endswith("embed_tokens.weight")), default=0)
+    tokens = cfg.train.batch_size * cfg.model.max_seq_len
+    top_k = max(1, cfg.model.upcycle_top_k if cfg.model.upcycle_experts else 2)
+    per_token_layer = 16 * hidden + 3 * inter * top_k
+    attn = cfg.train.batch_size * cfg.model.max_seq_len ** 2 * 4  # scores and probabilities, a few heads' worth
+    acts = 4.0 * (tokens * num_blocks * per_token_layer + 2 * tokens * vocab) + num_blocks * attn
+    return MemoryModel(dense_params=int(dense), expert_params=int(one), train_dense=cfg.fedmoe.train_dense,
+                       activation_bytes=float(acts))
+
+
+class MoEMethod(FederatedStrategy):
+    """Common ground of the methods that train an MoE backbone's experts."""
+
+    eval_mode = "global"
+
+    @classmethod
+    def adapter_spec(cls, cfg: Config) -> AdapterSpec:
+        return moe_adapter_spec(cfg)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.model.name in ("tiny-llama", "smollm2-135m-instruct") and not cfg.model.upcycle_experts:
+            raise ConfigError(f"algorithm '{cls.name}' needs an MoE backbone: model.name {cfg.model.name!r} is "
+                              "dense; use model.name = 'tiny-mixtral', an MoE checkpoint, or set "
+                              "model.upcycle-experts")
+
+    def train_config(self, server_round: int, client: int) -> dict[str, Any]:
+        fm = self.cfg.fedmoe
+        return {"label-smoothing": fm.label_smoothing, "load-balance-coef": fm.load_balance_coef}
+
+
+class FedMoE(MoEMethod):
+    """FedMoE: profiled sub-MoE search, modular aggregation, global expert recommendation."""
+
+    name = "fedmoe"
+    #: How held experts are chosen after stage 1: "search" (profiles) or "random" (same sizes, random ids).
+    selection = "search"
+    recommend_enabled = True
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        fm = cfg.fedmoe
+        if fm.profile_rounds < 1:
+            raise ConfigError("config key 'fedmoe.profile-rounds': FedMoE needs at least one profiling round")
+        if fm.profile_rounds >= cfg.federation.num_rounds:
+            raise ConfigError(f"config key 'fedmoe.profile-rounds': {fm.profile_rounds} profiling rounds leave no "
+                              f"sub-MoE round in federation.num-rounds = {cfg.federation.num_rounds}")
+
+    def __init__(self, cfg: Config, initial_state: dict[str, np.ndarray], node_of: dict[int, int],
+                 run_config_text: str, client_info: dict[int, dict[str, Any]] | None = None) -> None:
+        super().__init__(cfg, initial_state, node_of, run_config_text, client_info)
+        blocks: dict[str, set[int]] = {}
+        for k in self.global_state:
+            eb = _expert_block(k)
+            if eb is not None:
+                blocks.setdefault(eb[0], set()).add(eb[1])
+        if not blocks:
+            raise ConfigError(f"algorithm '{self.name}': the model has no MoE experts to select")
+        self.blocks = sorted(blocks, key=_natural)
+        self.num_experts = max(max(v) for v in blocks.values()) + 1
+        self.dense_keys = sorted(k for k in self.global_state if _expert_block(k) is None)
+        self.expert_keys = {
+            (b, g): sorted(k for k in self.global_state if (eb := _expert_block(k)) is not None and eb == (b, g))
+            for b in self.blocks for g in range(self.num_experts)
+        }
+        fm = self.cfg.fedmoe
+        self.memory = moe_memory_model(cfg, self.global_state, len(self.blocks))
+        budgets = fm.memory_budgets_gb
+        if not budgets:
+            self.budget = {c: float("inf") for c in self.clients}
+        else:
+            vals = budgets * len(self.clients) if len(budgets) == 1 else budgets
+            self.budget = {c: float(vals[i]) * _GIB for i, c in enumerate(self.clients)}
+        full = self.memory.bytes(len(self.blocks) * self.num_experts)
+        self.profilers = [c for c in self.clients if self.budget[c] >= full]
+        if not self.profilers:
+            raise ConfigError(
+                f"config key 'fedmoe.memory-budgets-gb': no client can profile the full MoE, which needs "
+                f"{full / _GIB:.4g} GiB to train (largest budget {max(self.budget.values()) / _GIB:.4g} GiB)")
+        tasks = {c: self.client_task(c) for c in self.clients}
+        for c in self.clients:
+            if c not in self.profilers and not any(tasks[p] == tasks[c] for p in self.profilers):
+                raise ConfigError(
+                    f"config key 'fedmoe.memory-budgets-gb': client {c} (task {tasks[c]!r}, budget "
+                    f"{self.budget[c] / _GIB:.4g} GiB) cannot profile the full MoE ({full / _GIB:.4g} GiB) and no "
+                    f"client of its task can")
+            need = self.memory.bytes(len(self.blocks) * fm.min_experts_per_layer)
+            if need > self.budget[c] * fm.memory_reserve:
+                raise ConfigError(
+                    f"config key 'fedmoe.memory-budgets-gb': client {c} cannot hold {fm.min_experts_per_layer} "
+                    f"expert(s) per layer: that needs {need / _GIB:.4g} GiB, the budget allows "
+                    f"{fm.memory_reserve * self.budget[c] / _GIB:.4g} GiB ({fm.memory_reserve} x "
+                    f"{self.budget[c] / _GIB:.4g} GiB)")
+        all_held = {b: list(range(self.num_experts)) for b in self.blocks}
+        self.held: dict[int, dict[str, list[int]]] = {c: {b: list(v) for b, v in all_held.items()}
+                                                     for c in self.clients}
+        self.profiles: dict[int, np.ndarray] = {}
+        self.rec_state = {c: RecommendState() for c in self.clients}
+        self.actions: dict[int, str] = {}
+        self.stage = 1 if fm.profile_rounds > 0 else 2
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ structure
+    def in_stage1(self, server_round: int) -> bool:
+        return server_round <= self.cfg.fedmoe.profile_rounds
+
+    def sample_clients(self, server_round: int) -> list[int]:
+        if self.in_stage1(server_round):
+            return list(self.profilers)  # every profiler trains and profiles the full MoE
+        return super().sample_clients(server_round)
+
+    def client_keys(self, server_round: int, client: int) -> list[str]:
+        keys = list(self.dense_keys)
+        for b, ids in self.held[client].items():
+            for g in ids:
+                keys += self.expert_keys[(b, g)]
+        return sorted(keys)
+
+    def train_config(self, server_round: int, client: int) -> dict[str, Any]:
+        out = super().train_config(server_round, client)
+        profile = server_round == self.cfg.fedmoe.profile_rounds or not self.in_stage1(server_round)
+        out |= {"collect-profile": profile, "num-experts": self.num_experts,
+                "validate": (not self.in_stage1(server_round)) and self.recommend_enabled
+                and self.cfg.fedmoe.recommend}
+        return out
+
+    def counts(self) -> dict[int, int]:
+        return {c: sum(len(v) for v in self.held[c].values()) for c in self.clients}
+
+    def max_experts(self, client: int) -> int:
+        """Most experts (over all layers) the client's full budget can hold while training."""
+        cap = len(self.blocks) * self.num_experts
+        if not np.isfinite(self.budget[client]):
+            return cap
+        return min(cap, self.memory.max_experts(self.budget[client]))
+
+    def structure(self) -> dict[str, Any]:
+        return {b: {str(c): list(self.held[c][b]) for c in self.clients} for b in self.blocks}
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        before = dict(self.global_state)
+        out = super().aggregate_train(server_round, replies)
+        lr = self.cfg.fedmoe.single_holder_lr
+        if lr < 1.0:
+            holders: dict[str, int] = {}
+            for r in self.last_train.replies:
+                for k in r.arrays:
+                    if _expert_block(k) is not None:
+                        holders[k] = holders.get(k, 0) + 1
+            for k, n in holders.items():
+                if n == 1:
+                    self.global_state[k] = (before[k] + lr * (self.global_state[k] - before[k])).astype(np.float32)
+        return out
+
+    def _profile_of(self, reply: ClientReply) -> np.ndarray | None:
+        prof = reply.stats.get("profile")
+        if prof is None or prof.shape != (len(self.blocks), self.num_experts):
+            return None
+        return np.asarray(prof, np.float32)
+
+    def after_aggregate(self, server_round: int, replies: list[ClientReply]) -> None:
+        fm = self.cfg.fedmoe
+        for r in replies:
+            prof = self._profile_of(r)
+            if prof is not None:
+                self.profiles[r.client] = prof
+        self.actions = {}
+        if server_round == fm.profile_rounds:
+            self._initial_structure(server_round)
+            self.stage = 2
+        elif not self.in_stage1(server_round) and self.recommend_enabled and fm.recommend:
+            rc = RecommendConfig(patience=fm.patience, min_delta=fm.min_delta, neighbours=fm.neighbours,
+                                 max_step=fm.max_step, min_per_layer=fm.min_experts_per_layer,
+                                 confirm_failures=fm.confirm_failures)
+            for r in replies:
+                score = r.metrics.get("val-score")
+                if score is None:
+                    continue
+                held = [list(self.held[r.client][b]) for b in self.blocks]
+                new, action = recommend(r.client, float(score), held, self.profiles, self.counts(),
+                                        self.rec_state[r.client], rc, self.max_experts(r.client))
+                self.held[r.client] = {b: list(new[i]) for i, b in enumerate(self.blocks)}
+                self.actions[r.client] = action
+        self.history.append({"round": server_round, "counts": {str(c): n for c, n in self.counts().items()},
+                             "actions": {str(c): a for c, a in self.actions.items()}})
+
+    def _initial_structure(self, server_round: int) -> None:
+        fm = self.cfg.fedmoe
+        sizes = {c: int(self.client_info.get(c, {}).get("num-train", 0)) for c in self.clients}
+        tasks = {c: self.client_task(c) for c in self.clients}
+        try:
+            profiles = estimate_profiles(self.profiles, tasks, sizes, list(self.clients))
+        except SearchError as e:
+            raise RuntimeError(f"round {server_round}: cannot estimate activation profiles: {e}") from e
+        self.profiles = {c: np.asarray(p, np.float32) for c, p in profiles.items()}
+        for c in self.clients:
+            budget = self.budget[c]
+            if not np.isfinite(budget):
+                budget = self.memory.bytes(len(self.blocks) * self.num_experts) / fm.memory_reserve
+            try:
+                held, _theta = search_submoe(self.profiles[c], budget, self.memory, reserve=fm.memory_reserve,
+                                             method=fm.search, min_per_layer=fm.min_experts_per_layer,
+                                             tol=fm.search_tol)
+            except SearchError as e:
+                raise RuntimeError(f"client {c}: {e}") from e
+            if self.selection == "random":
+                rng = numpy_rng(self.cfg.run.seed, "random-moe", 0, c)
+                held = [sorted(int(g) for g in rng.choice(self.num_experts, size=len(h), replace=False))
+                        for h in held]
+            self.held[c] = {b: sorted(int(g) for g in held[i]) for i, b in enumerate(self.blocks)}
+
+    # ------------------------------------------------------------------ checkpoints and artifacts
+    def artifacts(self, server_round: int) -> dict[str, Any]:
+        """``profiles/round-<r>.json`` (latest profile per client) and expert counts with the round's actions."""
+        return {
+            f"profiles/round-{server_round}.json": {
+                "blocks": self.blocks, "profiles": {str(c): p.round(6).tolist() for c, p in self.profiles.items()}},
+            f"experts/round-{server_round}.json": self.history[-1] if self.history else {},
+        }
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        tensors, meta = super().state_dict()
+        meta |= {
+            "held": {str(c): v for c, v in self.held.items()},
+            "profiles": {str(c): p.tolist() for c, p in self.profiles.items()},
+            "rec-state": {str(c): s.to_json() for c, s in self.rec_state.items()},
+            "stage": self.stage, "history": self.history,
+        }
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        super().load_state_dict(tensors, meta)
+        try:
+            self.held = {int(c): {b: [int(g) for g in v[b]] for b in self.blocks} for c, v in meta["held"].items()}
+            self.profiles = {int(c): np.asarray(p, np.float32) for c, p in meta["profiles"].items()}
+            self.rec_state = {int(c): RecommendState.from_json(s) for c, s in meta["rec-state"].items()}
+            self.stage = int(meta["stage"])
+            self.history = list(meta.get("history", []))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint structure of {self.name!r} is incomplete or corrupt: {e}") from e
+        if set(self.held) != set(self.clients):
+            raise ValueError(f"checkpoint holds structures for clients {sorted(self.held)}, expected {self.clients}")
+
+
+class RandomMoE(FedMoE):
+    """randomMoE: FedMoE's stage 1 and sub-MoE sizes, random experts, no recommendation."""
+
+    name = "random-moe"
+    selection = "random"
+    recommend_enabled = False
+
+
+class Scaffold(FederatedStrategy):
+    """SCAFFOLD: the server sends its control variate c with the model; each client corrects its gradients by
+    ``c - c_i``, sets ``c_i'`` to its mean raw gradient over the local steps (option I taken along the local
+    path, which stays on the gradient's scale whatever the local optimizer; option II's ``(x - y) / (K lr)``
+    assumes plain SGD) and returns ``c + (c_i' - c_i)``; the server applies ``x += eta_g * mean(y - x)`` and
+    ``c += |S|/N * mean(c_i' - c_i)``. On an MoE backbone the full MoE is fine-tuned; on a dense backbone one
+    LoRA adapter."""
+
+    name = "scaffold"
+    eval_mode = "global"
+
+    @classmethod
+    def adapter_spec(cls, cfg: Config) -> AdapterSpec:
+        from fedhmoe.models.backbone import is_moe_backbone
+
+        return moe_adapter_spec(cfg) if is_moe_backbone(cfg.model) else super().adapter_spec(cfg)
+
+    def __init__(self, cfg: Config, initial_state: dict[str, np.ndarray], node_of: dict[int, int],
+                 run_config_text: str, client_info: dict[int, dict[str, Any]] | None = None) -> None:
+        from fedhmoe.runtime.client_logic import SCAFFOLD_PREFIX
+
+        self.prefix = SCAFFOLD_PREFIX
+        state = dict(initial_state)
+        state |= {SCAFFOLD_PREFIX + k: np.zeros_like(v, dtype=np.float32) for k, v in initial_state.items()}
+        super().__init__(cfg, state, node_of, run_config_text, client_info)
+        self.model_keys = sorted(k for k in self.global_state if not k.startswith(self.prefix))
+
+    def eval_keys(self, server_round: int, client: int) -> list[str]:
+        return list(self.model_keys)
+
+    def train_config(self, server_round: int, client: int) -> dict[str, Any]:
+        if self.adapter_spec(self.cfg).kind == "moe":
+            fm = self.cfg.fedmoe
+            return {"label-smoothing": fm.label_smoothing, "load-balance-coef": fm.load_balance_coef}
+        return {}
+
+    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        before = dict(self.global_state)
+        out = super().aggregate_train(server_round, replies)
+        n_sampled = len(self.last_train.replies)
+        if n_sampled:
+            eta = self.cfg.algorithm.server_lr
+            frac = n_sampled / len(self.clients)
+            for k in self.global_state:
+                step = frac if k.startswith(self.prefix) else eta
+                if step != 1.0:
+                    self.global_state[k] = (before[k] + step * (self.global_state[k] - before[k])).astype(np.float32)
+        return out

@@ -1,0 +1,504 @@
+"""FedMoE stage 1: choosing each client's sub-MoE from its expert activation profile (pure numpy).
+
+A profile is an ``(L, E)`` array: row ``i`` is the activation distribution of MoE layer ``i`` over its ``E``
+experts (every layer has the same expert count). A sub-MoE is, per layer, the sorted list of expert ids the
+client holds; its *coverage* in a layer is the activation mass of the held experts, and the quality of a
+sub-MoE is its smallest per-layer coverage ``theta``.
+
+The module offers
+
+1. :func:`normalize_profile`: per-layer token counts to probabilities;
+2. :func:`estimate_profiles`: profiles for clients that could not profile themselves, averaged over the
+   profiled clients of the same task, weighted by data size;
+3. :class:`MemoryModel`: training memory of a sub-MoE as a function of its total expert count, and the
+   largest expert count that fits a budget;
+4. :func:`min_submodel`: the smallest sub-MoE reaching a coverage ``theta`` in every layer;
+5. :func:`binary_search`: the largest ``theta`` (to a tolerance) whose smallest sub-MoE fits an expert budget;
+6. :func:`water_fill`: the exact maximiser of the minimum per-layer coverage under the same budget, which also
+   spends the experts the binary search leaves unused;
+7. :func:`search_submoe`: memory budget to expert budget to sub-MoE.
+
+Every expert has the same size, so a memory budget is an expert budget ``B`` (a total over all layers).
+Within a layer, taking experts in descending probability (ties: lower id first) gives the largest coverage for
+every count, so a sub-MoE is described by one count per layer. Experts with probability exactly 0 add no
+coverage and are taken only when a layer needs them to reach ``min_per_layer`` experts.
+
+Why water-filling is optimal: let ``V*`` be the best achievable minimum coverage. Water-filling only ever adds
+an expert to a layer whose coverage is the smallest of all layers that can still grow. While that coverage is
+below ``V*``, every sub-MoE reaching ``V*`` holds more experts in that layer than water-filling currently does,
+so water-filling's count in each layer never exceeds the count an optimal sub-MoE needs there; it therefore
+never runs out of budget before its minimum coverage reaches ``V*``. Once the minimum is at least ``V*`` (or
+the layer with the smallest coverage holds all its non-zero experts, which caps every solution's minimum at
+that coverage) later additions cannot lower it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "METHODS",
+    "MemoryModel",
+    "SearchError",
+    "binary_search",
+    "estimate_profiles",
+    "min_submodel",
+    "normalize_profile",
+    "search_submoe",
+    "water_fill",
+]
+
+#: Names accepted by :func:`search_submoe`'s ``method``.
+METHODS = ("binary", "water-fill")
+
+_GIB = float(1 << 30)
+
+
+class SearchError(ValueError):
+    """The inputs admit no sub-MoE (budget too small, no profile to estimate from); the message names the numbers."""
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _as_int(value: int, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _as_profile(profile: np.ndarray, name: str = "profile") -> np.ndarray:
+    """Return ``profile`` as a float64 (L, E) array after checking its shape and values."""
+    arr = np.asarray(profile, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (layers x experts) array, got {arr.ndim} dimension(s)")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one layer and one expert, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} has non-finite entries")
+    if np.any(arr < 0):
+        raise ValueError(f"{name} has negative entries (smallest {float(arr.min())!r})")
+    return arr
+
+
+def _check_min_per_layer(min_per_layer: int, num_experts: int) -> int:
+    m = _as_int(min_per_layer, "min_per_layer")
+    if m < 1:
+        raise ValueError(f"min_per_layer must be at least 1, got {m}")
+    if m > num_experts:
+        raise ValueError(f"min_per_layer={m} exceeds the {num_experts} experts of a layer")
+    return m
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# ------------------------------------------------------------------------------------------------ profiles
+
+
+def normalize_profile(counts: np.ndarray) -> np.ndarray:
+    """Turn per-layer token counts into per-layer activation probabilities.
+
+    Args:
+        counts: ``(L, E)`` non-negative token counts; ``counts[i, j]`` tokens of layer ``i`` went to expert ``j``.
+
+    Returns:
+        A new float64 ``(L, E)`` array whose rows sum to 1; a layer that saw no tokens becomes uniform.
+
+    Raises:
+        ValueError: ``counts`` is not 2-D, is empty, or has negative or non-finite entries.
+    """
+    arr = _as_profile(counts, "counts")
+    totals = arr.sum(axis=1, keepdims=True)  # (L, 1)
+    out = np.full(arr.shape, 1.0 / arr.shape[1])  # (L, E), uniform rows for layers without tokens
+    seen = totals[:, 0] > 0  # (L,)
+    out[seen] = arr[seen] / totals[seen]
+    return out
+
+
+def estimate_profiles(
+    profiles: Mapping[int, np.ndarray],
+    tasks: Mapping[int, str],
+    sizes: Mapping[int, int],
+    clients: Sequence[int],
+) -> dict[int, np.ndarray]:
+    """Give every client a profile, estimating missing ones from profiled clients of the same task.
+
+    For a client ``k`` without a profile, the estimate is ``sum_a |D_a| p_a / sum_a |D_a|`` over the profiled
+    clients ``a`` whose task equals ``k``'s (uniform weights when all those sizes are 0).
+
+    Args:
+        profiles: Profiles ``(L, E)`` of the clients that measured their own.
+        tasks: Task label per client; needed for every client without a profile. Profiled clients without a
+            label take part in no estimate.
+        sizes: Data size ``|D_a|`` per profiled client used in an estimate (non-negative).
+        clients: Clients that need a profile.
+
+    Returns:
+        One new float64 array per client of ``clients`` (in that order): its own profile when it has one,
+        otherwise the estimate.
+
+    Raises:
+        SearchError: A client without a profile has no task label, or no profiled client shares its task.
+        ValueError: Profiles of different shapes, invalid profile values, or a missing or negative size.
+    """
+    checked = {a: _as_profile(p, f"profile of client {a}") for a, p in profiles.items()}
+    shapes = {p.shape for p in checked.values()}
+    if len(shapes) > 1:
+        raise ValueError(f"profiles have different shapes: {sorted(shapes)}")
+    by_task: dict[str, list[int]] = {}
+    for a in sorted(checked):
+        if a in tasks:
+            by_task.setdefault(tasks[a], []).append(a)
+    out: dict[int, np.ndarray] = {}
+    for k in clients:
+        if k in checked:
+            out[k] = checked[k].copy()
+            continue
+        if k not in tasks:
+            raise SearchError(f"client {k}: no profile and no task label to estimate one from")
+        task = tasks[k]
+        donors = by_task.get(task, [])
+        if not donors:
+            raise SearchError(
+                f"client {k}: no profile, and none of the {len(checked)} profiled clients has its task {task!r}")
+        weights = []
+        for a in donors:
+            if a not in sizes:
+                raise ValueError(f"client {a}: data size missing (needed to estimate the profile of client {k})")
+            w = float(sizes[a])
+            if not math.isfinite(w) or w < 0:
+                raise ValueError(f"client {a}: data size must be a non-negative number, got {sizes[a]!r}")
+            weights.append(w)
+        w_arr = np.asarray(weights)  # (A,)
+        if w_arr.sum() <= 0:
+            w_arr = np.ones_like(w_arr)
+        stack = np.stack([checked[a] for a in donors])  # (A, L, E)
+        out[k] = np.tensordot(w_arr / w_arr.sum(), stack, axes=1)  # (L, E)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Training memory of a sub-MoE as a function of the total number of experts it holds.
+
+    ``bytes(n) = dense_params * (bytes_per_param + trainable_state_bytes if train_dense else bytes_per_param)
+    + n * expert_params * (bytes_per_param + trainable_state_bytes) + activation_bytes
+    + n * activation_bytes_per_expert``.
+
+    Attributes:
+        dense_params: Parameters outside the experts (embeddings, attention, dense FFNs, norms, routers).
+        expert_params: Parameters of one expert (all experts have the same size); at least 1.
+        bytes_per_param: Bytes of one weight (4 for fp32).
+        trainable_state_bytes: Extra bytes per trainable parameter: gradient (4) and the two AdamW moments (8).
+        train_dense: Whether the dense parameters are trained (full fine-tuning) or frozen (weights only).
+        activation_bytes: Activation memory for the configured batch and sequence length that does not depend
+            on the expert count.
+        activation_bytes_per_expert: Activation memory added by each held expert, summed over layers.
+    """
+
+    dense_params: int
+    expert_params: int
+    bytes_per_param: float = 4.0
+    trainable_state_bytes: float = 12.0
+    train_dense: bool = True
+    activation_bytes: float = 0.0
+    activation_bytes_per_expert: float = 0.0
+
+    def __post_init__(self) -> None:
+        dense = _as_int(self.dense_params, "dense_params")
+        expert = _as_int(self.expert_params, "expert_params")
+        if dense < 0:
+            raise ValueError(f"dense_params must be non-negative, got {dense}")
+        if expert < 1:
+            raise ValueError(f"expert_params must be at least 1, got {expert}")
+        if not (math.isfinite(self.bytes_per_param) and self.bytes_per_param > 0):
+            raise ValueError(f"bytes_per_param must be a positive number, got {self.bytes_per_param!r}")
+        for name in ("trainable_state_bytes", "activation_bytes", "activation_bytes_per_expert"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+    @classmethod
+    def params_only(cls, dense_params: int, expert_params: int, bytes_per_param: float = 4.0) -> MemoryModel:
+        """The paper's model (Eq. 3): parameter bytes only, no gradients, optimiser state or activations.
+
+        Args:
+            dense_params: Parameters outside the experts.
+            expert_params: Parameters of one expert.
+            bytes_per_param: Bytes of one weight.
+
+        Returns:
+            A model whose ``bytes(n)`` is ``(dense_params + n * expert_params) * bytes_per_param``.
+        """
+        return cls(dense_params=dense_params, expert_params=expert_params, bytes_per_param=bytes_per_param,
+                   trainable_state_bytes=0.0, train_dense=False, activation_bytes=0.0,
+                   activation_bytes_per_expert=0.0)
+
+    @property
+    def fixed_bytes(self) -> float:
+        """Bytes needed with no expert at all: dense weights (and their training state) plus fixed activations."""
+        per_dense = self.bytes_per_param + (self.trainable_state_bytes if self.train_dense else 0.0)
+        return self.dense_params * per_dense + self.activation_bytes
+
+    @property
+    def bytes_per_expert(self) -> float:
+        """Bytes added by one held expert: weights, training state and its activations."""
+        return self.expert_params * (self.bytes_per_param + self.trainable_state_bytes) + \
+            self.activation_bytes_per_expert
+
+    def bytes(self, num_experts: int) -> float:
+        """Training memory of a sub-MoE holding ``num_experts`` experts in total over all layers.
+
+        Args:
+            num_experts: Total held experts (non-negative).
+
+        Returns:
+            The estimate in bytes.
+        """
+        n = _as_int(num_experts, "num_experts")
+        if n < 0:
+            raise ValueError(f"num_experts must be non-negative, got {n}")
+        return self.fixed_bytes + n * self.bytes_per_expert
+
+    def max_experts(self, budget_bytes: float) -> int:
+        """The largest total expert count whose :meth:`bytes` is at most ``budget_bytes``.
+
+        Args:
+            budget_bytes: Available memory in bytes (finite).
+
+        Returns:
+            The count, or -1 when even a sub-MoE without experts does not fit.
+        """
+        budget = float(budget_bytes)
+        if not math.isfinite(budget):
+            raise ValueError(f"budget_bytes must be finite, got {budget_bytes!r}")
+        if self.bytes(0) > budget:
+            return -1
+        n = int(math.floor((budget - self.fixed_bytes) / self.bytes_per_expert))
+        # The division can be off by one ulp either way; settle on the exact condition of bytes().
+        while n > 0 and self.bytes(n) > budget:
+            n -= 1
+        while self.bytes(n + 1) <= budget:
+            n += 1
+        return n
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+def _layer_orders(profile: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer: expert ids by descending probability (ties: lower id), cumulative mass, non-zero count.
+
+    Returns:
+        ``order`` (L, E) int, ``cum`` (L, E) float with ``cum[i, c - 1]`` the mass of the top ``c`` experts of
+        layer ``i``, and ``nonzero`` (L,) int.
+    """
+    order = np.argsort(-profile, axis=1, kind="stable")  # (L, E); stable sort keeps lower ids first on ties
+    ranked = np.take_along_axis(profile, order, axis=1)  # (L, E), descending per row
+    cum = np.cumsum(ranked, axis=1)  # (L, E)
+    nonzero = np.count_nonzero(profile > 0, axis=1)  # (L,)
+    return order, cum, nonzero
+
+
+def _counts_for_theta(theta: float, cum: np.ndarray, nonzero: np.ndarray, min_per_layer: int) -> np.ndarray:
+    """Smallest per-layer counts reaching ``theta`` (capped at the non-zero experts, at least the guard)."""
+    num_experts = cum.shape[1]
+    counts = np.empty(cum.shape[0], dtype=np.int64)  # (L,)
+    for i in range(cum.shape[0]):
+        c = 0 if theta <= 0 else int(np.searchsorted(cum[i], theta, side="left")) + 1  # E + 1: never reached
+        counts[i] = max(min_per_layer, min(c, int(nonzero[i]), num_experts))
+    return counts
+
+
+def _held(order: np.ndarray, counts: np.ndarray) -> list[list[int]]:
+    return [sorted(int(j) for j in order[i, : counts[i]]) for i in range(order.shape[0])]
+
+
+def _check_budget(num_layers: int, max_experts: int, min_per_layer: int) -> int:
+    b = _as_int(max_experts, "max_experts")
+    need = num_layers * min_per_layer
+    if need > b:
+        raise SearchError(
+            f"{_plural(num_layers, 'layer')} x {_plural(min_per_layer, 'expert')} per layer = {need} experts, "
+            f"but the budget allows {max(b, 0)}")
+    return b
+
+
+def min_submodel(theta: float, profile: np.ndarray, min_per_layer: int = 1) -> list[list[int]]:
+    """The smallest sub-MoE whose coverage reaches ``theta`` in every layer.
+
+    Per layer, experts are taken in descending probability (ties: lower id first) until the taken mass reaches
+    ``theta`` and at least ``min_per_layer`` experts are taken. Experts with probability 0 are taken only to
+    reach ``min_per_layer``; a layer whose non-zero mass stays below ``theta`` keeps all its non-zero experts.
+
+    Args:
+        theta: Target coverage in [0, 1].
+        profile: ``(L, E)`` activation probabilities.
+        min_per_layer: Fewest experts per layer (at least 1, at most E).
+
+    Returns:
+        Sorted expert ids per layer.
+    """
+    p = _as_profile(profile)
+    t = float(theta)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"theta must lie in [0, 1], got {theta!r}")
+    m = _check_min_per_layer(min_per_layer, p.shape[1])
+    order, cum, nonzero = _layer_orders(p)
+    return _held(order, _counts_for_theta(t, cum, nonzero, m))
+
+
+def binary_search(
+    profile: np.ndarray, max_experts: int, tol: float = 1e-4, min_per_layer: int = 1
+) -> tuple[list[list[int]], float]:
+    """The paper's search: the largest ``theta`` whose smallest sub-MoE holds at most ``max_experts`` experts.
+
+    ``theta`` is bisected on [0, 1] until the bracket is narrower than ``tol`` (``theta = 1`` is tried first).
+    The size of the smallest sub-MoE never decreases as ``theta`` grows, so the bisection is valid.
+
+    Args:
+        profile: ``(L, E)`` activation probabilities.
+        max_experts: Expert budget, a total over all layers.
+        tol: Width of the final bracket, in (0, 1).
+        min_per_layer: Fewest experts per layer.
+
+    Returns:
+        ``(held, theta)``: sorted expert ids per layer (``min_submodel(theta)``) and the lower end of the final
+        bracket; every layer's coverage of ``held`` is at least ``theta`` unless its non-zero mass is smaller.
+
+    Raises:
+        SearchError: ``L * min_per_layer > max_experts``.
+    """
+    p = _as_profile(profile)
+    t = float(tol)
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"tol must lie in (0, 1), got {tol!r}")
+    m = _check_min_per_layer(min_per_layer, p.shape[1])
+    budget = _check_budget(p.shape[0], max_experts, m)
+    order, cum, nonzero = _layer_orders(p)
+
+    def size(theta: float) -> np.ndarray:
+        return _counts_for_theta(theta, cum, nonzero, m)
+
+    top = size(1.0)
+    if int(top.sum()) <= budget:
+        return _held(order, top), 1.0
+    lo, hi = 0.0, 1.0
+    best = size(0.0)  # min_per_layer per layer; fits by _check_budget
+    while hi - lo > t:
+        mid = 0.5 * (lo + hi)
+        counts = size(mid)
+        if int(counts.sum()) <= budget:
+            lo, best = mid, counts
+        else:
+            hi = mid
+    return _held(order, best), lo
+
+
+def water_fill(profile: np.ndarray, max_experts: int, min_per_layer: int = 1) -> tuple[list[list[int]], float]:
+    """Exact maximiser of the smallest per-layer coverage under a total expert budget.
+
+    Every layer starts with its ``min_per_layer`` best experts; then, while the total is below ``max_experts``,
+    the next-best expert goes to the layer with the smallest coverage (ties: lower layer index) among the layers
+    that still have an expert with non-zero probability left. The result maximises the smallest coverage over
+    all sub-MoEs with at most ``max_experts`` experts and at least ``min_per_layer`` per layer (see the module
+    docstring), and any budget left after that raises the other layers.
+
+    Args:
+        profile: ``(L, E)`` activation probabilities.
+        max_experts: Expert budget, a total over all layers.
+        min_per_layer: Fewest experts per layer.
+
+    Returns:
+        ``(held, theta)``: sorted expert ids per layer and the achieved smallest per-layer coverage.
+
+    Raises:
+        SearchError: ``L * min_per_layer > max_experts``.
+    """
+    p = _as_profile(profile)
+    m = _check_min_per_layer(min_per_layer, p.shape[1])
+    budget = _check_budget(p.shape[0], max_experts, m)
+    order, cum, nonzero = _layer_orders(p)
+    num_layers = p.shape[0]
+    counts = np.full(num_layers, m, dtype=np.int64)  # (L,)
+    total = num_layers * m
+    heap = [(float(cum[i, m - 1]), i) for i in range(num_layers) if counts[i] < nonzero[i]]
+    heapq.heapify(heap)
+    while heap and total < budget:
+        _, i = heapq.heappop(heap)
+        counts[i] += 1
+        total += 1
+        if counts[i] < nonzero[i]:
+            heapq.heappush(heap, (float(cum[i, counts[i] - 1]), i))
+    theta = float(min(cum[i, counts[i] - 1] for i in range(num_layers)))
+    return _held(order, counts), theta
+
+
+def search_submoe(
+    profile: np.ndarray,
+    budget_bytes: float,
+    memory: MemoryModel,
+    reserve: float = 0.8,
+    method: str = "water-fill",
+    min_per_layer: int = 1,
+    tol: float = 1e-4,
+    *,
+    client: int | None = None,
+) -> tuple[list[list[int]], float]:
+    """A client's stage-1 sub-MoE: spend ``reserve * budget_bytes`` on experts, maximising the coverage.
+
+    Args:
+        profile: ``(L, E)`` activation probabilities of the client.
+        budget_bytes: The client's memory in bytes.
+        memory: Memory model of the backbone for the configured training.
+        reserve: Share of the budget used now, in (0, 1]; the rest is left for stage-2 growth.
+        method: ``"water-fill"`` (exact) or ``"binary"`` (the paper's bisection on ``theta``).
+        min_per_layer: Fewest experts per layer.
+        tol: Bisection tolerance of ``"binary"``.
+        client: Client id named in error messages.
+
+    Returns:
+        ``(held, theta)`` from :func:`water_fill` or :func:`binary_search`, with the expert budget
+        ``min(memory.max_experts(reserve * budget_bytes), L * E)``.
+
+    Raises:
+        SearchError: Even ``min_per_layer`` experts per layer do not fit; the message gives both sizes in GiB.
+        ValueError: ``reserve`` outside (0, 1], an unknown ``method`` or a negative or non-finite budget.
+    """
+    r = float(reserve)
+    if not 0.0 < r <= 1.0:
+        raise ValueError(f"reserve must lie in (0, 1], got {reserve!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(repr(x) for x in METHODS)}, got {method!r}")
+    budget = float(budget_bytes)
+    if not (math.isfinite(budget) and budget >= 0):
+        raise ValueError(f"budget_bytes must be a non-negative number, got {budget_bytes!r}")
+    p = _as_profile(profile)
+    num_layers, num_experts = p.shape
+    m = _check_min_per_layer(min_per_layer, num_experts)
+    available = r * budget
+    need = num_layers * m
+    limit = memory.max_experts(available)
+    if limit < need:
+        who = "" if client is None else f"client {client}: "
+        raise SearchError(
+            f"{who}{_plural(m, 'expert')} per layer ({need} experts) needs {memory.bytes(need) / _GIB:.2f} GiB, "
+            f"the budget allows {available / _GIB:.2f} GiB ({r:g} x {budget / _GIB:.2f} GiB)")
+    limit = min(limit, num_layers * num_experts)
+    if method == "binary":
+        return binary_search(p, limit, tol=tol, min_per_layer=m)
+    return water_fill(p, limit, min_per_layer=m)

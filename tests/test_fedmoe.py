@@ -1,0 +1,174 @@
+"""FedMoE and its baselines end to end on the tiny Mixtral, in-process: structure, memory, bytes, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fedhmoe.algorithms.fedmoe import FedMoE, moe_memory_model
+from fedhmoe.algorithms.registry import ALGORITHMS
+from fedhmoe.config import ConfigError, load_config
+from fedhmoe.evaluation.rundir import read_metrics
+from fedhmoe.runtime.engines import run_inprocess
+from fedhmoe.runtime.server import initial_state
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+FAST = ["train.num-threads=1", "data.examples-per-task=30", "data.max-test-examples=4", "data.max-val-examples=3",
+        "model.name=tiny-mixtral"]
+
+
+def smoke(*overrides):
+    return load_config(SMOKE, [*FAST, *overrides])
+
+
+def train_rows(run_dir):
+    return [r for r in read_metrics(run_dir) if r["split"] == "train"]
+
+
+def held(run_dir, r):
+    return json.loads((Path(run_dir) / "assignments" / f"round-{r}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fedmoe_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fedmoe")
+    cfg = smoke("algorithm.name=fedmoe", "federation.num-rounds=3")
+    return cfg, run_inprocess(cfg, out), out
+
+
+def test_fedmoe_shrinks_each_client_to_a_sub_moe_within_its_budget(fedmoe_run):
+    cfg, summary, out = fedmoe_run
+    assert summary["algorithm"] == "fedmoe"
+    rows = train_rows(out)
+    full = {r["client"]: r for r in rows if r["round"] == 1}
+    state = initial_state(cfg)
+    memory = moe_memory_model(cfg, state, num_blocks=2)
+    budget = cfg.fedmoe.memory_budgets_gb[0] * 2**30
+    # round 1 (profiling) holds every expert; from round 2 each client holds the searched sub-MoE
+    assert all(len(ids) == 4 for block in held(out, 1).values() for ids in block.values())
+    for r in (2, 3):
+        structure = held(out, r)
+        for c in range(3):
+            per_layer = [structure[b][str(c)] for b in sorted(structure)]
+            assert all(len(ids) >= 1 and ids == sorted(set(ids)) for ids in per_layer)
+            total = sum(len(ids) for ids in per_layer)
+            assert total < 8
+            assert memory.bytes(total) <= budget  # recommendation may use the reserve, never the budget
+        for row in (x for x in rows if x["round"] == r):
+            # parameter memory and bytes both ways really shrink with the sub-MoE
+            assert row["param-bytes"] < full[row["client"]]["param-bytes"]
+            assert row["bytes-down"] < full[row["client"]]["bytes-down"]
+            assert row["bytes-up"] < full[row["client"]]["bytes-up"]
+    # the search keeps the experts a client's profile uses most
+    prof = json.loads((out / "profiles" / "round-1.json").read_text())
+    for c, p in prof["profiles"].items():
+        p = np.asarray(p)
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+        for i, b in enumerate(prof["blocks"]):
+            kept = held(out, 2)[b][c]
+            dropped = [g for g in range(4) if g not in kept]
+            if dropped:
+                assert min(p[i, kept]) >= max(p[i, dropped]) - 1e-6
+
+
+def test_fedmoe_aggregates_experts_over_their_holders(fedmoe_run):
+    cfg, _, out = fedmoe_run
+    before = load_file(str(out / "checkpoints" / "round-2" / "server.safetensors"))
+    after = load_file(str(out / "checkpoints" / "round-3" / "server.safetensors"))
+    structure = held(out, 3)
+    for b, by_client in structure.items():
+        holders = {g for ids in by_client.values() for g in ids}
+        for g in range(4):
+            key = f"{b}.experts.{g}.gate_up_proj"
+            if g in holders:
+                assert not np.array_equal(before[key], after[key])
+            else:  # nobody held it this round: it keeps its value
+                np.testing.assert_array_equal(before[key], after[key])
+    meta = json.loads((out / "checkpoints" / "round-3" / "server.json").read_text())
+    assert set(meta["strategy"]["held"]) == {"0", "1", "2"}
+
+
+def test_random_moe_keeps_the_sizes_but_not_the_experts(fedmoe_run, tmp_path):
+    cfg, _, out = fedmoe_run
+    run_inprocess(smoke("algorithm.name=random-moe", "federation.num-rounds=2"), tmp_path)
+    a, b = held(out, 2), held(tmp_path, 2)
+    assert {blk: {c: len(v) for c, v in x.items()} for blk, x in a.items()} == \
+        {blk: {c: len(v) for c, v in x.items()} for blk, x in b.items()}
+
+
+@pytest.mark.parametrize("algorithm", ["fedprox", "scaffold"])
+def test_full_moe_baselines_train_every_expert(algorithm, tmp_path):
+    cfg = smoke(f"algorithm.name={algorithm}")
+    assert ALGORITHMS[algorithm].adapter_spec(cfg).kind == "moe"
+    run_inprocess(cfg, tmp_path)
+    init = initial_state(cfg)
+    full_bytes = sum(v.nbytes for v in init.values())
+    rows = train_rows(tmp_path)
+    assert len({r["param-bytes"] for r in rows}) == 1  # nobody shrinks
+    assert all(r["bytes-down"] > full_bytes for r in rows)
+    final = load_file(str(tmp_path / "checkpoints" / "round-2" / "server.safetensors"))
+    assert any(not np.array_equal(final[k], init[k]) for k in init if ".experts." in k)
+    if algorithm == "scaffold":
+        # the control variate travels with the model (twice the bytes) and moves off zero
+        assert all(r["bytes-down"] > 2 * full_bytes for r in rows)
+        cs = [v for k, v in final.items() if k.startswith("scaffold-c:")]
+        assert len(cs) == len(init) and any(np.abs(v).max() > 0 for v in cs)
+
+
+def test_scaffold_control_variates_follow_the_server_rule(tmp_path):
+    # c_new = c_old + |S|/N * mean(c_i' - c_i); with one round and c = c_i = 0, c = |S|/N * mean(grad means)
+    cfg = smoke("algorithm.name=scaffold", "federation.num-rounds=1", "federation.clients-per-round=2",
+                "model.name=tiny-llama")
+    run_inprocess(cfg, tmp_path)
+    final = load_file(str(tmp_path / "checkpoints" / "round-1" / "server.safetensors"))
+    sampled = sorted(r["client"] for r in train_rows(tmp_path))
+    assert len(sampled) == 2
+    mine = [load_file(str(tmp_path / "clients" / f"client-{c}-scaffold" / "round-1.safetensors")) for c in sampled]
+    for k, v in mine[0].items():
+        expect = (2 / 3) * (v + mine[1][k]) / 2
+        np.testing.assert_allclose(final["scaffold-c:" + k], expect, rtol=1e-5, atol=1e-7)
+
+
+def test_fedmoe_resume_continues_exactly(tmp_path):
+    straight = run_inprocess(smoke("algorithm.name=fedmoe", "federation.num-rounds=3"), tmp_path / "s")
+    run_inprocess(smoke("algorithm.name=fedmoe", "federation.num-rounds=2"), tmp_path / "r")
+    resumed = run_inprocess(smoke("algorithm.name=fedmoe", "federation.num-rounds=3"), tmp_path / "r", resume=True)
+    assert resumed["clients"] == straight["clients"]
+    assert held(tmp_path / "s", 3) == held(tmp_path / "r", 3)
+    a = load_file(str(tmp_path / "s" / "checkpoints" / "round-3" / "server.safetensors"))
+    b = load_file(str(tmp_path / "r" / "checkpoints" / "round-3" / "server.safetensors"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_enforced_sampling_takes_one_client_per_task(tmp_path):
+    cfg = smoke("algorithm.name=fedprox", "federation.sampling=enforced", "federation.num-clients=6",
+                "data.partition=task", "federation.num-rounds=2")
+    run_inprocess(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    task_of = {int(c): v["tasks"][0] for c, v in summary["clients"].items()}
+    for r in (1, 2):
+        chosen = [x["client"] for x in train_rows(tmp_path) if x["round"] == r]
+        assert sorted(task_of[c] for c in chosen) == sorted(set(task_of.values()))
+
+
+def test_fedmoe_rejects_dense_backbones_and_infeasible_budgets(tmp_path):
+    with pytest.raises(ConfigError, match="needs an MoE backbone"):
+        load_config(SMOKE, ["algorithm.name=fedmoe"])
+    with pytest.raises(ConfigError, match="profiling rounds leave no sub-MoE round"):
+        smoke("algorithm.name=fedmoe", "fedmoe.profile-rounds=2")
+    # a budget below one expert per layer fails before round 1, with the numbers
+    cfg = smoke("algorithm.name=fedmoe", "fedmoe.memory-budgets-gb=[0.0135, 0.0135, 0.005]")
+    state = initial_state(cfg)
+    with pytest.raises(ConfigError, match=r"client 2 .* GiB"):
+        FedMoE(cfg, state, {0: 10, 1: 11, 2: 12}, "", client_info={c: {"tasks": [f"t{c}"]} for c in range(3)})
+    # a client that cannot profile needs a profiled client of its task
+    cfg = smoke("algorithm.name=fedmoe", "fedmoe.memory-budgets-gb=[0.0135, 0.0135, 0.011]",
+                "fedmoe.memory-reserve=1.0")
+    with pytest.raises(ConfigError, match="no client of its task"):
+        FedMoE(cfg, state, {0: 10, 1: 11, 2: 12}, "", client_info={c: {"tasks": [f"t{c}"]} for c in range(3)})
+    FedMoE(cfg, state, {0: 10, 1: 11, 2: 12}, "", client_info={c: {"tasks": ["same"]} for c in range(3)})
