@@ -238,7 +238,16 @@ class FedMoEConfig:
     single_holder_lr: float = _f(
         1.0, "Server step for an expert (and its router row) that one sampled client held: W += lr * (w_k - W); "
              "1 overwrites as the paper does.")
-    train_dense: bool = _f(True, "Train the dense (non-expert) parameters too (full fine-tuning, as the paper).")
+    train_mode: str = _f(
+        "full",
+        "How an MoE is trained, in both stages and by the MoE baselines: `full` (the sub-MoE's weights, as the "
+        "paper's stage 2) or `lora` (frozen weights; LoRA of rank model.lora-rank on every held expert's "
+        "projections and on fedmoe.lora-targets, router rows trained in full; only these travel).",
+        ("full", "lora"),
+    )
+    train_dense: bool = _f(True, "`full`: train the dense (non-expert) parameters too, as the paper does.")
+    lora_targets: list[str] = _f(["q_proj", "v_proj"], "`lora`: dense linear layers that also get LoRA (may be "
+                                                       "empty).")
 
 
 @dataclass(frozen=True)

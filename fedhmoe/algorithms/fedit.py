@@ -44,7 +44,9 @@ class FedProx(FedIT):
         from fedhmoe.models.backbone import is_moe_backbone
 
         if is_moe_backbone(cfg.model):
-            return AdapterSpec("moe", (), 0, 0.0, 0.0, train_dense=cfg.fedmoe.train_dense)
+            from fedhmoe.algorithms.fedmoe import moe_adapter_spec
+
+            return moe_adapter_spec(cfg)
         return super().adapter_spec(cfg)
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:

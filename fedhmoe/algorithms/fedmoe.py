@@ -31,14 +31,18 @@ from fedhmoe.utils.seeding import numpy_rng
 
 __all__ = ["FedMoE", "RandomMoE", "Scaffold", "moe_adapter_spec", "moe_memory_model"]
 
-_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<gid>\d+)\.\w+$")
+_EXPERT = re.compile(r"^(?P<block>.+?)\.experts\.(?P<gid>\d+)\.[\w.]+$")
 _ROUTER = re.compile(r"^(?P<block>.+)\.router\.(?P<gid>\d+)$")
 _GIB = float(1 << 30)
 
 
 def moe_adapter_spec(cfg: Config) -> AdapterSpec:
-    """The ``moe`` adapter kind: the (sub-)MoE itself is trained."""
-    return AdapterSpec("moe", (), 0, 0.0, 0.0, train_dense=cfg.fedmoe.train_dense)
+    """The ``moe`` adapter kind: the (sub-)MoE itself is trained, in full or through LoRA on its experts."""
+    fm, m = cfg.fedmoe, cfg.model
+    if fm.train_mode == "lora":
+        return AdapterSpec("moe", tuple(fm.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout,
+                           train_dense=bool(fm.lora_targets), expert_lora=True)
+    return AdapterSpec("moe", (), 0, 0.0, 0.0, train_dense=fm.train_dense)
 
 
 def _natural(path: str) -> tuple:
@@ -57,7 +61,8 @@ def moe_memory_model(cfg: Config, state: dict[str, np.ndarray], num_blocks: int)
     trained, plus an activation estimate for one step of ``train.batch-size`` x ``model.max-seq-len`` tokens:
     per token and layer about 16 hidden-size vectors (residual stream, norms, attention inputs and outputs)
     and 3 intermediate vectors per routed expert, the attention scores, and the logits twice (float32 and
-    their gradient). ``params``: parameter bytes only (the paper's Eq. 3).
+    their gradient). With ``fedmoe.train-mode = "lora"`` the expert and dense weights are frozen (4 B each)
+    and only LoRA factors and router rows carry training state. ``params``: parameter bytes only (Eq. 3).
     """
     dense = sum(v.size for k, v in state.items() if _expert_block(k) is None)
     per_expert: dict[tuple[str, int], int] = {}
@@ -66,18 +71,32 @@ def moe_memory_model(cfg: Config, state: dict[str, np.ndarray], num_blocks: int)
         if eb is not None:
             per_expert[eb] = per_expert.get(eb, 0) + int(v.size)
     one = max(per_expert.values()) if per_expert else 0
-    if cfg.fedmoe.memory_model == "params":
-        return MemoryModel.params_only(dense, one)
     hidden = next((v.shape[0] for k, v in state.items() if _ROUTER.match(k)), 0)
-    inter = next((v.shape[0] // 2 for k, v in state.items() if k.endswith("gate_up_proj")), 4 * hidden)
-    vocab = max((v.shape[0] for k, v in state.items() if k.endswith("embed_tokens.weight")), default=0)
+    if cfg.fedmoe.train_mode == "lora":
+        from fedhmoe.models import moe
+        from fedhmoe.models.backbone import backbone_shapes
+
+        meta = backbone_shapes(cfg.model)
+        frozen_dense, frozen_one = moe.expert_param_count(meta)
+        inter = frozen_one // (3 * hidden) if hidden else 0
+        vocab = int(meta.config.vocab_size)
+        if cfg.fedmoe.memory_model == "params":
+            return MemoryModel.params_only(frozen_dense + dense, frozen_one + one)
+        # 16 B per "effective" parameter: frozen weights count a quarter, trained ones in full
+        dense_eff, one_eff, train_dense = frozen_dense / 4 + dense, frozen_one / 4 + one, True
+    else:
+        inter = next((v.shape[0] // 2 for k, v in state.items() if k.endswith("gate_up_proj")), 4 * hidden)
+        if cfg.fedmoe.memory_model == "params":
+            return MemoryModel.params_only(dense, one)
+        dense_eff, one_eff, train_dense = dense, one, cfg.fedmoe.train_dense
+        vocab = max((v.shape[0] for k, v in state.items() if k.endswith("embed_tokens.weight")), default=0)
     tokens = cfg.train.batch_size * cfg.model.max_seq_len
     top_k = max(1, cfg.model.upcycle_top_k if cfg.model.upcycle_experts else 2)
     per_token_layer = 16 * hidden + 3 * inter * top_k
     attn = cfg.train.batch_size * cfg.model.max_seq_len ** 2 * 4  # scores and probabilities, a few heads' worth
     acts = 4.0 * (tokens * num_blocks * per_token_layer + 2 * tokens * vocab) + num_blocks * attn
-    return MemoryModel(dense_params=int(dense), expert_params=int(one), train_dense=cfg.fedmoe.train_dense,
-                       activation_bytes=float(acts))
+    return MemoryModel(dense_params=int(round(dense_eff)), expert_params=max(1, int(round(one_eff))),
+                       train_dense=train_dense, activation_bytes=float(acts))
 
 
 class MoEMethod(FederatedStrategy):

@@ -33,7 +33,8 @@ class AdapterSpec:
     num_experts: int = 0  # amole: size of the global expert pool per module
     top_k: int = 2  # amole: routed experts per token
     use_shared: bool = True  # amole: the shared expert every client holds
-    train_dense: bool = True  # moe: dense parameters are trained and travel
+    train_dense: bool = True  # moe: dense parameters (full) or dense LoRA factors (expert_lora) are trained
+    expert_lora: bool = False  # moe: LoRA on the experts, their weights frozen
 
     def __post_init__(self) -> None:
         if self.kind not in ("lora", "amole", "moe"):
@@ -46,6 +47,10 @@ def inject(model: nn.Module, spec: AdapterSpec, generator: torch.Generator | Non
         if not moe.is_moe_model(model):
             raise ValueError(f"{type(model).__name__} has no sparse MoE block; this method needs an MoE backbone "
                              "(e.g. model.name = 'tiny-mixtral', or model.upcycle-experts > 0)")
+        if spec.expert_lora:
+            moe.add_expert_lora(model, spec.rank, spec.alpha, spec.dropout)
+            if spec.targets:
+                lora.inject_lora(model, list(spec.targets), spec.rank, spec.alpha, spec.dropout, generator=generator)
         moe.install_recorder(model)
         return list(moe.moe_blocks(model))
     if spec.kind == "lora":
@@ -82,7 +87,13 @@ def init_global_state(model: nn.Module, spec: AdapterSpec, seed: int) -> dict[st
     """The server's initial tensors (LoRA / AMoLE: from shapes only, so a meta-device model works; MoE: the
     model's own weights, so it must be real)."""
     if spec.kind == "moe":
-        return moe.read_submoe(model, include_dense=spec.train_dense)
+        state = moe.read_submoe(model, include_dense=spec.train_dense)
+        if spec.expert_lora:  # fresh LoRA factors for every expert (and the dense targets)
+            state = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
+            state |= moe.init_expert_lora_state(model, seed)
+            if spec.targets:
+                state |= payload.init_adapter_state(model, seed)
+        return dict(sorted(state.items()))
     if spec.kind == "lora":
         return payload.init_adapter_state(model, seed)
     return amole.init_amole_state(model, spec.num_experts, seed)

@@ -32,6 +32,10 @@ from torch import nn
 
 __all__ = [
     "FAMILIES",
+    "LoRAExperts",
+    "add_expert_lora",
+    "has_expert_lora",
+    "init_expert_lora_state",
     "MoEFamily",
     "MoERecorder",
     "MoEStateError",
@@ -84,7 +88,7 @@ FAMILIES: dict[str, MoEFamily] = {
 
 _IDS_ATTR = "fedhmoe_expert_ids"
 _TOPK_ATTR = "fedhmoe_top_k"
-_KEY_RE = re.compile(r"^(?P<block>.+)\.(?:experts\.(?P<eid>\d+)\.(?P<tensor>\w+)|router\.(?P<rid>\d+))$")
+_KEY_RE = re.compile(r"^(?P<block>.+?)\.(?:experts\.(?P<eid>\d+)\.(?P<tensor>[\w.]+)|router\.(?P<rid>\d+))$")
 
 
 def block_family(module: nn.Module) -> MoEFamily | None:
@@ -166,14 +170,34 @@ def moe_layout(model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
     return out
 
 
-def _expert_tensors(block: nn.Module, local: int) -> dict[str, torch.Tensor]:
-    """One held expert's tensors by wire tensor name (views, not copies)."""
-    fam = block_family(block)
+def _stacked(block: nn.Module) -> dict[str, nn.Parameter]:
+    """A fused block's travelling expert tensors, stacked over held experts, by wire tensor name: the expert
+    weights themselves, or their LoRA factors when the experts carry LoRA."""
     ex = block.experts
-    if fam.fused:  # type: ignore[union-attr]
-        return {"gate_up_proj": ex.gate_up_proj[local], "down_proj": ex.down_proj[local]}
-    m = ex[f"expert_{local}"]
+    if isinstance(ex, LoRAExperts):
+        return {"gate_up_proj.lora_A": ex.gate_up_A, "gate_up_proj.lora_B": ex.gate_up_B,
+                "down_proj.lora_A": ex.down_A, "down_proj.lora_B": ex.down_B}
+    return {"gate_up_proj": ex.gate_up_proj, "down_proj": ex.down_proj}
+
+
+def _expert_tensors(block: nn.Module, local: int) -> dict[str, torch.Tensor]:
+    """One held expert's travelling tensors by wire tensor name (views, not copies)."""
+    if block_family(block).fused:  # type: ignore[union-attr]
+        return {t: v[local] for t, v in _stacked(block).items()}
+    m = block.experts[f"expert_{local}"]
     return {"wi": m.wi.weight, "wo": m.wo.weight}
+
+
+def _wire_tensor_names(block: nn.Module) -> tuple[str, ...]:
+    fam = block_family(block)
+    if fam.fused and isinstance(block.experts, LoRAExperts):  # type: ignore[union-attr]
+        return tuple(_stacked(block))
+    return fam.expert_tensors  # type: ignore[union-attr]
+
+
+def has_expert_lora(model: nn.Module) -> bool:
+    """Whether the model's experts carry LoRA (then the expert and dense weights stay frozen and local)."""
+    return any(isinstance(b.experts, LoRAExperts) for b in moe_blocks(model).values())
 
 
 def _block_param_ids(block: nn.Module) -> set[int]:
@@ -186,11 +210,15 @@ def _block_param_ids(block: nn.Module) -> set[int]:
 
 
 def dense_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every parameter outside experts and routers, by name (shared parameters once)."""
+    """Every parameter outside experts and routers that travels, by name (shared parameters once): all of them,
+    or, when the experts carry LoRA, only the dense LoRA factors (``...lora_A`` / ``...lora_B``)."""
     skip: set[int] = set()
     for b in moe_blocks(model).values():
         skip |= _block_param_ids(b)
-    return {n: p for n, p in model.named_parameters() if id(p) not in skip}
+    out = {n: p for n, p in model.named_parameters() if id(p) not in skip}
+    if has_expert_lora(model):
+        out = {n: p for n, p in out.items() if n.endswith((".lora_A", ".lora_B"))}
+    return out
 
 
 def trainable_parameters(model: nn.Module, train_dense: bool = True) -> dict[str, nn.Parameter]:
@@ -198,10 +226,15 @@ def trainable_parameters(model: nn.Module, train_dense: bool = True) -> dict[str
     ``train_dense``; marks exactly these as requiring gradients. Keys are module parameter names."""
     experts: set[int] = set()
     for b in moe_blocks(model).values():
-        experts |= _block_param_ids(b)
+        if block_family(b).fused:  # type: ignore[union-attr]
+            experts |= {id(v) for v in _stacked(b).values()}
+        else:
+            experts |= {id(p) for p in b.experts.parameters()}
+        experts.add(id(_router_weight(b)))
+    dense = {id(p) for p in dense_parameters(model).values()}
     out = {}
     for name, p in model.named_parameters():
-        train = id(p) in experts or train_dense
+        train = id(p) in experts or (train_dense and id(p) in dense)
         p.requires_grad_(train)
         if train:
             out[name] = p
@@ -226,9 +259,8 @@ def param_view(model: nn.Module, wire: Mapping[str, np.ndarray]) -> dict[str, to
         if all(r in wire for r in rows):
             out[name_of[id(w)]] = t(np.stack([wire[r] for r in rows]), w)
         if block_family(b).fused:  # type: ignore[union-attr]
-            for tn in ("gate_up_proj", "down_proj"):
+            for tn, ref in _stacked(b).items():
                 keys = [expert_key(path, g, tn) for g in ids]
-                ref = getattr(b.experts, tn)
                 if all(k in wire for k in keys):
                     out[name_of[id(ref)]] = t(np.stack([wire[k] for k in keys]), ref)
         else:
@@ -256,8 +288,8 @@ def wire_view(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str
         if rn in tensors:
             out |= {router_key(path, g): a(tensors[rn][i]) for i, g in enumerate(ids)}
         if block_family(b).fused:  # type: ignore[union-attr]
-            for tn in ("gate_up_proj", "down_proj"):
-                pn = name_of[id(getattr(b.experts, tn))]
+            for tn, ref in _stacked(b).items():
+                pn = name_of[id(ref)]
                 if pn in tensors:
                     out |= {expert_key(path, g, tn): a(tensors[pn][i]) for i, g in enumerate(ids)}
         else:
@@ -354,7 +386,7 @@ def load_submoe(model: nn.Module, state: Mapping[str, np.ndarray], layout: Mappi
         shapes = layout[path]
         for g in ids:
             expected[router_key(path, g)] = shapes["router"]
-            for t in block_family(blocks[path]).expert_tensors:  # type: ignore[union-attr]
+            for t in _wire_tensor_names(blocks[path]):
                 expected[expert_key(path, g, t)] = shapes[t]
     unknown = sorted(set(state) - set(expected))
     if unknown:
@@ -372,7 +404,7 @@ def load_submoe(model: nn.Module, state: Mapping[str, np.ndarray], layout: Mappi
             ids = held[path]
             rows = np.stack([checked[router_key(path, g)] for g in ids])  # (n, H)
             tensors = {t: np.stack([checked[expert_key(path, g, t)] for g in ids])  # (n, ...)
-                       for t in block_family(b).expert_tensors}  # type: ignore[union-attr]
+                       for t in _wire_tensor_names(b)}
             _resize_block(b, ids, rows, tensors)
 
 
@@ -388,7 +420,14 @@ def _resize_block(block: nn.Module, ids: list[int], rows: np.ndarray, tensors: d
     _ids(block)  # records the original top-k before the first change
     n = len(ids)
     router = _router(block)
-    if fam.fused:  # type: ignore[union-attr]
+    if fam.fused and isinstance(block.experts, LoRAExperts):  # type: ignore[union-attr]
+        block.experts.hold(ids, tensors)
+        router.weight = _param_like(router.weight, rows)
+        router.num_experts = n
+        router.top_k = min(top_k, n)
+        if hasattr(block, "top_k"):
+            block.top_k = min(top_k, n)
+    elif fam.fused:  # type: ignore[union-attr]
         ex = block.experts
         ex.gate_up_proj = _param_like(ex.gate_up_proj, tensors["gate_up_proj"])
         ex.down_proj = _param_like(ex.down_proj, tensors["down_proj"])
@@ -417,6 +456,112 @@ def _resize_block(block: nn.Module, ids: list[int], rows: np.ndarray, tensors: d
         router.num_experts = n
     setattr(block, _IDS_ATTR, list(ids))
     setattr(block, _TOPK_ATTR, top_k)
+
+
+class LoRAExperts(nn.Module):
+    """A fused experts module with a LoRA pair on each held expert's ``gate_up_proj`` and ``down_proj``.
+
+    The expert weights are frozen; a bank of every expert's weights (the backbone's, kept on the CPU) supplies
+    the held ones whenever the held set changes, so only LoRA factors and router rows need to travel. The
+    forward dispatches tokens expert by expert (as the Hugging Face eager implementation does) and adds
+    ``(alpha / r) * B (A x)`` to each projection.
+
+    Args:
+        base: The Hugging Face experts module (``gate_up_proj`` ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``,
+            ``act_fn``).
+        rank, alpha, dropout: LoRA hyperparameters.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.act_fn = base.act_fn
+        self.rank, self.scaling = rank, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.bank = {"gate_up_proj": base.gate_up_proj.detach().to("cpu"),
+                     "down_proj": base.down_proj.detach().to("cpu")}  # every expert, frozen
+        self.gate_up_proj = nn.Parameter(base.gate_up_proj.detach().clone(), requires_grad=False)
+        self.down_proj = nn.Parameter(base.down_proj.detach().clone(), requires_grad=False)
+        n, two_i, h = self.gate_up_proj.shape
+        i = self.down_proj.shape[2]
+        self.gate_up_A = nn.Parameter(torch.zeros(n, rank, h), requires_grad=False)
+        self.gate_up_B = nn.Parameter(torch.zeros(n, two_i, rank), requires_grad=False)
+        self.down_A = nn.Parameter(torch.zeros(n, rank, i), requires_grad=False)
+        self.down_B = nn.Parameter(torch.zeros(n, h, rank), requires_grad=False)
+        self.num_experts = n
+
+    def hold(self, ids: list[int], tensors: Mapping[str, np.ndarray]) -> None:
+        """Hold experts ``ids`` (global): their frozen weights from the bank, their LoRA factors from
+        ``tensors`` (stacked ``[n, ...]`` by wire tensor name)."""
+        idx = torch.as_tensor(ids, dtype=torch.long)
+        dev = self.gate_up_proj.device
+        self.gate_up_proj = nn.Parameter(self.bank["gate_up_proj"].index_select(0, idx).to(dev), requires_grad=False)
+        self.down_proj = nn.Parameter(self.bank["down_proj"].index_select(0, idx).to(dev), requires_grad=False)
+        for attr, key in (("gate_up_A", "gate_up_proj.lora_A"), ("gate_up_B", "gate_up_proj.lora_B"),
+                          ("down_A", "down_proj.lora_A"), ("down_B", "down_proj.lora_B")):
+            setattr(self, attr, _param_like(getattr(self, attr), tensors[key]))
+        self.num_experts = len(ids)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """``hidden_states`` ``(T, H)``, chosen local experts ``(T, k)`` and their gates ``(T, k)`` -> ``(T, H)``."""
+        t, k = top_k_index.shape
+        out = torch.zeros_like(hidden_states)  # (T, H)
+        flat = top_k_index.reshape(-1)  # (T*k,)
+        token = torch.arange(t, device=flat.device).repeat_interleave(k)  # (T*k,)
+        gates = top_k_weights.reshape(-1)  # (T*k,)
+        s = self.scaling
+        for e in torch.unique(flat).tolist():
+            sel = (flat == e).nonzero(as_tuple=True)[0]
+            tok = token[sel]
+            x = hidden_states[tok]  # (m, H)
+            gu = x @ self.gate_up_proj[e].t() + s * (self.dropout(x) @ self.gate_up_A[e].t()) @ self.gate_up_B[e].t()
+            g, u = gu.chunk(2, dim=-1)  # (m, I) each
+            a = self.act_fn(g) * u  # (m, I)
+            y = a @ self.down_proj[e].t() + s * (self.dropout(a) @ self.down_A[e].t()) @ self.down_B[e].t()
+            out.index_add_(0, tok, (y * gates[sel, None]).to(out.dtype))
+        return out
+
+
+def add_expert_lora(model: nn.Module, rank: int, alpha: float, dropout: float) -> list[str]:
+    """Give every fused MoE block's experts LoRA (:class:`LoRAExperts`); returns the block paths.
+
+    Raises:
+        ValueError: For a Switch Transformers block (LoRA on experts is offered for the fused families).
+    """
+    paths = []
+    for path, b in moe_blocks(model).items():
+        if isinstance(b.experts, LoRAExperts):
+            continue
+        if not block_family(b).fused:  # type: ignore[union-attr]
+            raise ValueError(f"{path}: LoRA on experts needs stacked expert tensors (Mixtral-style families)")
+        _ids(b)
+        b.experts = LoRAExperts(b.experts, rank, alpha, dropout)
+        paths.append(path)
+    return paths
+
+
+def init_expert_lora_state(model: nn.Module, seed: int) -> dict[str, np.ndarray]:
+    """Initial LoRA factors of every expert of every block (A kaiming-uniform from a generator seeded by
+    ``seed``, drawn in block then expert order; B zero), by wire name."""
+    from fedhmoe.models.lora import kaiming_uniform_a
+    from fedhmoe.utils.seeding import torch_generator
+
+    gen = torch_generator(seed, "expert-lora-init")
+    out: dict[str, np.ndarray] = {}
+    for path, b in moe_blocks(model).items():
+        ex = b.experts
+        if not isinstance(ex, LoRAExperts):
+            raise ValueError(f"{path}: experts carry no LoRA; call add_expert_lora first")
+        two_i, h = ex.bank["gate_up_proj"].shape[1:]
+        i = ex.bank["down_proj"].shape[2]
+        for g in range(ex.bank["gate_up_proj"].shape[0]):
+            out[expert_key(path, g, "gate_up_proj.lora_A")] = kaiming_uniform_a(ex.rank, h, gen).numpy()
+            out[expert_key(path, g, "gate_up_proj.lora_B")] = np.zeros((two_i, ex.rank), np.float32)
+            out[expert_key(path, g, "down_proj.lora_A")] = kaiming_uniform_a(ex.rank, i, gen).numpy()
+            out[expert_key(path, g, "down_proj.lora_B")] = np.zeros((h, ex.rank), np.float32)
+    return out
 
 
 def _clone_module(m: nn.Module) -> nn.Module:
