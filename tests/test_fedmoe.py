@@ -92,6 +92,22 @@ def test_fedmoe_aggregates_experts_over_their_holders(fedmoe_run):
     assert set(meta["strategy"]["held"]) == {"0", "1", "2"}
 
 
+def test_report_shows_experts_memory_and_bytes_per_client(fedmoe_run):
+    from fedhmoe.evaluation.report import memory_table, write_run_report
+
+    _, _, out = fedmoe_run
+    table = memory_table(out)
+    assert table is not None and table.count("\n") == 4  # header, rule, three clients
+    for line in table.splitlines()[2:]:
+        experts = line.split("|")[2].strip()
+        first, last = (int(v) for v in experts.split("->"))
+        assert first == 8 and last < 8
+    text = write_run_report(out).read_text()
+    assert "parameter memory" in text
+    assert (out / "plots" / "experts_by_round.png").stat().st_size > 0
+    assert (out / "plots" / "memory_by_client.png").stat().st_size > 0
+
+
 def test_random_moe_keeps_the_sizes_but_not_the_experts(fedmoe_run, tmp_path):
     cfg, _, out = fedmoe_run
     run_inprocess(smoke("algorithm.name=random-moe", "federation.num-rounds=2"), tmp_path)

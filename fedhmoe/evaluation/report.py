@@ -140,18 +140,108 @@ def assignment_table(run_dir: str | Path) -> str | None:
     return "\n".join(lines)
 
 
+def _expert_totals(run_dir: str | Path) -> dict[int, dict[str, int]]:
+    """round -> client -> experts held in all modules together, from ``assignments/round-*.json``."""
+    out: dict[int, dict[str, int]] = {}
+    for f in Path(run_dir).glob("assignments/round-*.json"):
+        a = json.loads(f.read_text())
+        totals: dict[str, int] = {}
+        for per in a.values():
+            for c, ids in per.items():
+                totals[c] = totals.get(c, 0) + len(ids)
+        out[int(f.stem.split("-")[1])] = totals
+    return dict(sorted(out.items()))
+
+
+def memory_table(run_dir: str | Path) -> str | None:
+    """Markdown: per client, experts held (first and last round), measured parameter memory of its model
+    (first and last training round) and bytes both ways over the run; None without parameter measurements."""
+    rows = [r for r in read_metrics(run_dir) if r.get("split") == "train"]
+    if not any("param-bytes" in r for r in rows):
+        return None
+    experts = _expert_totals(run_dir)
+    clients = sorted({r["client"] for r in rows})
+    lines = ["| client | experts held (first -> last round) | parameter MB (first -> last) | MB up | MB down |",
+             "|---:|---:|---:|---:|---:|"]
+    for c in clients:
+        mine = sorted((r for r in rows if r["client"] == c), key=lambda r: r["round"])
+        held = [v[str(c)] for v in experts.values() if str(c) in v]
+        ex = f"{held[0]} -> {held[-1]}" if held else "-"
+        mem = [r["param-bytes"] for r in mine if "param-bytes" in r]
+        up = sum(r.get("bytes-up", 0) or 0 for r in mine)
+        down = sum(r.get("bytes-down", 0) or 0 for r in mine)
+        lines.append(f"| {c} | {ex} | {_mb(mem[0])} -> {_mb(mem[-1])} | {_mb(up)} | {_mb(down)} |")
+    return "\n".join(lines)
+
+
+def plot_structure(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """``experts_by_round.png`` (experts each client holds over rounds, all modules together) and
+    ``memory_by_client.png`` (measured parameter memory per client, first and last training round), when the
+    run recorded them. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    experts = _expert_totals(run_dir)
+    if experts:
+        clients = sorted({c for v in experts.values() for c in v}, key=int)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for c in clients:
+            rounds = [r for r, v in experts.items() if c in v]
+            ax.plot(rounds, [experts[r][c] for r in rounds], marker="o", label=f"client {c}")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        ax.set_ylabel("experts held (all modules)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        files.append(out / "experts_by_round.png")
+        fig.savefig(files[-1], dpi=100)
+        plt.close(fig)
+    rows = [r for r in read_metrics(run_dir) if r.get("split") == "train" and "param-bytes" in r]
+    if rows:
+        clients = sorted({r["client"] for r in rows})
+        first = [min((r for r in rows if r["client"] == c), key=lambda r: r["round"])["param-bytes"] / 1e6
+                 for c in clients]
+        last = [max((r for r in rows if r["client"] == c), key=lambda r: r["round"])["param-bytes"] / 1e6
+                for c in clients]
+        x = np.arange(len(clients))
+        fig, ax = plt.subplots(figsize=(max(4, len(clients) * 0.8), 4))
+        ax.bar(x - 0.2, first, 0.4, label="first round")
+        ax.bar(x + 0.2, last, 0.4, label="last round")
+        ax.set_xticks(x, [str(c) for c in clients])
+        ax.set_xlabel("client")
+        ax.set_ylabel("parameter memory (MB)")
+        ax.legend()
+        fig.tight_layout()
+        files.append(out / "memory_by_client.png")
+        fig.savefig(files[-1], dpi=100)
+        plt.close(fig)
+    return files
+
+
 def write_run_report(run_dir: str | Path) -> Path:
     """``report.md`` and ``plots/`` for one run."""
     run_dir = Path(run_dir)
     s = load_summary(run_dir)
     t = s["totals"]
-    plots = plot_runs([run_dir], run_dir / "plots")
+    plots = plot_runs([run_dir], run_dir / "plots") + plot_structure(run_dir, run_dir / "plots")
     text = [f"# {s.get('run-name', run_dir.name)}: {s['algorithm']}", "", client_table(s), "",
             f"Communication: {_mb(t['bytes-up'])} MB up, {_mb(t['bytes-down'])} MB down; "
             f"client training {t['train-seconds']:.1f} s; rejected replies: {t['rejected-replies']}.", ""]
     table = assignment_table(run_dir)
     if table:
         text += ["## Experts held per client (mean over modules) and assignment changes", "", table, ""]
+    mem = memory_table(run_dir)
+    if mem:
+        text += ["## Experts, parameter memory and communication per client", "", mem, ""]
     text += [f"![{p.stem}](plots/{p.name})" for p in plots]
     path = run_dir / "report.md"
     path.write_text("\n".join(text) + "\n")
