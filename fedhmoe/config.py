@@ -105,8 +105,9 @@ class DataConfig:
     source: str = _f(
         "reasoning-gym",
         "Task source: `reasoning-gym` (offline procedural tasks), `jsonl` (a local file), or a Hub dataset of "
-        "the papers: `snli`, `dolly`, `natural-instructions`, `ag-news`, `squad`, `xsum` (local copy via `path`).",
-        ("reasoning-gym", "jsonl", "snli", "dolly", "natural-instructions", "ag-news", "squad", "xsum"),
+        "the papers: `snli`, `dolly`, `natural-instructions`, `ag-news`, `squad`, `xsum` (local copy via `path`), "
+        "or `hub-mix`: the Hub datasets named in `tasks`, one task each, from sub-folders of `path`.",
+        ("reasoning-gym", "jsonl", "snli", "dolly", "natural-instructions", "ag-news", "squad", "xsum", "hub-mix"),
     )
     tasks: list[str] = _f(
         ["basic_arithmetic", "word_sorting", "syllogism"],
@@ -120,8 +121,9 @@ class DataConfig:
     partition: str = _f(
         "task",
         "How examples are split over clients: `iid`, `dirichlet` (label skew), `task` (whole tasks per "
-        "client), `quantity` (iid content, skewed amounts).",
-        ("iid", "dirichlet", "task", "quantity"),
+        "client), `quantity` (iid content, skewed amounts), `task-dirichlet` (one task per client, label skew "
+        "among the clients of a task).",
+        ("iid", "dirichlet", "task", "quantity", "task-dirichlet"),
     )
     dirichlet_alpha: float = _f(1.0, "Concentration of the Dirichlet prior (`dirichlet` and `quantity`).")
     tasks_per_client: int = _f(1, "Tasks each client holds under the `task` partition.")
@@ -479,6 +481,11 @@ def _check_feasible(cfg: Config) -> None:
              f"exceeds the {pool} examples generated (data.tasks x data.examples-per-task)")
     if data.source == "jsonl":
         need(bool(data.path), "data.path", "the jsonl source needs a file path")
+    if data.source == "hub-mix":
+        from fedhmoe.data.hub import HUB_SOURCES
+
+        need(bool(data.tasks) and all(t in HUB_SOURCES for t in data.tasks), "data.tasks",
+             f"hub-mix needs Hub source names ({', '.join(HUB_SOURCES)}), got {data.tasks}")
     unknown_opts = set(data.task_options) - set(data.tasks)
     need(not unknown_opts, "data.task-options", f"options for tasks not in data.tasks: {sorted(unknown_opts)}")
     need(tr.local_steps >= 1, "train.local-steps", "must be at least 1")

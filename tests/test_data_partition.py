@@ -149,3 +149,22 @@ def test_dispatcher_errors() -> None:
         partition("iid", ["a"] * 50, 2, alpha=1.0, tasks_per_client=1, min_size=30, rng=rng())
     with pytest.raises(ValueError, match="num_clients"):
         partition_iid(10, 0, rng())
+
+
+def test_task_dirichlet_gives_one_task_per_client_and_label_skew_within_it():
+    from fedhmoe.data.partition import partition
+
+    rng = np.random.default_rng(0)
+    tasks = ["a"] * 400 + ["b"] * 400 + ["c"] * 400
+    labels = [f"{t}{i % 4}" for i, t in enumerate(tasks)]  # four classes per task
+    parts = partition("task-dirichlet", labels, 6, alpha=0.1, tasks_per_client=1, min_size=10, rng=rng,
+                      tasks=tasks)
+    assert sorted(i for p in parts for i in p) == list(range(1200))  # disjoint and complete
+    held = [{tasks[i] for i in p} for p in parts]
+    assert all(len(h) == 1 for h in held)
+    assert sorted(next(iter(h)) for h in held) == ["a", "a", "b", "b", "c", "c"]
+    # strong label skew: some client's most common class is well above the uniform 25%
+    shares = [max(np.bincount([int(labels[i][1]) for i in p], minlength=4)) / len(p) for p in parts]
+    assert max(shares) > 0.5
+    with pytest.raises(ValueError, match="needs the task of every example"):
+        partition("task-dirichlet", labels, 6, alpha=0.1, tasks_per_client=1, min_size=10, rng=rng)

@@ -264,3 +264,13 @@ def test_reasoning_gym_data_do_not_depend_on_the_process_hash_seed():
     ex = load_reasoning_gym(["ransom_note"], 30, {}, 0)
     digests.add(hashlib.md5("".join(e.prompt + e.answer + e.meta for e in ex).encode()).hexdigest())
     assert len(digests) == 1
+
+
+def test_hub_mix_makes_each_dataset_a_task_and_keeps_its_classes() -> None:
+    from fedhmoe.data.hub import load_hub_mix
+
+    exs = load_hub_mix(str(HUB), ["ag-news", "squad", "xsum"])
+    assert {e.task for e in exs} == {"ag-news", "squad", "xsum"}
+    assert {e.label for e in exs if e.task == "ag-news"} <= {"World", "Sports", "Business", "Sci/Tech"}
+    with pytest.raises(FileNotFoundError, match="no 'snli' folder"):
+        load_hub_mix(str(HUB / "squad"), ["snli"])

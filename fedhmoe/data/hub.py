@@ -15,7 +15,7 @@ from typing import Any
 from fedhmoe.data.jsonl import join_prompt
 from fedhmoe.data.types import Example
 
-__all__ = ["AG_NEWS_CLASSES", "HUB_SOURCES", "SNLI_ANSWERS", "load_hub"]
+__all__ = ["AG_NEWS_CLASSES", "HUB_SOURCES", "SNLI_ANSWERS", "load_hub", "load_hub_mix"]
 
 SNLI_ANSWERS: tuple[str, ...] = ("Yes", "Maybe", "No")
 AG_NEWS_CLASSES: tuple[str, ...] = ("World", "Sports", "Business", "Sci/Tech")
@@ -242,4 +242,31 @@ def load_hub(source: str, path: str, tasks: list[str]) -> list[Example]:
                 f"{sorted(seen)[:20]}; set data.tasks = [] to keep everything"
             )
         raise ValueError(f"the {source} data at '{path}' holds no usable examples")
+    return out
+
+
+def load_hub_mix(path: str, sources: list[str]) -> list[Example]:
+    """Several Hub datasets as one pool, one task per dataset (FedMoE: AG News, SQuAD and XSum side by side).
+
+    Args:
+        path: A folder with one sub-folder (or file stem) per source, named as the source (``ag-news/``,
+            ``squad/``, ``xsum/``, ...), each readable by :func:`load_hub`.
+        sources: The Hub sources to mix; each becomes the ``task`` of its examples, and the dataset's own
+            category or class stays the partition ``label``.
+
+    Returns:
+        The examples of every source, source by source.
+    """
+    import dataclasses
+
+    if not sources:
+        raise ValueError("the hub-mix source needs data.tasks: the Hub datasets to mix, e.g. ['ag-news', 'squad']")
+    root = Path(path).expanduser()
+    out: list[Example] = []
+    for src in sources:
+        found = [p for p in (root / src, *root.glob(f"{src}.*")) if p.exists()]
+        if not found:
+            raise FileNotFoundError(f"hub-mix: no '{src}' folder or file under {root}")
+        for ex in load_hub(src, str(found[0]), []):
+            out.append(dataclasses.replace(ex, task=src, label=ex.partition_label))
     return out

@@ -15,10 +15,11 @@ __all__ = [
     "partition_iid",
     "partition_quantity",
     "partition_task",
+    "partition_task_dirichlet",
     "task_assignment",
 ]
 
-PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "task", "quantity")
+PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "task", "quantity", "task-dirichlet")
 
 _MAX_DIRICHLET_TRIES = 1000
 
@@ -176,6 +177,41 @@ def partition_task(
     return out
 
 
+def partition_task_dirichlet(
+    tasks: list[str], labels: list[str], num_clients: int, alpha: float, min_size: int, rng: np.random.Generator
+) -> list[list[int]]:
+    """One task per client (as :func:`task_assignment` with one task each), and within each task label skew:
+    the task's examples are shared among its clients with :func:`partition_dirichlet` over their labels
+    (FedMoE's Hetero-TD settings).
+
+    Args:
+        tasks: Task of every example.
+        labels: Partition label of every example (e.g. the class; the task when there is none).
+        num_clients: Number of clients.
+        alpha: Dirichlet concentration within each task.
+        min_size: Smallest client pool accepted.
+        rng: Random generator.
+
+    Returns:
+        One sorted index list per client.
+    """
+    assignment = task_assignment(tasks, num_clients, 1)
+    holders: dict[str, list[int]] = {}
+    for client, names in enumerate(assignment):
+        holders.setdefault(names[0], []).append(client)
+    arr = np.asarray(tasks, dtype=object)
+    out: list[list[int]] = [[] for _ in range(num_clients)]
+    for name in sorted(holders):
+        idx = np.flatnonzero(arr == name)
+        try:
+            sub = partition_dirichlet([labels[i] for i in idx], len(holders[name]), alpha, min_size, rng)
+        except ValueError as e:
+            raise ValueError(f"task {name!r}: {e}") from e
+        for client, part in zip(holders[name], sub):
+            out[client] = sorted(int(idx[j]) for j in part)
+    return out
+
+
 def partition_quantity(
     n: int, num_clients: int, alpha: float, min_size: int, rng: np.random.Generator
 ) -> list[list[int]]:
@@ -216,8 +252,9 @@ def partition(
     tasks_per_client: int,
     min_size: int,
     rng: np.random.Generator,
+    tasks: list[str] | None = None,
 ) -> list[list[int]]:
-    """Partition examples by ``method`` (``iid``, ``dirichlet``, ``task``, ``quantity``).
+    """Partition examples by ``method`` (``iid``, ``dirichlet``, ``task``, ``quantity``, ``task-dirichlet``).
 
     Args:
         method: Partition name.
@@ -227,6 +264,7 @@ def partition(
         tasks_per_client: Tasks per client (``task``).
         min_size: Smallest client pool accepted; checked for every method.
         rng: Random generator.
+        tasks: Task of every example (``task-dirichlet``; ``labels`` then hold the classes).
 
     Returns:
         One sorted index list per client; lists are disjoint.
@@ -243,6 +281,10 @@ def partition(
         parts = partition_task(labels, num_clients, tasks_per_client, rng)
     elif method == "quantity":
         parts = partition_quantity(n, num_clients, alpha, min_size, rng)
+    elif method == "task-dirichlet":
+        if tasks is None or len(tasks) != n:
+            raise ValueError("task-dirichlet partition needs the task of every example")
+        parts = partition_task_dirichlet(tasks, labels, num_clients, alpha, min_size, rng)
     else:
         raise ValueError(f"unknown partition {method!r}; expected one of {', '.join(PARTITIONS)}")
     small = {c: len(p) for c, p in enumerate(parts) if len(p) < min_size}

@@ -148,6 +148,10 @@ def load_examples(data: DataConfig, seed: int) -> list[Example]:
                     f"categories {found[:20]}; set data.tasks = [] to keep all"
                 )
             examples = kept
+    elif data.source == "hub-mix":
+        from fedhmoe.data.hub import load_hub_mix
+
+        examples = load_hub_mix(data.path, list(data.tasks))
     else:
         from fedhmoe.data.hub import load_hub
 
@@ -212,6 +216,7 @@ def build_federated_data(cfg: Config) -> list[ClientData]:
             tasks_per_client=data.tasks_per_client,
             min_size=data.min_examples_per_client,
             rng=numpy_rng(seed, "partition"),
+            tasks=[ex.task for ex in examples],
         )
     fractions = {
         "train": data.train_fraction,

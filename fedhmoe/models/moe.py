@@ -479,8 +479,8 @@ class LoRAExperts(nn.Module):
         self.act_fn = base.act_fn
         self.rank, self.scaling = rank, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.bank = {"gate_up_proj": base.gate_up_proj.detach().to("cpu"),
-                     "down_proj": base.down_proj.detach().to("cpu")}  # every expert, frozen
+        self.bank = {t: w.detach() if w.is_meta else w.detach().to("cpu")  # every expert, frozen
+                     for t, w in (("gate_up_proj", base.gate_up_proj), ("down_proj", base.down_proj))}
         self.gate_up_proj = nn.Parameter(base.gate_up_proj.detach().clone(), requires_grad=False)
         self.down_proj = nn.Parameter(base.down_proj.detach().clone(), requires_grad=False)
         n, two_i, h = self.gate_up_proj.shape
