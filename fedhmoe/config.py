@@ -211,8 +211,8 @@ class FedAMoLEConfig:
 @dataclass(frozen=True)
 class FedMoEConfig:
     profile_rounds: int = _f(
-        5, "Stage 1: rounds of federated training of the full MoE by the clients whose budget fits it, before "
-           "their activation profiles are measured; 0 profiles the initial model.")
+        5, "Stage 1: rounds of federated training of the full MoE by the clients whose budget fits it (at least "
+           "1); their activation profiles are measured after the last of them.")
     memory_budgets_gb: list[float] = _f(
         [], "Training-memory budget of each client in GiB (one value per client, or one value for all); empty "
             "means unlimited.")

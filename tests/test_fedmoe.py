@@ -207,3 +207,44 @@ def test_fedmoe_with_lora_on_experts_sends_only_factors_and_router_rows(tmp_path
     for r in (x for x in rows if x["round"] >= 2):
         first = next(f for f in full_rows if f["client"] == r["client"])
         assert r["bytes-down"] < first["bytes-down"] and r["param-bytes"] < first["param-bytes"]
+
+
+@pytest.mark.parametrize("single_lr", [1.0, 0.5])
+def test_modular_aggregation_on_hand_computed_cases(single_lr):
+    from flwr.app import Message
+
+    from fedhmoe.runtime.engines import InProcessGrid, _set_task_identity
+    from fedhmoe.wire import decode_arrays, encode_arrays, make_content
+
+    cfg = smoke("algorithm.name=fedmoe", "federation.num-rounds=3", "fedmoe.memory-budgets-gb=[]",
+                "algorithm.weighting=num-examples", f"fedmoe.single-holder-lr={single_lr}")
+    f32 = np.float32
+    state = {"dense": np.zeros(2, f32), **{f"b.experts.{g}.w": np.full(2, 10.0 * g, f32) for g in range(3)},
+             **{f"b.router.{g}": np.full(3, float(g), f32) for g in range(3)}}
+    strat = FedMoE(cfg, state, {c: 1000 + c for c in range(3)}, "run-config",
+                   client_info={c: {"tasks": ["t"]} for c in range(3)})
+    # expert 0: one holder (client 0); expert 1: all three; expert 2: nobody
+    strat.held = {0: {"b": [0, 1]}, 1: {"b": [1]}, 2: {"b": [1]}}
+    weights = {0: 1, 1: 1, 2: 2}
+
+    def fake_client(msg, context):  # returns 100 (c + 1) for every tensor it was sent, +1 on router rows
+        c = context.node_config["partition-id"]
+        sent = decode_arrays(msg.content["arrays"])
+        arrays = {k: np.full(v.shape, 100.0 * (c + 1) + (1 if ".router." in k else 0), f32) for k, v in sent.items()}
+        return Message(make_content(arrays=encode_arrays(arrays), metrics={"num-examples": weights[c]}),
+                       reply_to=msg)
+
+    _set_task_identity()
+    grid = InProcessGrid(fake_client, 3)
+    strat.aggregate_train(2, grid.send_and_receive(strat.configure_train(2)))
+    assert len(strat.last_train.replies) == 3
+    g = strat.global_state
+    mean_all = (100 * 1 + 200 * 1 + 300 * 2) / 4  # weighted by examples over every sampled client
+    np.testing.assert_allclose(g["dense"], mean_all)
+    np.testing.assert_allclose(g["b.experts.1.w"], mean_all)  # held by all three
+    np.testing.assert_allclose(g["b.router.1"], mean_all + 1)  # the router row follows its expert
+    expect0 = 0.0 + single_lr * (100.0 - 0.0)  # one holder: its copy, or a damped step
+    np.testing.assert_allclose(g["b.experts.0.w"], expect0)
+    np.testing.assert_allclose(g["b.router.0"], 0.0 + single_lr * (101.0 - 0.0))
+    np.testing.assert_array_equal(g["b.experts.2.w"], state["b.experts.2.w"])  # nobody held it
+    np.testing.assert_array_equal(g["b.router.2"], state["b.router.2"])
