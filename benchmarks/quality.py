@@ -1,13 +1,18 @@
-"""Quality of FedAMoLE against its baselines on the offline analogue, several seeds.
+"""Quality of a method against its baselines on an offline analogue, several seeds (FedAMoLE or FedMoE).
 
 Runs every (method, seed) pair of a config on the chosen engine, then prints, per method, the mean and spread
 over seeds of the clients' mean test score (final round and best-on-validation round), plus bytes both ways
-and client training time; `--write` appends the table to a markdown file.
+and client training time, and a second table of the final score per task (mean over the task's clients and the
+seeds) with each client's measured parameter memory in its last training round; `--write` appends the tables
+to a markdown file.
 
     .venv/bin/python benchmarks/quality.py configs/fedamole/rg-task.toml \
         --methods fedamole fedit-ft fedit local --seeds 0 1 2 --write docs/benchmarks.md
     # a mechanical check in seconds: tiny model, no real learning
     .venv/bin/python benchmarks/quality.py configs/smoke.toml --engine inprocess --seeds 0 1
+    # FedMoE against its baselines
+    .venv/bin/python benchmarks/quality.py configs/fedmoe/rg-standard-t.toml \
+        --methods fedmoe random-moe fedprox scaffold --seeds 0 1 2 --keep runs/quality-fedmoe
 
 With ``--keep DIR`` every run lives in ``DIR/<method>-seed<seed>``: a run whose ``summary.json`` exists is read
 back instead of rerun, and an interrupted one resumes from its last checkpoint, so a long comparison can be
@@ -24,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fedhmoe.config import load_config
+from fedhmoe.evaluation.rundir import read_metrics
 from common import emit
 
 
@@ -52,6 +58,7 @@ def main() -> None:
         ap.error("--summarize needs --keep DIR")
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedhmoe-quality-"))
     results: dict[str, list[dict]] = {}
+    dirs: dict[str, list[Path]] = {}
     for seed in args.seeds:
         for method in args.methods:
             out = root / f"{method}-seed{seed}"
@@ -60,6 +67,7 @@ def main() -> None:
                     continue
             summary = run_one(args.config, method, seed, args.engine, out, args.set)
             results.setdefault(method, []).append(summary)
+            dirs.setdefault(method, []).append(out)
             print(json.dumps({"method": method, "seed": seed, "final": summary["final"], "best": summary["best"]}))
 
     def ms(values: list[float]) -> str:
@@ -79,6 +87,26 @@ def main() -> None:
         secs = np.mean([r["totals"]["train-seconds"] for r in runs])
         lines.append(f"| {method} | {len(runs)} | {ms(final)} | {ms(best)} | {np.mean(spread):.3f} | {up:.1f} | {down:.1f} | "
                      f"{secs:.0f} |")
+    tasks = sorted({"+".join(c["tasks"]) for runs in results.values() for r in runs for c in r["clients"].values()})
+    lines += ["", "Final test score per task (mean over the task's clients, then over seeds) and parameter memory of "
+              "each client's model in its last training round (MB, mean over clients and seeds):", "",
+              "| method | " + " | ".join(tasks) + " | parameter MB |", "|---|" + "---:|" * (len(tasks) + 1)]
+    for method, runs in results.items():
+        cells = []
+        for t in tasks:
+            per_seed = [np.mean([c["final"] for c in r["clients"].values() if "+".join(c["tasks"]) == t
+                                 and c["final"] is not None] or [np.nan]) for r in runs]
+            cells.append(f"{np.nanmean(per_seed):.3f}")
+        mem = []
+        for d in dirs[method]:
+            last: dict[int, tuple[int, int]] = {}
+            for row in read_metrics(d):
+                if row.get("split") == "train" and "param-bytes" in row:
+                    if row["client"] not in last or row["round"] >= last[row["client"]][0]:
+                        last[row["client"]] = (row["round"], row["param-bytes"])
+            mem += [b for _, b in last.values()]
+        cells.append(f"{np.mean(mem) / 1e6:.1f}" if mem else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     emit("\n".join(lines), args.write)
 
 

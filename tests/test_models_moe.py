@@ -397,6 +397,8 @@ def test_upcycle_llama_matches_dense(num_experts: int, top_k: int) -> None:
     assert isinstance(moe, MixtralForCausalLM)
     assert not moe.training and not any(p.requires_grad for p in moe.parameters())
     assert held_experts(moe) == {b: list(range(num_experts)) for b in moe_blocks(moe)}
+    # tied input and output embeddings stay one tensor (one copy to train and to send)
+    assert moe.lm_head.weight is moe.model.embed_tokens.weight
     assert len(moe_blocks(moe)) == dense.config.num_hidden_layers
     assert num_global_experts(moe) == num_experts
     for block in moe_blocks(moe).values():

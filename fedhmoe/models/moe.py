@@ -574,28 +574,49 @@ def _clone_module(m: nn.Module) -> nn.Module:
 class MoERecorder:
     """Observes every router of a model: balance loss of the last forward and token counts per expert.
 
-    ``mask`` (set through :meth:`masked`) marks the non-padding tokens of the current batch; it applies to
-    routers whose token count matches it (the decoder of an encoder-decoder model sees other tokens and is
-    then counted unmasked).
+    ``mask`` and ``decoder_mask`` (set through :meth:`masked`) mark the non-padding tokens of the current batch.
+    Decoder-only model: ``mask`` applies to routers whose token count matches it. Encoder-decoder model
+    (``config.is_encoder_decoder``): blocks with a ``decoder`` component in their path (Switch:
+    ``decoder.block.1.layer.2.mlp``) take ``decoder_mask``, the others ``mask``; a block whose mask is None counts
+    every token, and a mask whose size differs from the block's token count is an error.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.blocks = moe_blocks(model)
         self.index = {id(_router(b)): path for path, b in self.blocks.items()}
+        self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self.decoder_blocks = {p for p in self.blocks if self.encoder_decoder and "decoder" in p.split(".")}
         self.mask: torch.Tensor | None = None
+        self.decoder_mask: torch.Tensor | None = None
         self.losses: dict[str, torch.Tensor] = {}
         self.counting = False
         self.counts: dict[str, dict[int, float]] = {}
         self.handles = [_router(b).register_forward_hook(self._hook) for b in self.blocks.values()]
 
     @contextmanager
-    def masked(self, mask: torch.Tensor | None) -> Iterator[None]:
-        """Lend the attention mask ``(B, T)`` of the next forward passes."""
-        old, self.mask = self.mask, mask
+    def masked(self, mask: torch.Tensor | None, decoder_mask: torch.Tensor | None = None) -> Iterator[None]:
+        """Lend the attention masks of the next forward passes: ``mask`` ``(B, S)`` (the input; an encoder-decoder's
+        encoder) and ``decoder_mask`` ``(B, T)`` (an encoder-decoder's decoder; ignored for decoder-only models)."""
+        old = self.mask, self.decoder_mask
+        self.mask, self.decoder_mask = mask, decoder_mask
         try:
             yield
         finally:
-            self.mask = old
+            self.mask, self.decoder_mask = old
+
+    def _weights(self, path: str, t: int, device: torch.device) -> torch.Tensor | None:
+        """The lent mask that applies to block ``path`` seeing ``t`` tokens, as float weights ``(t,)``, or None."""
+        if not self.encoder_decoder:
+            if self.mask is None or self.mask.numel() != t:
+                return None
+            return self.mask.reshape(-1).to(device=device, dtype=torch.float32)
+        mask = self.decoder_mask if path in self.decoder_blocks else self.mask
+        if mask is None:
+            return None
+        if mask.numel() != t:
+            side = "decoder" if path in self.decoder_blocks else "encoder"
+            raise ValueError(f"{path}: the lent {side} mask has {mask.numel()} entries, the block routes {t} tokens")
+        return mask.reshape(-1).to(device=device, dtype=torch.float32)
 
     @contextmanager
     def counting_tokens(self) -> Iterator[dict[str, dict[int, float]]]:
@@ -619,10 +640,7 @@ class MoERecorder:
             n = logits.shape[-1]
             logits = logits.reshape(-1, n)
             dispatch = one_hot.reshape(-1, n).to(torch.float32)
-        t = logits.shape[0]
-        w = None
-        if self.mask is not None and self.mask.numel() == t:
-            w = self.mask.reshape(-1).to(device=logits.device, dtype=torch.float32)  # (T,)
+        w = self._weights(path, logits.shape[0], logits.device)  # (T,) or None
         if self.counting:
             with torch.no_grad():
                 d = dispatch if w is None else dispatch * w[:, None]
@@ -754,6 +772,10 @@ def upcycle_llama(dense: nn.Module, num_experts: int, top_k: int, seed: int, rou
         else:
             raise ValueError(f"unexpected MoE tensor {name!r}")
     moe.load_state_dict(new, strict=True)
+    if mcfg.tie_word_embeddings:  # to_empty gave the tied head its own tensor: share it again
+        moe.tie_weights()
+        if moe.get_output_embeddings().weight is not moe.get_input_embeddings().weight:
+            raise RuntimeError("upcycled model lost its tied embeddings")
     # Buffers (rotary inverse frequencies) are not in the state dict: take the dense model's.
     dense_buffers = dict(dense.named_buffers())
     with torch.no_grad():
