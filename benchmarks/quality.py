@@ -15,8 +15,8 @@ to a markdown file.
         --methods fedmoe random-moe fedprox scaffold --seeds 0 1 2 --keep runs/quality-fedmoe
 
 With ``--keep DIR`` every run lives in ``DIR/<method>-seed<seed>``: a run whose ``summary.json`` exists is read
-back instead of rerun, and an interrupted one resumes from its last checkpoint, so a long comparison can be
-stopped and continued. ``--summarize`` only tabulates the finished runs under ``--keep``.
+back instead of rerun (unless it lost replies: then it is moved aside and run again), and an interrupted one
+resumes from its last checkpoint, so a long comparison can be stopped and continued. ``--summarize`` only tabulates the finished runs under ``--keep``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,15 @@ def run_one(config: str, method: str, seed: int, engine: str, out: Path, overrid
     from fedhmoe.runtime.engines import run_inprocess, run_simulation_engine
 
     if (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / "summary.json").read_text())
+        if not summary["totals"].get("rejected-replies", 0):
+            return summary
+        # a run that lost replies (a client crashed or ran out of memory) is not a fair sample: run it again
+        n = 1
+        while (out.parent / f".failed-{out.name}-{n}").exists():
+            n += 1
+        print(f"{out} lost {summary['totals']['rejected-replies']} replies; moved aside and run again")
+        out.rename(out.parent / f".failed-{out.name}-{n}")
     cfg = load_config(config, [f"algorithm.name={method}", f"run.seed={seed}", *overrides])
     resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     return (run_inprocess if engine == "inprocess" else run_simulation_engine)(cfg, out, resume=resume)
