@@ -73,7 +73,12 @@ def main() -> None:
             if args.summarize:
                 if not (out / "summary.json").exists():
                     continue
-            summary = run_one(args.config, method, seed, args.engine, out, args.set)
+                summary = json.loads((out / "summary.json").read_text())
+                if summary["totals"].get("rejected-replies", 0):
+                    print(f"{out} lost replies: left out")
+                    continue
+            else:
+                summary = run_one(args.config, method, seed, args.engine, out, args.set)
             results.setdefault(method, []).append(summary)
             dirs.setdefault(method, []).append(out)
             print(json.dumps({"method": method, "seed": seed, "final": summary["final"], "best": summary["best"]}))
