@@ -82,7 +82,8 @@ class FederationConfig:
 class ModelConfig:
     name: str = _f(
         "tiny-llama",
-        "A Hugging Face id or local path, or a built-in: `smollm2-135m-instruct`, `tiny-llama`, `tiny-mixtral`.",
+        "A Hugging Face id or local path (decoder-only or encoder-decoder, e.g. `google/switch-base-8`), or a "
+        "built-in: `smollm2-135m-instruct`, `tiny-llama`, `tiny-mixtral`, `tiny-switch`.",
     )
     dtype: str = _f(
         "float32", "Dtype of the frozen backbone. Adapters always train in float32.", ("float32", "bfloat16")

@@ -88,7 +88,7 @@ def test_report_shows_experts_per_client_and_assignment_changes(tmp_path):
     from fedhmoe.evaluation.report import write_run_report
 
     run_inprocess(smoke(), tmp_path)
-    text = write_run_report(tmp_path).read_text().split("## Experts held per client")[1]
+    text = write_run_report(tmp_path).read_text().split("## Experts held per client")[1].split("\n## ")[0]
     rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and rows[0].endswith("| - |") and rows[1].endswith("% |")
 

@@ -124,7 +124,7 @@ def test_local_folder_round_trip(tmp_path) -> None:
 
 
 def test_unavailable_models_raise_clearly(tmp_path) -> None:
-    assert BUILTIN_MODELS == ("smollm2-135m-instruct", "tiny-llama", "tiny-mixtral")
+    assert BUILTIN_MODELS == ("smollm2-135m-instruct", "tiny-llama", "tiny-mixtral", "tiny-switch")
     assert resolve_model_path(ModelConfig(name="tiny-llama")) == "tiny-llama"
     with pytest.raises(OSError, match="no-such-org/no-such-model"):
         load_backbone(ModelConfig(name="no-such-org/no-such-model"))

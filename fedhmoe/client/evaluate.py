@@ -1,7 +1,8 @@
 """Evaluation of a client's model on one of its own splits (torch; no Flower).
 
 Metrics per split:
-- ``eval-loss``: mean cross-entropy over answer tokens (teacher forcing);
+- ``eval-loss``: mean cross-entropy over answer tokens (teacher forcing; an encoder-decoder model's decoder
+  tokens, answer + EOS);
 - ``accuracy`` (tasks with choices): the choice with the lowest mean token loss is the prediction;
 - ``exact-match``: greedy generation against the reference after normalisation;
 - ``rouge-l``: ROUGE-L F1 of greedy generation (generative tasks without their own scorer);
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from fedhmoe.client.train import aligned_logits, is_encoder_decoder
 from fedhmoe.config import EvalConfig
 from fedhmoe.data.format import PromptFormatter
 from fedhmoe.data.scoring import is_reasoning_gym, score_answer
@@ -32,15 +34,12 @@ def token_losses(
     model: nn.Module, formatter: PromptFormatter, items: Sequence[tuple[list[int], list[int]]], batch_size: int,
     device: torch.device,
 ) -> list[float]:
-    """Mean answer-token cross-entropy of each (input_ids, labels) item."""
+    """Mean answer-token cross-entropy of each (input_ids, labels) item (encoder-decoder: (encoder ids, labels))."""
     out: list[float] = []
     for s in range(0, len(items), batch_size):
         batch = {k: v.to(device) for k, v in formatter.collate_train(list(items[s : s + batch_size])).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]  # (B, T-1)
-        ce = nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        )  # (B, T-1)
+        logits, labels = aligned_logits(model, batch)  # (B, T', V), (B, T')
+        ce = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T')
         mask = (labels != -100).float()
         out += (ce.sum(1) / mask.sum(1).clamp(min=1)).tolist()
     return out
@@ -50,18 +49,31 @@ def token_losses(
 def generate(
     model: nn.Module, formatter: PromptFormatter, examples: Sequence[Example], cfg: EvalConfig, device: torch.device
 ) -> list[str]:
-    """Greedy completions of each example's prompt, decoded without special tokens."""
+    """Greedy completions of each example's prompt, decoded without special tokens.
+
+    A decoder-only model continues the (left-padded) prompt, whose tokens are stripped from its output; an
+    encoder-decoder model reads the prompt with its encoder, and its output is the decoder's tokens only (after the
+    decoder start token).
+    """
     tok = formatter.tokenizer
+    seq2seq = is_encoder_decoder(model)
+    extra: dict[str, int] = {}
+    if seq2seq:
+        own = getattr(model, "generation_config", None)
+        start = getattr(own, "decoder_start_token_id", None)
+        if start is None:
+            start = getattr(model.config, "decoder_start_token_id", None)
+        extra["decoder_start_token_id"] = start if start is not None else tok.pad_token_id
     gen = GenerationConfig(
         max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id, **extra,
     )
     texts: list[str] = []
     for s in range(0, len(examples), cfg.batch_size):
         prompts = [formatter.encode_prompt(ex) for ex in examples[s : s + cfg.batch_size]]
         batch = {k: v.to(device) for k, v in formatter.collate_prompts(prompts).items()}
-        seqs = model.generate(**batch, generation_config=gen)  # (B, T_prompt + new)
-        new = seqs[:, batch["input_ids"].shape[1] :]
+        seqs = model.generate(**batch, generation_config=gen)  # (B, T_prompt + new), or (B, 1 + new) for seq2seq
+        new = seqs[:, 1:] if seq2seq else seqs[:, batch["input_ids"].shape[1] :]
         texts += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     return texts
 

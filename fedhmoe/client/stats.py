@@ -5,7 +5,9 @@ per AMoLE module, the mean token projection ``W_tau x`` (the client embedding) a
 ``A_e x`` (the expert embedding), over prompt and answer tokens but never padding.
 
 FedMoE, section 3.1: the activation profile, per MoE layer the share of (non-padding) tokens routed to each
-global expert (top-k slots counted), over prompt and answer tokens of a split; zeros for experts not held.
+global expert (top-k slots counted), over prompt and answer tokens of a split; zeros for experts not held. For an
+encoder-decoder model the encoder's layers see the prompt and the decoder's the answer (teacher forcing, the labels
+as decoder inputs); padding of neither stream is counted.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedhmoe.client.train import lm_forward
 from fedhmoe.data.format import PromptFormatter
 from fedhmoe.data.types import Example
 from fedhmoe.models.amole import collect_embeddings, embedding_stats, token_mask
@@ -36,7 +39,7 @@ def amole_embeddings(
         for s in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in formatter.collate_train(items[s : s + batch_size]).items()}
             with token_mask(model, batch["attention_mask"]):
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                lm_forward(model, batch)
         return embedding_stats(model)
 
 
@@ -58,8 +61,8 @@ def moe_activation_profile(
     with rec.counting_tokens() as counts:
         for s in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in formatter.collate_train(items[s : s + batch_size]).items()}
-            with rec.masked(batch["attention_mask"]):
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            with rec.masked(batch["attention_mask"], batch.get("decoder_attention_mask")):
+                lm_forward(model, batch)
     prof = np.zeros((len(blocks), num_experts), dtype=np.float32)  # (L, E)
     for i, path in enumerate(blocks):
         for gid, c in counts.get(path, {}).items():

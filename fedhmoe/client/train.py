@@ -1,8 +1,9 @@
 """Local training of a client's adapters (torch; no Flower).
 
-A fresh optimizer per client per round; loss is causal-LM cross-entropy on answer tokens only (optionally
-label-smoothed), plus, for FedProx, the proximal term (mu/2)||w - w_global||^2 over the trainable tensors, and
-any method loss (load balancing); SCAFFOLD's correction is added to the gradients.
+A fresh optimizer per client per round; loss is the cross-entropy on answer tokens only (optionally
+label-smoothed): of the next token for a decoder-only model, of the decoder's tokens (labels, no shift) for an
+encoder-decoder model; plus, for FedProx, the proximal term (mu/2)||w - w_global||^2 over the trainable tensors,
+and any method loss (load balancing); SCAFFOLD's correction is added to the gradients.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +23,8 @@ from fedhmoe.config import TrainConfig
 from fedhmoe.data.format import PromptFormatter
 from fedhmoe.data.types import Example
 
-__all__ = ["TrainResult", "make_optimizer", "train_local"]
+__all__ = ["TrainResult", "aligned_logits", "causal_lm_loss", "is_encoder_decoder", "lm_forward", "make_optimizer",
+           "train_local"]
 
 
 @dataclass
@@ -45,14 +48,54 @@ def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig, lr: float) 
     return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is an encoder-decoder (its config says ``is_encoder_decoder``)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def lm_forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Any:
+    """The model's forward on a collated batch (teacher forcing).
+
+    Decoder-only: ``input_ids`` and ``attention_mask``. Encoder-decoder: the encoder gets ``input_ids`` and
+    ``attention_mask``; the decoder gets the labels shifted right (``prepare_decoder_input_ids_from_labels``: the
+    decoder start token first, -100 as padding) and ``decoder_attention_mask``. The labels themselves are not
+    passed, so the model computes no loss of its own.
+
+    Returns:
+        The model output; its ``logits`` are ``(B, T, V)`` over the (decoder) sequence.
+    """
+    if not is_encoder_decoder(model):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    labels = batch["labels"]  # (B, T)
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is None:  # the model shifts the labels itself (and then also computes its own loss)
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                     decoder_attention_mask=batch.get("decoder_attention_mask"))
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 decoder_input_ids=prepare(labels=labels), decoder_attention_mask=batch.get("decoder_attention_mask"))
+
+
+def aligned_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits and the labels they predict, position by position.
+
+    Decoder-only: the logits at positions ``0..T-2`` predict the labels at ``1..T-1`` (the causal shift).
+    Encoder-decoder: the decoder's logits at every position predict the label at the same position.
+
+    Returns:
+        ``(logits (B, T', V), targets (B, T'))``, targets -100 where nothing is predicted.
+    """
+    logits = lm_forward(model, batch).logits  # (B, T, V)
+    if is_encoder_decoder(model):
+        return logits.float(), batch["labels"]
+    return logits[:, :-1].float(), batch["labels"][:, 1:]  # (B, T-1, V), (B, T-1)
+
+
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy of the next token over positions whose label is not -100 (optionally label-smoothed)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
+    """Mean cross-entropy over positions whose label is not -100 (optionally label-smoothed): of the next token
+    for a decoder-only model, of the decoder's token for an encoder-decoder model (see :func:`aligned_logits`)."""
+    logits, targets = aligned_logits(model, batch)  # (B, T', V), (B, T')
     return nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100,
-        label_smoothing=label_smoothing,
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, label_smoothing=label_smoothing,
     )
 
 
@@ -79,7 +122,8 @@ def train_local(
     Args:
         model: The backbone with adapters; only ``params`` are trained.
         params: Trainable tensors by key.
-        formatter: Turns examples into token ids with answer-only labels.
+        formatter: Turns examples into token ids with answer-only labels (for an encoder-decoder model: encoder
+            inputs and decoder labels).
         examples: The client's training split.
         cfg: Training hyperparameters.
         lr: This round's learning rate.

@@ -107,12 +107,14 @@ def balance_loss(model: nn.Module, spec: AdapterSpec) -> torch.Tensor | None:
     return amole.balance_loss(model) if spec.kind == "amole" else None
 
 
-def token_mask(model: nn.Module, spec: AdapterSpec, mask: torch.Tensor | None):  # type: ignore[no-untyped-def]
-    """A context lending the attention mask to routed modules (padding leaves routing statistics)."""
+def token_mask(model: nn.Module, spec: AdapterSpec, mask: torch.Tensor | None,  # type: ignore[no-untyped-def]
+               decoder_mask: torch.Tensor | None = None):
+    """A context lending the attention mask (and an encoder-decoder's decoder mask) to routed modules, so that
+    padding leaves routing statistics."""
     if spec.kind == "amole":
         return amole.token_mask(model, mask)
     if spec.kind == "moe" and moe.recorder(model) is not None:
-        return moe.recorder(model).masked(mask)  # type: ignore[union-attr]
+        return moe.recorder(model).masked(mask, decoder_mask)  # type: ignore[union-attr]
     from contextlib import nullcontext
 
     return nullcontext()

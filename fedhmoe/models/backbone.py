@@ -1,7 +1,10 @@
 """Loading the frozen backbone (model + tokenizer) named by ``[model]`` in the experiment config.
 
-``model.name`` is a built-in (``smollm2-135m-instruct``, ``tiny-llama``, ``tiny-mixtral``), a local folder, or a
-Hugging Face id already in the local cache. Nothing is ever downloaded: every load passes ``local_files_only=True``.
+``model.name`` is a built-in (``smollm2-135m-instruct``, ``tiny-llama``, ``tiny-mixtral``, ``tiny-switch``), a local
+folder, or a Hugging Face id already in the local cache. Nothing is ever downloaded: every load passes
+``local_files_only=True``. Decoder-only checkpoints load as ``AutoModelForCausalLM``; encoder-decoder ones (config
+``is_encoder_decoder``, e.g. Switch Transformers ``google/switch-base-8``) as ``AutoModelForSeq2SeqLM``, with
+router losses off (``output_router_logits`` false: the methods add their own balance loss).
 With ``model.upcycle-experts > 0`` a dense Llama-family model is sparsely upcycled into a Mixtral-style MoE after
 loading (:func:`fedhmoe.models.moe.upcycle_llama`; the router seed derives from the run seed).
 """
@@ -15,6 +18,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
@@ -26,9 +30,11 @@ from fedhmoe.models.smollm2 import SMOLLM2_DIRNAME, prepare_smollm2
 from fedhmoe.models.tiny import (
     build_tiny_llama,
     build_tiny_mixtral,
+    build_tiny_switch,
     byte_tokenizer,
     tiny_llama_config,
     tiny_mixtral_config,
+    tiny_switch_config,
 )
 
 __all__ = ["BUILTIN_MODELS", "backbone_shapes", "is_moe_backbone", "load_backbone", "resolve_model_path",
@@ -36,8 +42,10 @@ __all__ = ["BUILTIN_MODELS", "backbone_shapes", "is_moe_backbone", "load_backbon
 
 TINY_LLAMA = "tiny-llama"
 TINY_MIXTRAL = "tiny-mixtral"
-BUILTIN_MODELS = (SMOLLM2_DIRNAME, TINY_LLAMA, TINY_MIXTRAL)
-_TINY = {TINY_LLAMA: (build_tiny_llama, tiny_llama_config), TINY_MIXTRAL: (build_tiny_mixtral, tiny_mixtral_config)}
+TINY_SWITCH = "tiny-switch"
+BUILTIN_MODELS = (SMOLLM2_DIRNAME, TINY_LLAMA, TINY_MIXTRAL, TINY_SWITCH)
+_TINY = {TINY_LLAMA: (build_tiny_llama, tiny_llama_config), TINY_MIXTRAL: (build_tiny_mixtral, tiny_mixtral_config),
+         TINY_SWITCH: (build_tiny_switch, tiny_switch_config)}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -58,15 +66,15 @@ def _looks_like_path(name: str) -> bool:
 def resolve_model_path(cfg: ModelConfig) -> str:
     """Where ``cfg.name`` is loaded from.
 
-    The built-in SmolLM2 resolves to its converted cache folder (converting on first use); ``tiny-llama`` and
-    ``tiny-mixtral`` have no files and resolve to their own names; an existing local folder resolves to its
-    absolute path; anything else is taken as a Hugging Face id, to be read from the local cache only.
+    The built-in SmolLM2 resolves to its converted cache folder (converting on first use); ``tiny-llama``,
+    ``tiny-mixtral`` and ``tiny-switch`` have no files and resolve to their own names; an existing local folder
+    resolves to its absolute path; anything else is taken as a Hugging Face id, to be read from the local cache only.
 
     Args:
         cfg: The ``[model]`` section.
 
     Returns:
-        A folder path, a Hub id, or ``"tiny-llama"``.
+        A folder path, a Hub id, or the name of a tiny built-in (``"tiny-llama"``).
 
     Raises:
         FileNotFoundError: If the name is written as a path that does not exist, or SmolLM2's wheel is missing.
@@ -103,6 +111,25 @@ def _load_config(path: str) -> PretrainedConfig:
         raise _not_available(path, err) from err
 
 
+def _is_encoder_decoder(config: PretrainedConfig) -> bool:
+    """Whether a model config describes an encoder-decoder (sequence-to-sequence) model."""
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def _auto_class(config: PretrainedConfig) -> type:
+    """The auto class a config's model loads with: sequence-to-sequence or causal LM."""
+    return AutoModelForSeq2SeqLM if _is_encoder_decoder(config) else AutoModelForCausalLM
+
+
+def _no_router_losses(model: nn.Module) -> None:
+    """Turn off the model's own router losses (``output_router_logits``), in its config and every sub-config
+    (Switch Transformers keeps deep copies for its encoder and decoder stacks)."""
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and getattr(cfg, "output_router_logits", None):
+            cfg.output_router_logits = False
+
+
 def _freeze(model: PreTrainedModel) -> PreTrainedModel:
     """Freeze every parameter and switch to eval mode."""
     model.requires_grad_(False)
@@ -111,14 +138,26 @@ def _freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def _ensure_pad(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
-    """Give the tokenizer a pad token (falling back to eos) and tell the generation config about it."""
+    """Give the tokenizer a pad token (falling back to eos) and tell the generation config about it.
+
+    For an encoder-decoder model the generation config also gets an eos id (the tokenizer's) and a decoder start
+    id (the model config's, else the pad id, as in T5-style models) when it lacks them.
+    """
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer of {model.name_or_path!r} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     gen = getattr(model, "generation_config", None)
-    if gen is not None and gen.pad_token_id is None:
+    if gen is None:
+        return
+    if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
+    if _is_encoder_decoder(model.config):
+        if gen.eos_token_id is None:
+            gen.eos_token_id = tokenizer.eos_token_id
+        if gen.decoder_start_token_id is None:
+            start = getattr(model.config, "decoder_start_token_id", None)
+            gen.decoder_start_token_id = start if start is not None else gen.pad_token_id
 
 
 def load_backbone(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -141,9 +180,9 @@ def load_backbone(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, Pre
         model: PreTrainedModel = _TINY[path][0](seed).to(dtype)
         tokenizer: PreTrainedTokenizerBase = byte_tokenizer()
     else:
-        _load_config(path)
+        auto = _auto_class(_load_config(path))
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            model = auto.from_pretrained(path, dtype=dtype, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as err:
             raise _not_available(path, err) from err
@@ -152,6 +191,7 @@ def load_backbone(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, Pre
         from fedhmoe.utils.seeding import derive_seed
 
         model = upcycle_llama(model, cfg.upcycle_experts, cfg.upcycle_top_k, derive_seed(seed, "upcycle-router"))
+    _no_router_losses(model)
     _ensure_pad(tokenizer, model)
     return _freeze(model), tokenizer
 
@@ -178,7 +218,8 @@ def backbone_shapes(cfg: ModelConfig, seed: int = 0) -> nn.Module:
 
         config = upcycled_config(config, cfg.upcycle_experts, cfg.upcycle_top_k)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = _auto_class(config).from_config(config, dtype=dtype)
+    _no_router_losses(model)
     return _freeze(model)
 
 

@@ -1,14 +1,24 @@
-"""A tiny randomly initialised Llama with a byte-level tokenizer: the fast built-in model for tests and smoke runs.
+"""Tiny randomly initialised models with a byte-level tokenizer: the fast built-ins for tests and smoke runs.
 
-Nothing here touches the network or the disk: the tokenizer is built in memory from the 256 ByteLevel symbols
-plus three special tokens, and the model is created from a seeded random initialisation.
+A Llama (dense), a Mixtral-style MoE and a Switch Transformers encoder-decoder MoE. Nothing here touches the
+network or the disk: the tokenizer is built in memory from the 256 ByteLevel symbols plus three special tokens,
+and each model is created from a seeded random initialisation.
 """
 
 from __future__ import annotations
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+    SwitchTransformersConfig,
+    SwitchTransformersForConditionalGeneration,
+)
 
 __all__ = [
     "BOS_TOKEN",
@@ -18,9 +28,11 @@ __all__ = [
     "TINY_MAX_POSITIONS",
     "build_tiny_llama",
     "build_tiny_mixtral",
+    "build_tiny_switch",
     "byte_tokenizer",
     "tiny_llama_config",
     "tiny_mixtral_config",
+    "tiny_switch_config",
 ]
 
 PAD_TOKEN = "<pad>"
@@ -140,4 +152,55 @@ def build_tiny_mixtral(seed: int, num_experts: int = 4, top_k: int = 2) -> Mixtr
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MixtralForCausalLM(tiny_mixtral_config(num_experts=num_experts, top_k=top_k))
+    return model
+
+
+def tiny_switch_config(vocab_size: int = BYTE_VOCAB_SIZE, num_experts: int = 4) -> SwitchTransformersConfig:
+    """The tiny Switch Transformers encoder-decoder: d_model 64, d_ff 128, 4 heads of 16, 2 encoder and 2 decoder
+    layers of which every second one (``block.1``) is sparse with ``num_experts`` top-1 experts.
+
+    The expert capacity (per sequence) is the tokenizer's longest sequence, so no token is ever dropped; dropout and
+    router jitter are off, and the model never computes router losses itself (``output_router_logits`` false).
+
+    Args:
+        vocab_size: Size of the embedding table; the default matches :func:`byte_tokenizer`.
+        num_experts: Experts per sparse layer.
+
+    Returns:
+        A ``SwitchTransformersConfig`` with tied embeddings and the byte tokenizer's pad/bos/eos ids; the decoder
+        starts from ``<pad>``, as in the Switch (T5) checkpoints.
+    """
+    return SwitchTransformersConfig(
+        vocab_size=vocab_size,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_sparse_encoder_layers=1,
+        num_sparse_decoder_layers=1,
+        num_heads=4,
+        num_experts=num_experts,
+        expert_capacity=TINY_MAX_POSITIONS,
+        router_jitter_noise=0.0,
+        dropout_rate=0.0,
+        tie_word_embeddings=True,
+        output_router_logits=False,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+    )
+
+
+def build_tiny_switch(seed: int, num_experts: int = 4) -> SwitchTransformersForConditionalGeneration:
+    """A randomly initialised tiny Switch Transformers model whose weights depend only on ``seed`` (see
+    :func:`build_tiny_llama`), with a generation config holding the pad, eos and decoder-start ids."""
+    config = tiny_switch_config(num_experts=num_experts)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SwitchTransformersForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID,
+    )
     return model

@@ -62,7 +62,8 @@ def get_worker(cfg: Config, spec: AdapterSpec) -> Worker:
         adapters.inject(model, spec, generator=torch_generator(cfg.run.seed, "lora-init"))
         device = _device(m.device)
         model.to(device)
-        formatter = PromptFormatter(tokenizer, cfg.data.prompt_template, cfg.data.system_prompt, m.max_seq_len)
+        formatter = PromptFormatter(tokenizer, cfg.data.prompt_template, cfg.data.system_prompt, m.max_seq_len,
+                                    encoder_decoder=bool(getattr(model.config, "is_encoder_decoder", False)))
         initial = adapters.init_global_state(model, spec, cfg.run.seed) if spec.kind == "lora" else None
         w = Worker(model, formatter, spec, initial, device)
         _CACHE.clear()  # one backbone per process: a new model replaces the old one

@@ -162,7 +162,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         lr, numpy_rng(cfg.run.seed, "batches", r, client), worker.device,
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
         extra_loss=(lambda: coef * adapters.balance_loss(model, spec)) if coef > 0 else None,
-        forward_context=lambda batch: adapters.token_mask(model, spec, batch["attention_mask"]),
+        forward_context=lambda batch: adapters.token_mask(model, spec, batch["attention_mask"],
+                                                          batch.get("decoder_attention_mask")),
         label_smoothing=float(conf.get("label-smoothing", 0.0)),
         grad_offset=offset,
     )
