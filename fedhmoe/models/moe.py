@@ -226,6 +226,8 @@ def trainable_parameters(model: nn.Module, train_dense: bool = True) -> dict[str
     ``train_dense``; marks exactly these as requiring gradients. Keys are module parameter names."""
     experts: set[int] = set()
     for b in moe_blocks(model).values():
+        if block_family(b).fused and not isinstance(b.experts, LoRAExperts):  # type: ignore[union-attr]
+            _own_expert_storage(b.experts)
         if block_family(b).fused:  # type: ignore[union-attr]
             experts |= {id(v) for v in _stacked(b).values()}
         else:
@@ -239,6 +241,15 @@ def trainable_parameters(model: nn.Module, train_dense: bool = True) -> dict[str
         if train:
             out[name] = p
     return out
+
+
+def _own_expert_storage(ex: nn.Module) -> None:
+    """Give stacked expert tensors that are views of one shared copy (an upcycled model) storage of their own,
+    so that training can update each expert."""
+    for name in ("gate_up_proj", "down_proj"):
+        p = getattr(ex, name)
+        if not p.is_meta and 0 in p.stride():
+            setattr(ex, name, nn.Parameter(p.detach().contiguous().clone(), requires_grad=p.requires_grad))
 
 
 def param_view(model: nn.Module, wire: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -481,8 +492,8 @@ class LoRAExperts(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.bank = {t: w.detach() if w.is_meta else w.detach().to("cpu")  # every expert, frozen
                      for t, w in (("gate_up_proj", base.gate_up_proj), ("down_proj", base.down_proj))}
-        self.gate_up_proj = nn.Parameter(base.gate_up_proj.detach().clone(), requires_grad=False)
-        self.down_proj = nn.Parameter(base.down_proj.detach().clone(), requires_grad=False)
+        self.gate_up_proj = nn.Parameter(base.gate_up_proj.detach(), requires_grad=False)
+        self.down_proj = nn.Parameter(base.down_proj.detach(), requires_grad=False)
         n, two_i, h = self.gate_up_proj.shape
         i = self.down_proj.shape[2]
         self.gate_up_A = nn.Parameter(torch.zeros(n, rank, h), requires_grad=False)
@@ -748,8 +759,7 @@ def upcycle_llama(dense: nn.Module, num_experts: int, top_k: int, seed: int, rou
     mcfg = upcycled_config(c, num_experts, top_k)
     dtype = next(dense.parameters()).dtype
     with torch.device("meta"):
-        moe = MixtralForCausalLM(mcfg)
-    moe = moe.to_empty(device="cpu").to(dtype)
+        moe = MixtralForCausalLM(mcfg).to(dtype)
     src = dense.state_dict()
     gen = torch.Generator().manual_seed(int(seed))
     new: dict[str, torch.Tensor] = {}
@@ -758,31 +768,36 @@ def upcycle_llama(dense: nn.Module, num_experts: int, top_k: int, seed: int, rou
         if m is None:
             if name not in src:
                 raise ValueError(f"dense model lacks {name!r}")
-            new[name] = src[name]
+            new[name] = src[name].detach().clone()
             continue
         pre = f"model.layers.{m.group(1)}.mlp."
         what = m.group(2)
+        # The experts are one shared copy of the MLP seen num_experts times (expand: no memory per expert);
+        # a sub-MoE, or training, replaces them with tensors of their own.
         if what == "gate.weight":
             new[name] = (torch.randn(num_experts, c.hidden_size, generator=gen) * router_std).to(dtype)
         elif what == "experts.gate_up_proj":
             gu = torch.cat([src[pre + "gate_proj.weight"], src[pre + "up_proj.weight"]], 0)  # (2I, H)
-            new[name] = gu.unsqueeze(0).repeat(num_experts, 1, 1)  # (E, 2I, H)
+            new[name] = gu.unsqueeze(0).expand(num_experts, -1, -1)  # (E, 2I, H)
         elif what == "experts.down_proj":
-            new[name] = src[pre + "down_proj.weight"].unsqueeze(0).repeat(num_experts, 1, 1)  # (E, H, I)
+            new[name] = src[pre + "down_proj.weight"].detach().clone().unsqueeze(0).expand(num_experts, -1, -1)
         else:
             raise ValueError(f"unexpected MoE tensor {name!r}")
-    moe.load_state_dict(new, strict=True)
-    if mcfg.tie_word_embeddings:  # to_empty gave the tied head its own tensor: share it again
+    moe.load_state_dict(new, strict=True, assign=True)
+    if mcfg.tie_word_embeddings:  # assigned tensors are separate parameters: share the head and embeddings again
         moe.tie_weights()
         if moe.get_output_embeddings().weight is not moe.get_input_embeddings().weight:
             raise RuntimeError("upcycled model lost its tied embeddings")
     # Buffers (rotary inverse frequencies) are not in the state dict: take the dense model's.
     dense_buffers = dict(dense.named_buffers())
-    with torch.no_grad():
-        for name, buf in moe.named_buffers():
-            if name not in dense_buffers or dense_buffers[name].shape != buf.shape:
-                raise ValueError(f"dense model lacks buffer {name!r}")
-            buf.copy_(dense_buffers[name])
+    for name, buf in list(moe.named_buffers()):
+        if name not in dense_buffers or dense_buffers[name].shape != buf.shape:
+            raise ValueError(f"dense model lacks buffer {name!r}")
+        owner, _, attr = name.rpartition(".")
+        setattr(moe.get_submodule(owner) if owner else moe, attr, dense_buffers[name].detach().clone())
+    left = [n for n, t in [*moe.named_parameters(), *moe.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"upcycled model left {left[0]!r} on the meta device")
     if getattr(dense, "generation_config", None) is not None:
         moe.generation_config = dense.generation_config
     moe.requires_grad_(False)
