@@ -514,6 +514,8 @@ def _check_feasible(cfg: Config) -> None:
     need(all(b > 0 for b in fm.memory_budgets_gb), "fedmoe.memory-budgets-gb", "budgets must be positive")
     need(0.0 < fm.memory_reserve <= 1.0, "fedmoe.memory-reserve", f"must be in (0, 1], got {fm.memory_reserve}")
     need(fm.min_experts_per_layer >= 1, "fedmoe.min-experts-per-layer", "must be at least 1")
+    need(fm.min_delta >= 0, "fedmoe.min-delta", "must be non-negative")
+    need(0 < fm.search_tol < 1, "fedmoe.search-tol", f"must be in (0, 1), got {fm.search_tol}")
     need(0.0 <= fm.label_smoothing < 1.0, "fedmoe.label-smoothing", "must be in [0, 1)")
     need(fm.load_balance_coef >= 0, "fedmoe.load-balance-coef", "must be non-negative")
     need(fm.patience >= 1, "fedmoe.patience", "must be at least 1")

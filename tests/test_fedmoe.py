@@ -248,3 +248,57 @@ def test_modular_aggregation_on_hand_computed_cases(single_lr):
     np.testing.assert_allclose(g["b.router.0"], 0.0 + single_lr * (101.0 - 0.0))
     np.testing.assert_array_equal(g["b.experts.2.w"], state["b.experts.2.w"])  # nobody held it
     np.testing.assert_array_equal(g["b.router.2"], state["b.router.2"])
+
+
+def _fake_strategy(**over):
+    f32 = np.float32
+    state = {"dense": np.zeros(2, f32), **{f"{b}.experts.{g}.w": np.zeros(2, f32) for b in ("enc", "dec")
+                                           for g in range(3)},
+             **{f"{b}.router.{g}": np.zeros(3, f32) for b in ("enc", "dec") for g in range(3)}}
+    cfg = smoke("algorithm.name=fedmoe", "federation.num-rounds=3", "fedmoe.memory-budgets-gb=[]",
+                *[f"{k}={v}" for k, v in over.items()])
+    tasks = {0: "a", 1: "a", 2: "b"}
+    return FedMoE(cfg, state, {c: 1000 + c for c in range(3)}, "run-config",
+                  client_info={c: {"tasks": [tasks[c]], "num-train": 10} for c in range(3)})
+
+
+def test_profiles_travel_keyed_by_block_so_layer_order_cannot_be_confused():
+    from fedhmoe.algorithms.base import ClientReply
+
+    strat = _fake_strategy()
+    assert strat.blocks == ["dec", "enc"]  # the server's order need not be the client's model order
+    enc, dec = np.array([0.7, 0.3, 0.0], np.float32), np.array([0.0, 0.0, 1.0], np.float32)
+    reply = ClientReply(0, {}, {}, {"profile:enc": enc, "profile:dec": dec}, 0)
+    prof = strat._profile_of(reply)
+    np.testing.assert_array_equal(prof[strat.blocks.index("enc")], enc)
+    np.testing.assert_array_equal(prof[strat.blocks.index("dec")], dec)
+    assert strat._profile_of(ClientReply(0, {}, {}, {"profile:enc": enc}, 0)) is None  # a block missing
+
+
+def test_lost_profiling_replies_fall_back_to_every_profiled_client():
+    strat = _fake_strategy()
+    # client 2 is the only one of task "b" and its profiling reply was lost: it gets the mean of clients 0 and 1
+    p0 = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], np.float32)
+    p1 = np.array([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]], np.float32)
+    strat.profiles = {0: p0, 1: p1}
+    strat._initial_structure(1)
+    np.testing.assert_allclose(strat.profiles[2], (p0 + p1) / 2)
+    strat.profiles = {}
+    with pytest.raises(RuntimeError, match="no profiling client replied"):
+        strat._initial_structure(1)
+
+
+def test_enforced_sampling_needs_clients_with_different_tasks_and_bad_fedmoe_keys_fail_early():
+    with pytest.raises(ConfigError, match="federation.sampling"):
+        cfg = smoke("algorithm.name=fedprox", "federation.sampling=enforced")
+        FedMoE(smoke("algorithm.name=fedmoe", "federation.sampling=enforced"), initial_state(cfg) | {},
+               {c: 1000 + c for c in range(3)}, "run-config", client_info={c: {"tasks": ["same"]} for c in range(3)})
+    with pytest.raises(ConfigError, match="fedmoe.min-delta"):
+        smoke("algorithm.name=fedmoe", "fedmoe.min-delta=-1")
+    with pytest.raises(ConfigError, match="fedmoe.search-tol"):
+        smoke("algorithm.name=fedmoe", "fedmoe.search-tol=0")
+    with pytest.raises(ConfigError, match="min-experts-per-layer"):
+        _fake_strategy(**{"fedmoe.min-experts-per-layer": 4})
+    with pytest.raises(ConfigError, match="fedmoe.train-mode"):
+        initial_state(load_config(SMOKE, [*FAST, "model.name=tiny-switch", "algorithm.name=fedmoe",
+                                          "fedmoe.train-mode=lora"]))

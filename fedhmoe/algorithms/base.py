@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedhmoe.algorithms.aggregate import aggregate_by_key, validate_update
-from fedhmoe.config import Config
+from fedhmoe.config import Config, ConfigError
 from fedhmoe.models.adapters import AdapterSpec
 from fedhmoe.utils.seeding import numpy_rng
 from fedhmoe.wire import ARRAYS, CONFIG, METRICS, STATS, content_nbytes, decode_arrays, encode_arrays, make_content
@@ -88,6 +88,12 @@ class FederatedStrategy(Strategy):
     ) -> None:
         self.cfg = cfg
         self.client_info = {int(c): dict(v) for c, v in (client_info or {}).items()}
+        if cfg.federation.sampling == "enforced" and self.client_info:
+            labels = {"+".join(v.get("tasks", [])) for v in self.client_info.values()}
+            if len(labels) < 2:
+                raise ConfigError("config key 'federation.sampling': enforced sampling draws one client per task, but "
+                                  f"every client holds the same tasks ({sorted(labels)}); use data.partition = "
+                                  "'task' (or 'task-dirichlet'), or standard sampling")
         self.global_state: dict[str, np.ndarray] = {k: np.asarray(v, np.float32) for k, v in initial_state.items()}
         self.node_of = dict(node_of)
         self.client_of = {n: c for c, n in self.node_of.items()}

@@ -16,6 +16,7 @@ Mei et al., "FedMoE: Personalized Federated Learning via Heterogeneous Mixture o
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = ["FedMoE", "RandomMoE", "Scaffold", "moe_adapter_spec", "moe_memory_mo
 _EXPERT = re.compile(r"^(?P<block>.+?)\.experts\.(?P<gid>\d+)\.[\w.]+$")
 _ROUTER = re.compile(r"^(?P<block>.+)\.router\.(?P<gid>\d+)$")
 _GIB = float(1 << 30)
+log = logging.getLogger("fedhmoe")
 
 
 def moe_adapter_spec(cfg: Config) -> AdapterSpec:
@@ -55,48 +57,58 @@ def _expert_block(key: str) -> tuple[str, int] | None:
 
 
 def moe_memory_model(cfg: Config, state: dict[str, np.ndarray], num_blocks: int) -> MemoryModel:
-    """Memory of a client's sub-MoE, from the tensor sizes of the global state and the training config.
+    """Memory of a client's sub-MoE, from the model's shapes and the training config.
 
-    ``training``: float32 weights (4 B/parameter), plus gradient and AdamW moments (12 B) for what is
-    trained, plus an activation estimate for one step of ``train.batch-size`` x ``model.max-seq-len`` tokens:
-    per token and layer about 16 hidden-size vectors (residual stream, norms, attention inputs and outputs)
-    and 3 intermediate vectors per routed expert, the attention scores, and the logits twice (float32 and
-    their gradient). With ``fedmoe.train-mode = "lora"`` the expert and dense weights are frozen (4 B each)
-    and only LoRA factors and router rows carry training state. ``params``: parameter bytes only (Eq. 3).
+    ``training``: float32 weights (4 B/parameter) of everything the client holds, plus gradient and AdamW
+    moments (12 B) for what it trains (full mode: the held experts with their router rows, and the dense
+    parameters when ``fedmoe.train-dense``; ``lora``: the LoRA factors and router rows), plus an activation
+    estimate for one step of ``train.batch-size`` x ``model.max-seq-len`` tokens: per token and layer about 16
+    hidden-size vectors (residual stream, norms, attention inputs and outputs) and each routed expert's
+    intermediate vectors, the attention scores, and the logits twice (float32 and their gradient). ``params``:
+    parameter bytes only (the paper's Eq. 3).
+
+    Args:
+        cfg: The experiment config.
+        state: The global state (what travels): trained tensors, which size the LoRA factors.
+        num_blocks: MoE layers of the model.
     """
-    dense = sum(v.size for k, v in state.items() if _expert_block(k) is None)
-    per_expert: dict[tuple[str, int], int] = {}
-    for k, v in state.items():
-        eb = _expert_block(k)
-        if eb is not None:
-            per_expert[eb] = per_expert.get(eb, 0) + int(v.size)
-    one = max(per_expert.values()) if per_expert else 0
-    hidden = next((v.shape[0] for k, v in state.items() if _ROUTER.match(k)), 0)
-    if cfg.fedmoe.train_mode == "lora":
-        from fedhmoe.models import moe
-        from fedhmoe.models.backbone import backbone_shapes
+    from fedhmoe.models import moe
+    from fedhmoe.models.backbone import backbone_shapes
 
-        meta = backbone_shapes(cfg.model)
-        frozen_dense, frozen_one = moe.expert_param_count(meta)
-        inter = frozen_one // (3 * hidden) if hidden else 0
-        vocab = int(meta.config.vocab_size)
+    meta = backbone_shapes(cfg.model)
+    mc = meta.config
+    frozen_dense, frozen_one = moe.expert_param_count(meta)  # all dense parameters; one expert's weights
+    hidden = int(getattr(mc, "hidden_size", 0) or getattr(mc, "d_model", 0))
+    router_row = hidden
+    top_k = int(getattr(mc, "num_experts_per_tok", 0) or 1)
+    layers = int(getattr(mc, "num_hidden_layers", 0) or 0) or \
+        int(getattr(mc, "num_layers", 0) or 0) + int(getattr(mc, "num_decoder_layers", 0) or 0)
+    if cfg.fedmoe.train_mode == "lora":
+        trained_dense = sum(v.size for k, v in state.items() if _expert_block(k) is None)  # dense LoRA factors
+        per_expert: dict[tuple[str, int], int] = {}
+        for k, v in state.items():
+            eb = _expert_block(k)
+            if eb is not None:
+                per_expert[eb] = per_expert.get(eb, 0) + int(v.size)
+        trained_one = max(per_expert.values()) if per_expert else router_row  # LoRA factors + router row
         if cfg.fedmoe.memory_model == "params":
-            return MemoryModel.params_only(frozen_dense + dense, frozen_one + one)
+            return MemoryModel.params_only(frozen_dense + trained_dense, frozen_one + trained_one)
         # 16 B per "effective" parameter: frozen weights count a quarter, trained ones in full
-        dense_eff, one_eff, train_dense = frozen_dense / 4 + dense, frozen_one / 4 + one, True
+        dense_eff, one_eff = frozen_dense / 4 + trained_dense, frozen_one / 4 + trained_one
     else:
-        inter = next((v.shape[0] // 2 for k, v in state.items() if k.endswith("gate_up_proj")), 4 * hidden)
         if cfg.fedmoe.memory_model == "params":
-            return MemoryModel.params_only(dense, one)
-        dense_eff, one_eff, train_dense = dense, one, cfg.fedmoe.train_dense
-        vocab = max((v.shape[0] for k, v in state.items() if k.endswith("embed_tokens.weight")), default=0)
+            return MemoryModel.params_only(frozen_dense, frozen_one + router_row)
+        dense_eff = frozen_dense if cfg.fedmoe.train_dense else frozen_dense / 4
+        one_eff = frozen_one + router_row
+    vocab = int(getattr(mc, "vocab_size", 0) or 0)
     tokens = cfg.train.batch_size * cfg.model.max_seq_len
-    top_k = max(1, cfg.model.upcycle_top_k if cfg.model.upcycle_experts else 2)
-    per_token_layer = 16 * hidden + 3 * inter * top_k
+    inter_per_expert = frozen_one / hidden if hidden else 0.0  # gated MLP: 3 I; Switch: 2 I
+    per_token_layer = 16 * hidden + inter_per_expert * top_k
     attn = cfg.train.batch_size * cfg.model.max_seq_len ** 2 * 4  # scores and probabilities, a few heads' worth
-    acts = 4.0 * (tokens * num_blocks * per_token_layer + 2 * tokens * vocab) + num_blocks * attn
+    depth = max(num_blocks, layers)
+    acts = 4.0 * (tokens * depth * per_token_layer + 2 * tokens * vocab) + depth * attn
     return MemoryModel(dense_params=int(round(dense_eff)), expert_params=max(1, int(round(one_eff))),
-                       train_dense=train_dense, activation_bytes=float(acts))
+                       train_dense=True, activation_bytes=float(acts))
 
 
 class MoEMethod(FederatedStrategy):
@@ -183,13 +195,15 @@ class FedMoE(MoEMethod):
                     f"expert(s) per layer: that needs {need / _GIB:.4g} GiB, the budget allows "
                     f"{fm.memory_reserve * self.budget[c] / _GIB:.4g} GiB ({fm.memory_reserve} x "
                     f"{self.budget[c] / _GIB:.4g} GiB)")
+        if fm.min_experts_per_layer > self.num_experts:
+            raise ConfigError(f"config key 'fedmoe.min-experts-per-layer': {fm.min_experts_per_layer} exceeds the "
+                              f"{self.num_experts} experts per layer of the model")
         all_held = {b: list(range(self.num_experts)) for b in self.blocks}
         self.held: dict[int, dict[str, list[int]]] = {c: {b: list(v) for b, v in all_held.items()}
                                                      for c in self.clients}
         self.profiles: dict[int, np.ndarray] = {}
         self.rec_state = {c: RecommendState() for c in self.clients}
         self.actions: dict[int, str] = {}
-        self.stage = 1 if fm.profile_rounds > 0 else 2
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ structure
@@ -210,10 +224,9 @@ class FedMoE(MoEMethod):
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
         out = super().train_config(server_round, client)
-        profile = server_round == self.cfg.fedmoe.profile_rounds or not self.in_stage1(server_round)
-        out |= {"collect-profile": profile, "num-experts": self.num_experts,
-                "validate": (not self.in_stage1(server_round)) and self.recommend_enabled
-                and self.cfg.fedmoe.recommend}
+        recommending = (not self.in_stage1(server_round)) and self.recommend_enabled and self.cfg.fedmoe.recommend
+        profile = server_round == self.cfg.fedmoe.profile_rounds or recommending
+        out |= {"collect-profile": profile, "num-experts": self.num_experts, "validate": recommending}
         return out
 
     def counts(self) -> dict[int, int]:
@@ -246,10 +259,12 @@ class FedMoE(MoEMethod):
         return out
 
     def _profile_of(self, reply: ClientReply) -> np.ndarray | None:
-        prof = reply.stats.get("profile")
-        if prof is None or prof.shape != (len(self.blocks), self.num_experts):
+        """The reply's activation profile ``(L, E)`` in the server's block order (rows travel keyed by block
+        path, so encoder and decoder blocks cannot be confused), or None when absent or misshapen."""
+        rows = [reply.stats.get(f"profile:{b}") for b in self.blocks]
+        if any(r is None or r.shape != (self.num_experts,) for r in rows):
             return None
-        return np.asarray(prof, np.float32)
+        return np.stack(rows).astype(np.float32)
 
     def after_aggregate(self, server_round: int, replies: list[ClientReply]) -> None:
         fm = self.cfg.fedmoe
@@ -260,7 +275,6 @@ class FedMoE(MoEMethod):
         self.actions = {}
         if server_round == fm.profile_rounds:
             self._initial_structure(server_round)
-            self.stage = 2
         elif not self.in_stage1(server_round) and self.recommend_enabled and fm.recommend:
             rc = RecommendConfig(patience=fm.patience, min_delta=fm.min_delta, neighbours=fm.neighbours,
                                  max_step=fm.max_step, min_per_layer=fm.min_experts_per_layer,
@@ -281,10 +295,15 @@ class FedMoE(MoEMethod):
         fm = self.cfg.fedmoe
         sizes = {c: int(self.client_info.get(c, {}).get("num-train", 0)) for c in self.clients}
         tasks = {c: self.client_task(c) for c in self.clients}
-        try:
-            profiles = estimate_profiles(self.profiles, tasks, sizes, list(self.clients))
-        except SearchError as e:
-            raise RuntimeError(f"round {server_round}: cannot estimate activation profiles: {e}") from e
+        if not self.profiles:
+            raise RuntimeError(f"round {server_round}: no profiling client replied; no sub-MoE can be searched")
+        orphans = [c for c in self.clients
+                   if c not in self.profiles and not any(tasks[p] == tasks[c] for p in self.profiles)]
+        if orphans:  # every profiler of their task lost its reply: fall back to all profiled clients
+            log.warning("round %d: clients %s have no profiled client of their task (lost replies); their profile "
+                        "is the data-size-weighted mean of every profiled client", server_round, orphans)
+            tasks = {c: ("*" if c in orphans or c in self.profiles else t) for c, t in tasks.items()}
+        profiles = estimate_profiles(self.profiles, tasks, sizes, list(self.clients))
         self.profiles = {c: np.asarray(p, np.float32) for c, p in profiles.items()}
         for c in self.clients:
             budget = self.budget[c]
@@ -317,7 +336,7 @@ class FedMoE(MoEMethod):
             "held": {str(c): v for c, v in self.held.items()},
             "profiles": {str(c): p.tolist() for c, p in self.profiles.items()},
             "rec-state": {str(c): s.to_json() for c, s in self.rec_state.items()},
-            "stage": self.stage, "history": self.history,
+            "history": self.history,
         }
         return tensors, meta
 
@@ -327,7 +346,6 @@ class FedMoE(MoEMethod):
             self.held = {int(c): {b: [int(g) for g in v[b]] for b in self.blocks} for c, v in meta["held"].items()}
             self.profiles = {int(c): np.asarray(p, np.float32) for c, p in meta["profiles"].items()}
             self.rec_state = {int(c): RecommendState.from_json(s) for c, s in meta["rec-state"].items()}
-            self.stage = int(meta["stage"])
             self.history = list(meta.get("history", []))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"checkpoint structure of {self.name!r} is incomplete or corrupt: {e}") from e
@@ -382,12 +400,14 @@ class Scaffold(FederatedStrategy):
     def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
         before = dict(self.global_state)
         out = super().aggregate_train(server_round, replies)
-        n_sampled = len(self.last_train.replies)
-        if n_sampled:
+        good = self.last_train.replies
+        if good:
             eta = self.cfg.algorithm.server_lr
-            frac = n_sampled / len(self.clients)
+            frac = len(good) / len(self.clients)
             for k in self.global_state:
-                step = frac if k.startswith(self.prefix) else eta
-                if step != 1.0:
-                    self.global_state[k] = (before[k] + step * (self.global_state[k] - before[k])).astype(np.float32)
+                if k.startswith(self.prefix):  # c += |S|/N * plain mean of (c_i' - c_i): c stays the mean of the c_i
+                    mean = np.mean([r.arrays[k] for r in good if k in r.arrays], axis=0)
+                    self.global_state[k] = (before[k] + frac * (mean - before[k])).astype(np.float32)
+                elif eta != 1.0:
+                    self.global_state[k] = (before[k] + eta * (self.global_state[k] - before[k])).astype(np.float32)
         return out

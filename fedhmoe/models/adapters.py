@@ -48,7 +48,13 @@ def inject(model: nn.Module, spec: AdapterSpec, generator: torch.Generator | Non
             raise ValueError(f"{type(model).__name__} has no sparse MoE block; this method needs an MoE backbone "
                              "(e.g. model.name = 'tiny-mixtral', or model.upcycle-experts > 0)")
         if spec.expert_lora:
-            moe.add_expert_lora(model, spec.rank, spec.alpha, spec.dropout)
+            try:
+                moe.add_expert_lora(model, spec.rank, spec.alpha, spec.dropout)
+            except ValueError as e:
+                from fedhmoe.config import ConfigError
+
+                raise ConfigError(f"config key 'fedmoe.train-mode': 'lora' is not available for this model ({e}); "
+                                  "use 'full'") from e
             if spec.targets:
                 lora.inject_lora(model, list(spec.targets), spec.rank, spec.alpha, spec.dropout, generator=generator)
         moe.install_recorder(model)

@@ -186,8 +186,10 @@ def handle_train(msg: Message, context: Context) -> Message:
     if conf.get("collect-profile", False):  # FedMoE: activation profile and validation score of w_k*
         split = data.val or data.train
         prof = moe_activation_profile(model, worker.formatter, split, cfg.eval.batch_size, worker.device,
-                                      int(conf["num-experts"]))
-        stats = encode_arrays({"profile": prof})
+                                      int(conf["num-experts"]))  # (L, E), rows in the model's block order
+        from fedhmoe.models.moe import moe_blocks
+
+        stats = encode_arrays({f"profile:{path}": prof[i] for i, path in enumerate(moe_blocks(model))})
         if conf.get("validate", False) and data.val:
             ev = evaluate_examples(model, worker.formatter, data.val, cfg.eval, worker.device)
             metrics["val-score"] = float(-ev["eval-loss"] if cfg.eval.select_metric == "eval-loss" else ev["score"])
