@@ -295,6 +295,8 @@ def test_enforced_sampling_needs_clients_with_different_tasks_and_bad_fedmoe_key
                {c: 1000 + c for c in range(3)}, "run-config", client_info={c: {"tasks": ["same"]} for c in range(3)})
     with pytest.raises(ConfigError, match="fedmoe.min-delta"):
         smoke("algorithm.name=fedmoe", "fedmoe.min-delta=-1")
+    with pytest.raises(ConfigError, match="data.val-fraction"):
+        smoke("algorithm.name=fedmoe", "data.val-fraction=0")
     with pytest.raises(ConfigError, match="fedmoe.search-tol"):
         smoke("algorithm.name=fedmoe", "fedmoe.search-tol=0")
     with pytest.raises(ConfigError, match="min-experts-per-layer"):

@@ -146,6 +146,9 @@ class FedMoE(MoEMethod):
         fm = cfg.fedmoe
         if fm.profile_rounds < 1:
             raise ConfigError("config key 'fedmoe.profile-rounds': FedMoE needs at least one profiling round")
+        if cls.recommend_enabled and fm.recommend and cfg.data.val_fraction <= 0:
+            raise ConfigError("config key 'data.val-fraction': global expert recommendation judges clients by their "
+                              "validation score; give clients a validation split or set fedmoe.recommend = false")
         if fm.profile_rounds >= cfg.federation.num_rounds:
             raise ConfigError(f"config key 'fedmoe.profile-rounds': {fm.profile_rounds} profiling rounds leave no "
                               f"sub-MoE round in federation.num-rounds = {cfg.federation.num_rounds}")

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from fedhmoe.algorithms.submoe_search import _as_int, _as_profile
 
 __all__ = [
     "ACTIONS",
@@ -42,26 +43,6 @@ __all__ = [
 
 #: Every action :func:`recommend` can report.
 ACTIONS = ("none", "frozen", "wait", "add", "remove", "keep", "revert")
-
-
-def _as_int(value: int, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
-
-
-def _as_profile(profile: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(profile, dtype=np.float64)
-    if arr.ndim != 2 or arr.size == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D (layers x experts) array, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} has non-finite entries")
-    if np.any(arr < 0):
-        raise ValueError(f"{name} has negative entries (smallest {float(arr.min())!r})")
-    return arr
 
 
 def _copy_held(held: Sequence[Sequence[int]]) -> list[list[int]]:
