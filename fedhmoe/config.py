@@ -238,6 +238,10 @@ class FedMoEConfig:
     neighbours: int = _f(3, "K: most similar clients (cosine of activation profiles) consulted by recommendation.")
     max_step: int = _f(1, "Most experts added or removed per adjustment; 0 applies the paper's full count.")
     confirm_failures: int = _f(1, "Failed trial adjustments before a client's structure is frozen (1: the paper).")
+    profile_ema: float = _f(
+        0.0, "Stage 2: weight of a client's previous activation profile when a new one arrives (0: replace, as the "
+             "paper; e.g. 0.5 keeps part of the full-MoE profile of stage 1 as a prior, since stage-2 profiles are "
+             "zero outside the sub-MoE).")
     single_holder_lr: float = _f(
         1.0, "Server step for an expert (and its router row) that one sampled client held: W += lr * (w_k - W); "
              "1 overwrites as the paper does.")
@@ -523,6 +527,7 @@ def _check_feasible(cfg: Config) -> None:
     need(fm.max_step >= 0, "fedmoe.max-step", "must be non-negative")
     need(fm.confirm_failures >= 1, "fedmoe.confirm-failures", "must be at least 1")
     need(0.0 < fm.single_holder_lr <= 1.0, "fedmoe.single-holder-lr", "must be in (0, 1]")
+    need(0.0 <= fm.profile_ema < 1.0, "fedmoe.profile-ema", f"must be in [0, 1), got {fm.profile_ema}")
 
     from fedhmoe.algorithms.registry import ALGORITHMS  # late import: the registry imports config types
 

@@ -304,3 +304,18 @@ def test_enforced_sampling_needs_clients_with_different_tasks_and_bad_fedmoe_key
     with pytest.raises(ConfigError, match="fedmoe.train-mode"):
         initial_state(load_config(SMOKE, [*FAST, "model.name=tiny-switch", "algorithm.name=fedmoe",
                                           "fedmoe.train-mode=lora"]))
+
+
+def test_profile_ema_keeps_part_of_the_previous_profile_in_stage_2():
+    from fedhmoe.algorithms.base import ClientReply
+
+    old = np.array([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]], np.float32)
+    new = {"profile:dec": np.array([1.0, 0.0, 0.0], np.float32), "profile:enc": np.array([0.0, 0.0, 1.0], np.float32)}
+    for ema, expect in ((0.0, np.stack([new["profile:dec"], new["profile:enc"]])),
+                        (0.5, 0.5 * old + 0.5 * np.stack([new["profile:dec"], new["profile:enc"]]))):
+        strat = _fake_strategy(**{"fedmoe.profile-ema": ema})
+        strat.profiles = {0: old.copy()}
+        strat.after_aggregate(2, [ClientReply(0, {}, {}, new, 0)])  # round 2: stage 2 (one profiling round)
+        np.testing.assert_allclose(strat.profiles[0], expect)
+    with pytest.raises(ConfigError, match="fedmoe.profile-ema"):
+        smoke("algorithm.name=fedmoe", "fedmoe.profile-ema=1.0")

@@ -271,10 +271,12 @@ class FedMoE(MoEMethod):
 
     def after_aggregate(self, server_round: int, replies: list[ClientReply]) -> None:
         fm = self.cfg.fedmoe
+        ema = fm.profile_ema if not self.in_stage1(server_round) else 0.0
         for r in replies:
             prof = self._profile_of(r)
             if prof is not None:
-                self.profiles[r.client] = prof
+                old = self.profiles.get(r.client)
+                self.profiles[r.client] = prof if old is None or ema == 0 else (ema * old + (1 - ema) * prof)
         self.actions = {}
         if server_round == fm.profile_rounds:
             self._initial_structure(server_round)
