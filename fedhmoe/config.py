@@ -245,6 +245,8 @@ class FedMoEConfig:
     single_holder_lr: float = _f(
         1.0, "Server step for an expert (and its router row) that one sampled client held: W += lr * (w_k - W); "
              "1 overwrites as the paper does.")
+    min_holders: int = _f(1, "Stage 2: an expert (and its router row) is updated only when at least this many "
+                             "sampled clients held it; 1 updates every held expert, as the paper.")
     train_mode: str = _f(
         "full",
         "How an MoE is trained, in both stages and by the MoE baselines: `full` (the sub-MoE's weights, as the "
@@ -527,6 +529,7 @@ def _check_feasible(cfg: Config) -> None:
     need(fm.max_step >= 0, "fedmoe.max-step", "must be non-negative")
     need(fm.confirm_failures >= 1, "fedmoe.confirm-failures", "must be at least 1")
     need(0.0 < fm.single_holder_lr <= 1.0, "fedmoe.single-holder-lr", "must be in (0, 1]")
+    need(fm.min_holders >= 1, "fedmoe.min-holders", "must be at least 1")
     need(0.0 <= fm.profile_ema < 1.0, "fedmoe.profile-ema", f"must be in [0, 1), got {fm.profile_ema}")
 
     from fedhmoe.algorithms.registry import ALGORITHMS  # late import: the registry imports config types

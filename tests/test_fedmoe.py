@@ -209,15 +209,16 @@ def test_fedmoe_with_lora_on_experts_sends_only_factors_and_router_rows(tmp_path
         assert r["bytes-down"] < first["bytes-down"] and r["param-bytes"] < first["param-bytes"]
 
 
-@pytest.mark.parametrize("single_lr", [1.0, 0.5])
-def test_modular_aggregation_on_hand_computed_cases(single_lr):
+@pytest.mark.parametrize("single_lr, min_holders", [(1.0, 1), (0.5, 1), (1.0, 2)])
+def test_modular_aggregation_on_hand_computed_cases(single_lr, min_holders):
     from flwr.app import Message
 
     from fedhmoe.runtime.engines import InProcessGrid, _set_task_identity
     from fedhmoe.wire import decode_arrays, encode_arrays, make_content
 
     cfg = smoke("algorithm.name=fedmoe", "federation.num-rounds=3", "fedmoe.memory-budgets-gb=[]",
-                "algorithm.weighting=num-examples", f"fedmoe.single-holder-lr={single_lr}")
+                "algorithm.weighting=num-examples", f"fedmoe.single-holder-lr={single_lr}",
+                f"fedmoe.min-holders={min_holders}")
     f32 = np.float32
     state = {"dense": np.zeros(2, f32), **{f"b.experts.{g}.w": np.full(2, 10.0 * g, f32) for g in range(3)},
              **{f"b.router.{g}": np.full(3, float(g), f32) for g in range(3)}}
@@ -243,9 +244,9 @@ def test_modular_aggregation_on_hand_computed_cases(single_lr):
     np.testing.assert_allclose(g["dense"], mean_all)
     np.testing.assert_allclose(g["b.experts.1.w"], mean_all)  # held by all three
     np.testing.assert_allclose(g["b.router.1"], mean_all + 1)  # the router row follows its expert
-    expect0 = 0.0 + single_lr * (100.0 - 0.0)  # one holder: its copy, or a damped step
-    np.testing.assert_allclose(g["b.experts.0.w"], expect0)
-    np.testing.assert_allclose(g["b.router.0"], 0.0 + single_lr * (101.0 - 0.0))
+    step = single_lr if min_holders == 1 else 0.0  # one holder: its copy, a damped step, or no update
+    np.testing.assert_allclose(g["b.experts.0.w"], 0.0 + step * (100.0 - 0.0))
+    np.testing.assert_allclose(g["b.router.0"], 0.0 + step * (101.0 - 0.0))
     np.testing.assert_array_equal(g["b.experts.2.w"], state["b.experts.2.w"])  # nobody held it
     np.testing.assert_array_equal(g["b.router.2"], state["b.router.2"])
 

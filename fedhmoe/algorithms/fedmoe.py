@@ -249,15 +249,17 @@ class FedMoE(MoEMethod):
     def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
         before = dict(self.global_state)
         out = super().aggregate_train(server_round, replies)
-        lr = self.cfg.fedmoe.single_holder_lr
-        if lr < 1.0:
+        lr, min_holders = self.cfg.fedmoe.single_holder_lr, self.cfg.fedmoe.min_holders
+        if lr < 1.0 or min_holders > 1:
             holders: dict[str, int] = {}
             for r in self.last_train.replies:
                 for k in r.arrays:
                     if _expert_block(k) is not None:
                         holders[k] = holders.get(k, 0) + 1
             for k, n in holders.items():
-                if n == 1:
+                if n < min_holders:  # too few sampled holders this round: the global expert keeps its value
+                    self.global_state[k] = before[k]
+                elif n == 1:
                     self.global_state[k] = (before[k] + lr * (self.global_state[k] - before[k])).astype(np.float32)
         return out
 
