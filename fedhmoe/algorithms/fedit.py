@@ -51,9 +51,12 @@ class FedProx(FedIT):
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
         out: dict[str, Any] = {"proximal-mu": self.cfg.algorithm.proximal_mu}
-        if self.adapter_spec(self.cfg).kind == "moe":
-            fm = self.cfg.fedmoe
-            out |= {"label-smoothing": fm.label_smoothing, "load-balance-coef": fm.load_balance_coef}
+        if getattr(self, "_on_moe", None) is None:
+            self._on_moe = self.adapter_spec(self.cfg).kind == "moe"
+        if self._on_moe:
+            from fedhmoe.algorithms.fedmoe import moe_train_config
+
+            out |= moe_train_config(self.cfg)
         return out
 
 

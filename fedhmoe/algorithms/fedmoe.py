@@ -30,7 +30,7 @@ from fedhmoe.config import Config, ConfigError
 from fedhmoe.models.adapters import AdapterSpec
 from fedhmoe.utils.seeding import numpy_rng
 
-__all__ = ["FedMoE", "RandomMoE", "Scaffold", "moe_adapter_spec", "moe_memory_model"]
+__all__ = ["FedMoE", "RandomMoE", "Scaffold", "moe_adapter_spec", "moe_memory_model", "moe_train_config"]
 
 _EXPERT = re.compile(r"^(?P<block>.+?)\.experts\.(?P<gid>\d+)\.[\w.]+$")
 _ROUTER = re.compile(r"^(?P<block>.+)\.router\.(?P<gid>\d+)$")
@@ -45,6 +45,12 @@ def moe_adapter_spec(cfg: Config) -> AdapterSpec:
         return AdapterSpec("moe", tuple(fm.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout,
                            train_dense=bool(fm.lora_targets), expert_lora=True)
     return AdapterSpec("moe", (), 0, 0.0, 0.0, train_dense=fm.train_dense)
+
+
+def moe_train_config(cfg: Config) -> dict[str, Any]:
+    """What a client needs to train an MoE: label smoothing and the load-balancing weight."""
+    fm = cfg.fedmoe
+    return {"label-smoothing": fm.label_smoothing, "load-balance-coef": fm.load_balance_coef}
 
 
 def _natural(path: str) -> tuple:
@@ -128,8 +134,7 @@ class MoEMethod(FederatedStrategy):
                               "model.upcycle-experts")
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
-        fm = self.cfg.fedmoe
-        return {"label-smoothing": fm.label_smoothing, "load-balance-coef": fm.load_balance_coef}
+        return moe_train_config(self.cfg)
 
 
 class FedMoE(MoEMethod):
@@ -394,15 +399,13 @@ class Scaffold(FederatedStrategy):
         state |= {SCAFFOLD_PREFIX + k: np.zeros_like(v, dtype=np.float32) for k, v in initial_state.items()}
         super().__init__(cfg, state, node_of, run_config_text, client_info)
         self.model_keys = sorted(k for k in self.global_state if not k.startswith(self.prefix))
+        self.on_moe = self.adapter_spec(cfg).kind == "moe"
 
     def eval_keys(self, server_round: int, client: int) -> list[str]:
         return list(self.model_keys)
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
-        if self.adapter_spec(self.cfg).kind == "moe":
-            fm = self.cfg.fedmoe
-            return {"label-smoothing": fm.label_smoothing, "load-balance-coef": fm.load_balance_coef}
-        return {}
+        return moe_train_config(self.cfg) if self.on_moe else {}
 
     def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
         before = dict(self.global_state)
