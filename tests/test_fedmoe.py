@@ -104,6 +104,10 @@ def test_report_shows_experts_memory_and_bytes_per_client(fedmoe_run):
         assert first == 8 and last < 8
     text = write_run_report(out).read_text()
     assert "parameter memory" in text
+    # patience 1 in the smoke config: round 2 waits, round 3 acts (or finds nothing to change)
+    rec = text.split("## Global expert recommendation")[1].split("\n## ")[0]
+    rows = [line for line in rec.splitlines() if line.startswith("| 2 |") or line.startswith("| 3 |")]
+    assert len(rows) == 2
     assert (out / "plots" / "experts_by_round.png").stat().st_size > 0
     assert (out / "plots" / "memory_by_client.png").stat().st_size > 0
 
@@ -320,3 +324,26 @@ def test_profile_ema_keeps_part_of_the_previous_profile_in_stage_2():
         np.testing.assert_allclose(strat.profiles[0], expect)
     with pytest.raises(ConfigError, match="fedmoe.profile-ema"):
         smoke("algorithm.name=fedmoe", "fedmoe.profile-ema=1.0")
+
+
+def test_recommendation_adds_removes_reverts_and_freezes_within_budgets(tmp_path):
+    # different budgets give different sub-MoE sizes; the tiny model's validation scores never improve, so every
+    # client plateaus (patience 1), gets a trial adjustment towards its neighbours, and is reverted and frozen
+    budgets = [0.0125, 0.0135, 0.0148]
+    cfg = smoke("algorithm.name=fedmoe", "federation.num-rounds=5", f"fedmoe.memory-budgets-gb={budgets}")
+    run_inprocess(cfg, tmp_path)
+    memory = moe_memory_model(cfg, initial_state(cfg), num_blocks=2)
+    history = [json.loads((tmp_path / "experts" / f"round-{r}.json").read_text()) for r in range(2, 6)]
+    actions = [a for h in history for a in h["actions"].values()]
+    assert {"add", "remove", "revert", "frozen"} <= set(actions)
+    for r in range(2, 6):
+        structure = held(tmp_path, r)
+        for c in range(3):
+            total = sum(len(v[str(c)]) for v in structure.values())
+            assert memory.bytes(total) <= budgets[c] * 2**30 and all(len(v[str(c)]) >= 1 for v in structure.values())
+    # a reverted trial restores exactly the structure held before it
+    for r in range(3, 5):
+        for c, a in history[r - 2]["actions"].items():
+            if a == "revert":
+                trial_start = held(tmp_path, r - 1)
+                assert {b: v[c] for b, v in held(tmp_path, r + 1).items()} == {b: v[c] for b, v in trial_start.items()}

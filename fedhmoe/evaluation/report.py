@@ -174,6 +174,25 @@ def memory_table(run_dir: str | Path) -> str | None:
     return "\n".join(lines)
 
 
+def recommendation_table(run_dir: str | Path) -> str | None:
+    """Markdown: per round, the global expert recommendation's actions (FedMoE: ``experts/round-*.json``), as
+    counts over the clients that trained; None when the run recorded none."""
+    files = sorted(Path(run_dir).glob("experts/round-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    rounds = [json.loads(f.read_text()) for f in files]
+    rounds = [r for r in rounds if r.get("actions")]
+    if not rounds:
+        return None
+    kinds = sorted({a for r in rounds for a in r["actions"].values()})
+    lines = ["| round | " + " | ".join(kinds) + " | experts held (min / mean / max) |",
+             "|---:|" + "---:|" * (len(kinds) + 1)]
+    for r in rounds:
+        acts = list(r["actions"].values())
+        counts = list(r["counts"].values())
+        lines.append(f"| {r['round']} | " + " | ".join(str(acts.count(k)) for k in kinds)
+                     + f" | {min(counts)} / {np.mean(counts):.1f} / {max(counts)} |")
+    return "\n".join(lines)
+
+
 def plot_structure(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """``experts_by_round.png`` (experts each client holds over rounds, all modules together) and
     ``memory_by_client.png`` (measured parameter memory per client, first and last training round), when the
@@ -239,6 +258,9 @@ def write_run_report(run_dir: str | Path) -> Path:
     table = assignment_table(run_dir)
     if table:
         text += ["## Experts held per client (mean over modules) and assignment changes", "", table, ""]
+    rec = recommendation_table(run_dir)
+    if rec:
+        text += ["## Global expert recommendation: actions per round", "", rec, ""]
     mem = memory_table(run_dir)
     if mem:
         text += ["## Experts, parameter memory and communication per client", "", mem, ""]
