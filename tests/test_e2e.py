@@ -202,3 +202,14 @@ def test_client_sampling_trains_a_subset_each_round(tmp_path):
         assert len([r for r in train if r["round"] == rnd]) == 2
     # every client is still evaluated every round
     assert len([r for r in read_metrics(tmp_path) if r["split"] == "test" and r["round"] == 2]) == 3
+
+
+def test_hub_mix_runs_one_dataset_per_client(tmp_path):
+    hub = Path(__file__).resolve().parent / "assets" / "hub"
+    cfg = load_config(SMOKE, ["train.num-threads=1", "data.source=hub-mix", f"data.path={json.dumps(str(hub))}",
+                              'data.tasks=["ag-news", "squad", "xsum"]', "data.min-examples-per-client=2",
+                              "data.train-fraction=0.5", "data.aux-fraction=0.0", "data.val-fraction=0.0",
+                              "data.test-fraction=0.5", "federation.num-rounds=1"])
+    summary = run_inprocess(cfg, tmp_path)
+    assert sorted(v["tasks"][0] for v in summary["clients"].values()) == ["ag-news", "squad", "xsum"]
+    assert all(v["final"] is not None for v in summary["clients"].values())
