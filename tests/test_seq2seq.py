@@ -254,7 +254,9 @@ def test_recorder_masks_each_stream_even_when_the_lengths_match(switch):
         model(**batch)
     assert sum(counts["encoder.block.1.layer.1.mlp"].values()) == 10
     assert sum(counts["decoder.block.1.layer.2.mlp"].values()) == 12
-    with torch.no_grad(), rec.masked(enc_mask, dec_mask[:, :5]), pytest.raises(ValueError, match="decoder mask"):
+    # a lent mask that does not fit the tokens is an error whenever the recorder uses it
+    with torch.no_grad(), rec.counting_tokens(), rec.masked(enc_mask, dec_mask[:, :5]), \
+            pytest.raises(ValueError, match="decoder mask"):
         model(**batch)
 
 
@@ -262,8 +264,11 @@ def test_activation_profile_counts_no_padding_in_either_stream(switch):
     model, _ = switch
     f = fmt()
     moe.install_recorder(model)
-    batched = moe_activation_profile(model, f, EXAMPLES, batch_size=4, device=CPU, num_experts=4)  # padded
-    single = moe_activation_profile(model, f, EXAMPLES, batch_size=1, device=CPU, num_experts=4)  # no padding
+    by_block = moe_activation_profile(model, f, EXAMPLES, batch_size=4, device=CPU, num_experts=4)  # padded
+    assert list(by_block) == list(moe.moe_blocks(model))
+    batched = np.stack(list(by_block.values()))
+    single = np.stack(list(moe_activation_profile(model, f, EXAMPLES, batch_size=1, device=CPU,
+                                                  num_experts=4).values()))  # no padding
     assert batched.shape == (2, 4)
     np.testing.assert_allclose(batched.sum(1), 1.0, atol=1e-6)
     np.testing.assert_allclose(batched, single, atol=1e-6)

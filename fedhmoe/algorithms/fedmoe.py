@@ -161,20 +161,19 @@ class FedMoE(MoEMethod):
     def __init__(self, cfg: Config, initial_state: dict[str, np.ndarray], node_of: dict[int, int],
                  run_config_text: str, client_info: dict[int, dict[str, Any]] | None = None) -> None:
         super().__init__(cfg, initial_state, node_of, run_config_text, client_info)
-        blocks: dict[str, set[int]] = {}
-        for k in self.global_state:
+        #: (block, global expert id) -> the keys of that expert and its router row; everything else is dense
+        self.expert_keys: dict[tuple[str, int], list[str]] = {}
+        self.dense_keys = []
+        for k in sorted(self.global_state):
             eb = _expert_block(k)
-            if eb is not None:
-                blocks.setdefault(eb[0], set()).add(eb[1])
-        if not blocks:
+            if eb is None:
+                self.dense_keys.append(k)
+            else:
+                self.expert_keys.setdefault(eb, []).append(k)
+        if not self.expert_keys:
             raise ConfigError(f"algorithm '{self.name}': the model has no MoE experts to select")
-        self.blocks = sorted(blocks, key=_natural)
-        self.num_experts = max(max(v) for v in blocks.values()) + 1
-        self.dense_keys = sorted(k for k in self.global_state if _expert_block(k) is None)
-        self.expert_keys = {
-            (b, g): sorted(k for k in self.global_state if (eb := _expert_block(k)) is not None and eb == (b, g))
-            for b in self.blocks for g in range(self.num_experts)
-        }
+        self.blocks = sorted({b for b, _ in self.expert_keys}, key=_natural)
+        self.num_experts = max(g for _, g in self.expert_keys) + 1
         fm = self.cfg.fedmoe
         self.memory = moe_memory_model(cfg, self.global_state, len(self.blocks))
         budgets = fm.memory_budgets_gb
@@ -211,7 +210,6 @@ class FedMoE(MoEMethod):
                                                      for c in self.clients}
         self.profiles: dict[int, np.ndarray] = {}
         self.rec_state = {c: RecommendState() for c in self.clients}
-        self.actions: dict[int, str] = {}
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ structure
@@ -284,7 +282,7 @@ class FedMoE(MoEMethod):
             if prof is not None:
                 old = self.profiles.get(r.client)
                 self.profiles[r.client] = prof if old is None or ema == 0 else (ema * old + (1 - ema) * prof)
-        self.actions = {}
+        actions: dict[int, str] = {}
         if server_round == fm.profile_rounds:
             self._initial_structure(server_round)
         elif not self.in_stage1(server_round) and self.recommend_enabled and fm.recommend:
@@ -299,9 +297,9 @@ class FedMoE(MoEMethod):
                 new, action = recommend(r.client, float(score), held, self.profiles, self.counts(),
                                         self.rec_state[r.client], rc, self.max_experts(r.client))
                 self.held[r.client] = {b: list(new[i]) for i, b in enumerate(self.blocks)}
-                self.actions[r.client] = action
+                actions[r.client] = action
         self.history.append({"round": server_round, "counts": {str(c): n for c, n in self.counts().items()},
-                             "actions": {str(c): a for c, a in self.actions.items()}})
+                             "actions": {str(c): a for c, a in actions.items()}})
 
     def _initial_structure(self, server_round: int) -> None:
         fm = self.cfg.fedmoe

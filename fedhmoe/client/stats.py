@@ -47,9 +47,10 @@ def amole_embeddings(
 def moe_activation_profile(
     model: nn.Module, formatter: PromptFormatter, examples: Sequence[Example], batch_size: int,
     device: torch.device, num_experts: int,
-) -> np.ndarray:
-    """Activation profile ``(layers, num_experts)``: per MoE layer, the share of routed token slots per global
-    expert over ``examples`` (rows sum to 1; a layer that saw no token is all zero)."""
+) -> dict[str, np.ndarray]:
+    """Activation profile by MoE block path: per block, the share ``(num_experts,)`` of routed token slots per
+    global expert over ``examples`` (sums to 1; all zero for a block that saw no token). Keyed by path, so that
+    encoder and decoder blocks cannot be confused on the server."""
     from fedhmoe.models import moe
 
     if not examples:
@@ -57,18 +58,19 @@ def moe_activation_profile(
     rec = moe.install_recorder(model)
     model.eval()
     items = [formatter.encode_train(ex) for ex in examples]
-    blocks = list(moe.moe_blocks(model))
     with rec.counting_tokens() as counts:
         for s in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in formatter.collate_train(items[s : s + batch_size]).items()}
             with rec.masked(batch["attention_mask"], batch.get("decoder_attention_mask")):
                 lm_forward(model, batch)
-    prof = np.zeros((len(blocks), num_experts), dtype=np.float32)  # (L, E)
-    for i, path in enumerate(blocks):
+    out = {}
+    for path in moe.moe_blocks(model):
+        row = np.zeros(num_experts, dtype=np.float32)  # (E,)
         for gid, c in counts.get(path, {}).items():
-            prof[i, gid] = c
-    sums = prof.sum(1, keepdims=True)  # (L, 1)
-    return np.divide(prof, sums, out=np.zeros_like(prof), where=sums > 0)
+            row[gid] = c
+        total = row.sum()
+        out[path] = row / total if total > 0 else row
+    return out
 
 
 def metric_dp_noise(stats: dict[str, np.ndarray], eta: float, rng: np.random.Generator) -> dict[str, np.ndarray]:

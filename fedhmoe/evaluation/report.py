@@ -74,6 +74,16 @@ def _score_curve(run_dir: str | Path) -> tuple[list[int], list[float]]:
     return rounds, [float(np.mean(by_round[r])) for r in rounds]
 
 
+def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """Lay out, write and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
     """``score_by_round.png`` (mean test score per round, one line per run) and ``clients.png`` (per-client
     before/after bars of the first run). Returns the files written."""
@@ -94,10 +104,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]
     ax.set_ylabel("mean test score over clients")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    files.append(out / "score_by_round.png")
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+    files.append(_save(fig, out / "score_by_round.png"))
 
     s = load_summary(run_dirs[0])
     clients = list(s["clients"])
@@ -110,10 +117,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]
     ax.set_xticks(x, [f"{c}\n{'+'.join(s['clients'][c]['tasks'])}" for c in clients], fontsize=7)
     ax.set_ylabel("test score")
     ax.legend()
-    fig.tight_layout()
-    files.append(out / "clients.png")
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+    files.append(_save(fig, out / "clients.png"))
     return files
 
 
@@ -220,10 +224,7 @@ def plot_structure(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("experts held (all modules)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        files.append(out / "experts_by_round.png")
-        fig.savefig(files[-1], dpi=100)
-        plt.close(fig)
+        files.append(_save(fig, out / "experts_by_round.png"))
     rows = [r for r in read_metrics(run_dir) if r.get("split") == "train" and "param-bytes" in r]
     if rows:
         clients = sorted({r["client"] for r in rows})
@@ -239,10 +240,7 @@ def plot_structure(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
         ax.set_xlabel("client")
         ax.set_ylabel("parameter memory (MB)")
         ax.legend()
-        fig.tight_layout()
-        files.append(out / "memory_by_client.png")
-        fig.savefig(files[-1], dpi=100)
-        plt.close(fig)
+        files.append(_save(fig, out / "memory_by_client.png"))
     return files
 
 

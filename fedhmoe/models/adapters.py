@@ -17,8 +17,8 @@ from torch import nn
 
 from fedhmoe.models import amole, lora, moe, payload
 
-__all__ = ["AdapterSpec", "balance_loss", "init_global_state", "inject", "load_state", "read_state",
-           "token_mask", "trainable"]
+__all__ = ["AdapterSpec", "balance_loss", "init_global_state", "inject", "load_state", "param_view", "read_state",
+           "token_mask", "trainable", "wire_view"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,19 @@ def token_mask(model: nn.Module, spec: AdapterSpec, mask: torch.Tensor | None,  
     from contextlib import nullcontext
 
     return nullcontext()
+
+
+def param_view(model: nn.Module, spec: AdapterSpec, wire: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Wire-named arrays as tensors keyed like :func:`trainable` (MoE experts stacked into their parameters)."""
+    if spec.kind == "moe":
+        return moe.param_view(model, wire)
+    params = trainable(model, spec)
+    return {k: torch.as_tensor(np.asarray(v, np.float32), dtype=params[k].dtype, device=params[k].device)
+            for k, v in wire.items() if k in params}
+
+
+def wire_view(model: nn.Module, spec: AdapterSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`param_view`: tensors keyed like :func:`trainable` as float32 wire-named arrays."""
+    if spec.kind == "moe":
+        return moe.wire_view(model, tensors)
+    return {k: v.detach().to(device="cpu", dtype=torch.float32).numpy() for k, v in tensors.items()}

@@ -189,10 +189,9 @@ def _expert_tensors(block: nn.Module, local: int) -> dict[str, torch.Tensor]:
 
 
 def _wire_tensor_names(block: nn.Module) -> tuple[str, ...]:
-    fam = block_family(block)
-    if fam.fused and isinstance(block.experts, LoRAExperts):  # type: ignore[union-attr]
+    if block_family(block).fused:  # type: ignore[union-attr]
         return tuple(_stacked(block))
-    return fam.expert_tensors  # type: ignore[union-attr]
+    return block_family(block).expert_tensors  # type: ignore[union-attr]
 
 
 def has_expert_lora(model: nn.Module) -> bool:
@@ -202,11 +201,7 @@ def has_expert_lora(model: nn.Module) -> bool:
 
 def _block_param_ids(block: nn.Module) -> set[int]:
     """ids of the parameters that belong to experts or the router (not dense)."""
-    fam = block_family(block)
-    own = {id(p) for p in block.experts.parameters()}
-    own.add(id(_router_weight(block)))
-    del fam
-    return own
+    return {id(p) for p in block.experts.parameters()} | {id(_router_weight(block))}
 
 
 def dense_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -643,6 +638,10 @@ class MoERecorder:
         path = self.index[id(module)]
         block = self.blocks[path]
         fam = block_family(block)
+        train_loss = module.training and _router_weight(block).shape[0] > 1
+        if not (self.counting or train_loss):  # inference and generation: nothing to record
+            self.losses.pop(path, None)
+            return
         if fam.fused:  # type: ignore[union-attr]
             logits, _, top_idx = output  # (T, n), _, (T, k)
             dispatch = torch.zeros_like(logits, dtype=torch.float32).scatter(1, top_idx, 1.0)  # (T, n)
@@ -660,7 +659,7 @@ class MoERecorder:
                 c = self.counts.setdefault(path, {})
                 for local, gid in enumerate(ids):
                     c[gid] = c.get(gid, 0.0) + float(per[local])
-        if module.training and logits.shape[-1] > 1:
+        if train_loss:
             self.losses[path] = _switch_balance(logits.float(), dispatch, w)
         else:
             self.losses.pop(path, None)
@@ -671,9 +670,6 @@ class MoERecorder:
             return torch.zeros(())
         vals = list(self.losses.values())
         return torch.stack([v.to(vals[0].device) for v in vals]).mean()
-
-    def reset(self) -> None:
-        self.losses = {}
 
     def remove(self) -> None:
         for h in self.handles:
@@ -686,10 +682,7 @@ def _switch_balance(logits: torch.Tensor, dispatch: torch.Tensor, w: torch.Tenso
     probs = torch.softmax(logits, dim=-1)  # (T, n)
     if w is None:
         w = torch.ones(logits.shape[0], device=logits.device)
-    total = w.sum()
-    if float(total) == 0.0:
-        return torch.zeros((), device=logits.device)
-    p_mean = (probs * w[:, None]).sum(0) / total  # (n,)
+    p_mean = (probs * w[:, None]).sum(0) / w.sum().clamp_min(1.0)  # (n,); all padding: 0, no host sync
     slots = (dispatch * w[:, None]).sum(0)  # (n,)
     f = slots / slots.sum().clamp_min(1e-9)  # (n,)
     return n * (f.detach() * p_mean).sum()

@@ -110,49 +110,28 @@ def build_tiny_llama(seed: int) -> LlamaForCausalLM:
     Returns:
         The model in float32 on the CPU.
     """
+    return _seeded(seed, LlamaForCausalLM, tiny_llama_config())
+
+
+def _seeded(seed: int, cls: type, config):  # type: ignore[no-untyped-def]
+    """``cls(config)`` initialised from ``seed`` inside a forked RNG state (the caller's torch RNG is untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_llama_config())
-    return model
+        return cls(config)
 
 
 def tiny_mixtral_config(vocab_size: int = BYTE_VOCAB_SIZE, num_experts: int = 4, top_k: int = 2) -> MixtralConfig:
-    """The tiny Mixtral-style MoE: the tiny Llama's attention with ``num_experts`` experts (MLP 128) per layer.
+    """The tiny Mixtral-style MoE: the tiny Llama's shapes with ``num_experts`` experts (MLP 128) per layer, as
+    :func:`fedhmoe.models.moe.upcycled_config` makes it (no router jitter, tied embeddings, the byte tokenizer's
+    special ids)."""
+    from fedhmoe.models.moe import upcycled_config
 
-    Args:
-        vocab_size: Size of the embedding table; the default matches :func:`byte_tokenizer`.
-        num_experts: Experts per MoE layer.
-        top_k: Experts per token.
-
-    Returns:
-        A ``MixtralConfig`` with tied embeddings, no router jitter, and the byte tokenizer's special ids.
-    """
-    return MixtralConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=TINY_MAX_POSITIONS,
-        tie_word_embeddings=True,
-        num_local_experts=num_experts,
-        num_experts_per_tok=top_k,
-        router_jitter_noise=0.0,
-        output_router_logits=False,
-        sliding_window=None,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-    )
+    return upcycled_config(tiny_llama_config(vocab_size), num_experts, top_k)
 
 
 def build_tiny_mixtral(seed: int, num_experts: int = 4, top_k: int = 2) -> MixtralForCausalLM:
     """A randomly initialised tiny Mixtral whose weights depend only on ``seed`` (see :func:`build_tiny_llama`)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MixtralForCausalLM(tiny_mixtral_config(num_experts=num_experts, top_k=top_k))
-    return model
+    return _seeded(seed, MixtralForCausalLM, tiny_mixtral_config(num_experts=num_experts, top_k=top_k))
 
 
 def tiny_switch_config(vocab_size: int = BYTE_VOCAB_SIZE, num_experts: int = 4) -> SwitchTransformersConfig:
@@ -197,9 +176,7 @@ def build_tiny_switch(seed: int, num_experts: int = 4) -> SwitchTransformersForC
     """A randomly initialised tiny Switch Transformers model whose weights depend only on ``seed`` (see
     :func:`build_tiny_llama`), with a generation config holding the pad, eos and decoder-start ids."""
     config = tiny_switch_config(num_experts=num_experts)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SwitchTransformersForConditionalGeneration(config)
+    model = _seeded(seed, SwitchTransformersForConditionalGeneration, config)
     model.generation_config = GenerationConfig(
         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID,
     )

@@ -121,9 +121,9 @@ def _worker(cfg: Config) -> Worker:
 
 
 def _load_start(msg: Message, conf: dict[str, Any], worker: Worker, store: PersonalStore,
-                before_round: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                before_round: int) -> dict[str, np.ndarray]:
     """Load the received tensors when the server sent any; else the newest personal state before a round;
-    else the run's initial adapter. Returns the loaded state and any SCAFFOLD control variates received."""
+    else the run's initial adapter. Returns any SCAFFOLD control variates received (by model key)."""
     extra: dict[str, np.ndarray] = {}
     if ARRAYS in msg.content:
         state = decode_arrays(msg.content[ARRAYS], conf.get("wire-dtype", "float32"))
@@ -134,7 +134,7 @@ def _load_start(msg: Message, conf: dict[str, Any], worker: Worker, store: Perso
     if not state:
         raise ValueError("the server sent no tensors and this client has no personal state yet")
     adapters.load_state(worker.model, worker.spec, state)
-    return state, extra
+    return extra
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -146,7 +146,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     worker = _worker(cfg)
     model, spec = worker.model, worker.spec
     store = _store(context, conf, cfg, client)
-    _, control = _load_start(msg, conf, worker, store, before_round=r)
+    control = _load_start(msg, conf, worker, store, before_round=r)
     data = client_data(cfg, client)
     torch.manual_seed(derive_seed(cfg.run.seed, "dropout", r, client))
     coef = float(conf.get("load-balance-coef", 0.0))
@@ -156,7 +156,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     if control:  # SCAFFOLD: gradient correction c - c_i, both in wire names
         c_store = PersonalStore(store.dir.parent, f"{client}-scaffold", cfg.checkpoint.keep_last)
         c_i = c_store.load_before(r) or {k: np.zeros_like(v) for k, v in control.items()}
-        offset = _param_offsets(model, spec, {k: control[k] - c_i[k] for k in control})
+        offset = adapters.param_view(model, spec, {k: control[k] - c_i[k] for k in control})
     result = train_local(
         model, params, worker.formatter, data.train, cfg.train,
         lr, numpy_rng(cfg.run.seed, "batches", r, client), worker.device,
@@ -178,7 +178,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         sent = list(msg.content[ARRAYS].keys()) if ARRAYS in msg.content else list(state)
         out = {k: state[k] for k in sent if not k.startswith(SCAFFOLD_PREFIX)}
         if control:  # c_i' = the mean local gradient; the server averages c + (c_i' - c_i)
-            new_ci = _wire_grads(model, spec, result.grad_mean or {})
+            new_ci = adapters.wire_view(model, spec, result.grad_mean or {})
             new_ci = {k: new_ci.get(k, np.zeros_like(control[k])) for k in control}
             c_store.save(r, new_ci)
             out |= {SCAFFOLD_PREFIX + k: control[k] + new_ci[k] - c_i[k] for k in control}
@@ -186,10 +186,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     if conf.get("collect-profile", False):  # FedMoE: activation profile and validation score of w_k*
         split = data.val or data.train
         prof = moe_activation_profile(model, worker.formatter, split, cfg.eval.batch_size, worker.device,
-                                      int(conf["num-experts"]))  # (L, E), rows in the model's block order
-        from fedhmoe.models.moe import moe_blocks
-
-        stats = encode_arrays({f"profile:{path}": prof[i] for i, path in enumerate(moe_blocks(model))})
+                                      int(conf["num-experts"]))
+        stats = encode_arrays({f"profile:{path}": row for path, row in prof.items()})
         if conf.get("validate", False) and data.val:
             ev = evaluate_examples(model, worker.formatter, data.val, cfg.eval, worker.device)
             metrics["val-score"] = float(-ev["eval-loss"] if cfg.eval.select_metric == "eval-loss" else ev["score"])
@@ -200,28 +198,6 @@ def handle_train(msg: Message, context: Context) -> Message:
             emb = metric_dp_noise(emb, eta, numpy_rng(cfg.run.seed, "dp-noise", r, client))
         stats = encode_arrays(emb)
     return Message(make_content(arrays=arrays, metrics=metrics, stats=stats), reply_to=msg)
-
-
-def _param_offsets(model: torch.nn.Module, spec: adapters.AdapterSpec,
-                   wire: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Per-parameter gradient offsets from wire-named arrays (MoE experts are stacked into their parameters)."""
-    if spec.kind == "moe":
-        from fedhmoe.models import moe
-
-        return moe.param_view(model, wire)
-    params = adapters.trainable(model, spec)
-    return {k: torch.as_tensor(v, dtype=params[k].dtype, device=params[k].device) for k, v in wire.items()
-            if k in params}
-
-
-def _wire_grads(model: torch.nn.Module, spec: adapters.AdapterSpec,
-                grads: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Per-parameter tensors back in wire names (the inverse of :func:`_param_offsets`)."""
-    if spec.kind == "moe":
-        from fedhmoe.models import moe
-
-        return moe.wire_view(model, grads)
-    return {k: v.detach().cpu().float().numpy() for k, v in grads.items()}
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
