@@ -91,6 +91,20 @@ def test_report_shows_experts_per_client_and_assignment_changes(tmp_path):
     text = write_run_report(tmp_path).read_text().split("## Experts held per client")[1].split("\n## ")[0]
     rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and rows[0].endswith("| - |") and rows[1].endswith("% |")
+    sharing = write_run_report(tmp_path).read_text().split("## Experts two clients share")[1].split("\n## ")[0]
+    assert "| 0 (" in sharing and "Mean over pairs of clients with" in sharing
+
+
+def test_expert_sharing_on_a_hand_computed_assignment():
+    from fedhmoe.evaluation.report import expert_sharing
+
+    # m1: pair (0,1) shares 2 of 2x2, the others nothing -> 3, 0, 0 after dividing by the mean 1/6;
+    # m2: (0,1) 0, (0,2) and (1,2) 1 of 1x2 -> 0, 1.5, 1.5; client 3 holds nothing in m2 and counts in m1 only
+    clients, rel = expert_sharing({"m1": {"0": [0, 1], "1": [0, 1], "2": [2, 3], "3": []},
+                                   "m2": {"0": [0], "1": [1], "2": [0, 1]}})
+    assert clients == ["0", "1", "2", "3"]
+    np.testing.assert_allclose(rel[:3, :3], [[np.nan, 1.5, 0.75], [1.5, np.nan, 0.75], [0.75, 0.75, np.nan]])
+    assert np.isnan(rel[3]).all()
 
 
 def test_metric_dp_noise_perturbs_and_clamps_to_the_clean_norm_per_module():

@@ -144,6 +144,60 @@ def assignment_table(run_dir: str | Path) -> str | None:
     return "\n".join(lines)
 
 
+def expert_sharing(assignments: dict[str, dict[str, list[int]]]) -> tuple[list[str], np.ndarray]:
+    """Which clients an assignment groups, from one round's ``module -> client -> expert ids``.
+
+    Per module, the experts clients i and j share, ``|A_i & A_j| / (|A_i| |A_j|)`` (so that large sets do not
+    count as grouping), divided by its mean over all pairs of clients in that module; then the mean over modules.
+    1 is the module's average pair: above 1, the assignment puts the two clients on the same experts more than
+    it does the others. (Against independent random sets this would mislead: FedAMoLE's fixed number of holders
+    per expert fixes the total sharing.) Returns the clients (sorted) and the symmetric matrix (diagonal NaN)."""
+    clients = sorted({c for per in assignments.values() for c in per}, key=int)
+    index = {c: i for i, c in enumerate(clients)}
+    total = np.zeros((len(clients), len(clients)))
+    count = np.zeros_like(total)
+    for per in assignments.values():
+        sets = {index[c]: set(ids) for c, ids in per.items() if ids}
+        pairs = {(a, b): len(sets[a] & sets[b]) / (len(sets[a]) * len(sets[b]))
+                 for a in sets for b in sets if a < b}
+        mean = np.mean(list(pairs.values())) if pairs else 0.0
+        if mean > 0:
+            for (a, b), v in pairs.items():
+                total[a, b] += v / mean
+                count[a, b] += 1
+    total, count = total + total.T, count + count.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = total / count
+    np.fill_diagonal(rel, np.nan)
+    return clients, rel
+
+
+def sharing_table(run_dir: str | Path) -> str | None:
+    """Markdown: :func:`expert_sharing` in the last recorded round, clients labelled with their tasks, and the mean
+    over pairs of clients with the same tasks and with different tasks; None for runs without assignments."""
+    files = sorted(Path(run_dir).glob("assignments/round-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    if not files:
+        return None
+    tasks = {c: "+".join(v.get("tasks", [])) for c, v in load_summary(run_dir)["clients"].items()}
+    clients, lift = expert_sharing(json.loads(files[-1].read_text()))
+    label = [f"{c} ({tasks[c]})" if tasks.get(c) else c for c in clients]
+    lines = [f"Round {files[-1].stem.split('-')[1]}; 1.00 = the average pair of clients.", "",
+             "| client | " + " | ".join(clients) + " |", "|---|" + "---:|" * len(clients)]
+    for i, name in enumerate(label):
+        lines.append(f"| {name} | " + " | ".join(_fmt(float(lift[i, j]), 2) if np.isfinite(lift[i, j]) else "-"
+                                                  for j in range(len(clients)))
+                     + " |")
+    same = [lift[i, j] for i in range(len(clients)) for j in range(len(clients))
+            if i != j and tasks.get(clients[i]) and tasks.get(clients[i]) == tasks.get(clients[j])]
+    other = [lift[i, j] for i in range(len(clients)) for j in range(len(clients))
+             if i != j and tasks.get(clients[i]) != tasks.get(clients[j])]
+    parts = [f"{name}: {np.nanmean(v):.2f} over {len(v) // 2} pairs" for name, v in
+             (("same tasks", same), ("different tasks", other)) if v]
+    if parts:
+        lines += ["", "Mean over pairs of clients with " + "; ".join(parts) + "."]
+    return "\n".join(lines)
+
+
 def _expert_totals(run_dir: str | Path) -> dict[int, dict[str, int]]:
     """round -> client -> experts held in all modules together, from ``assignments/round-*.json``."""
     out: dict[int, dict[str, int]] = {}
@@ -256,6 +310,7 @@ def write_run_report(run_dir: str | Path) -> Path:
     table = assignment_table(run_dir)
     if table:
         text += ["## Experts held per client (mean over modules) and assignment changes", "", table, ""]
+        text += ["## Experts two clients share, against the average pair (mean over modules)", "", sharing_table(run_dir), ""]
     rec = recommendation_table(run_dir)
     if rec:
         text += ["## Global expert recommendation: actions per round", "", rec, ""]
