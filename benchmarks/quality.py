@@ -100,6 +100,24 @@ def main() -> None:
         secs = np.mean([r["totals"]["train-seconds"] for r in runs])
         lines.append(f"| {method} | {len(runs)} | {ms(final)} | {ms(best)} | {np.mean(spread):.3f} | {up:.1f} | {down:.1f} | "
                      f"{secs:.0f} |")
+    ref = next(iter(results), None)
+    if ref is not None and len(results) > 1:
+        by_seed = {m: {r["seed"]: r for r in runs} for m, runs in results.items()}
+        lines += ["", f"Paired with `{ref}` on the same seeds (same data and partition): `{ref}`'s mean final test score "
+                  "minus the method's, mean ± std over seeds, and over every (seed, client) pair how often "
+                  f"`{ref}` scores higher / the same / lower:", "",
+                  f"| method | seeds | `{ref}` minus method | `{ref}` higher / same / lower |", "|---|---:|---:|---:|"]
+        for method in list(results)[1:]:
+            seeds = sorted(set(by_seed[ref]) & set(by_seed[method]))
+            diffs = [by_seed[ref][s]["final"]["mean"] - by_seed[method][s]["final"]["mean"] for s in seeds]
+            wins = [0, 0, 0]
+            for s in seeds:
+                a, b = by_seed[ref][s]["clients"], by_seed[method][s]["clients"]
+                for c in set(a) & set(b):
+                    if a[c]["final"] is not None and b[c]["final"] is not None:
+                        d = a[c]["final"] - b[c]["final"]
+                        wins[0 if d > 1e-12 else 1 if abs(d) <= 1e-12 else 2] += 1
+            lines.append(f"| {method} | {len(seeds)} | {ms(diffs) if diffs else '-'} | {' / '.join(map(str, wins))} |")
     tasks = sorted({"+".join(c["tasks"]) for runs in results.values() for r in runs for c in r["clients"].values()})
     lines += ["", "Final test score per task (mean over the task's clients, then over seeds) and parameter memory of "
               "each client's model in its last training round (MB, mean over clients and seeds):", "",
