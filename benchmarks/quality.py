@@ -16,13 +16,15 @@ to a markdown file.
 
 With ``--keep DIR`` every run lives in ``DIR/<method>-seed<seed>``: a run whose ``summary.json`` exists is read
 back instead of rerun (unless it lost replies: then it is moved aside and run again), and an interrupted one
-resumes from its last checkpoint, so a long comparison can be stopped and continued. ``--summarize`` only tabulates the finished runs under ``--keep``.
+resumes from its last checkpoint, so a long comparison can be stopped and continued. Several copies of the same
+command can share the folder: each takes the next run no other live copy holds (a ``.claim-<run>`` file with its pid). ``--summarize`` only tabulates the finished runs under ``--keep``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -33,7 +35,43 @@ from fedhmoe.evaluation.rundir import read_metrics
 from common import emit
 
 
-def run_one(config: str, method: str, seed: int, engine: str, out: Path, overrides: list[str]) -> dict:
+def _claim(out: Path) -> bool:
+    """Take ``out`` for this process (``.claim-<run>`` beside it, holding the pid), so that several copies of this
+    script can share one ``--keep`` folder; False when a live process holds it. A dead process's claim is taken."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".claim-{out.name}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+                return False
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def run_one(config: str, method: str, seed: int, engine: str, out: Path, overrides: list[str]) -> dict | None:
+    """The run's summary (read back or run now); None when another process is running it."""
+    if (out / "summary.json").exists() and not json.loads((out / "summary.json").read_text())["totals"].get(
+            "rejected-replies", 0):
+        return json.loads((out / "summary.json").read_text())
+    if not _claim(out):
+        print(f"{out} is being run by another process: skipped")
+        return None
+    try:
+        return _run_claimed(config, method, seed, engine, out, overrides)
+    finally:
+        (out.parent / f".claim-{out.name}").unlink(missing_ok=True)
+
+
+def _run_claimed(config: str, method: str, seed: int, engine: str, out: Path, overrides: list[str]) -> dict:
     from fedhmoe.runtime.engines import run_inprocess, run_simulation_engine
 
     if (out / "summary.json").exists():
@@ -79,6 +117,8 @@ def main() -> None:
                     continue
             else:
                 summary = run_one(args.config, method, seed, args.engine, out, args.set)
+                if summary is None:
+                    continue
             results.setdefault(method, []).append(summary)
             dirs.setdefault(method, []).append(out)
             print(json.dumps({"method": method, "seed": seed, "final": summary["final"], "best": summary["best"]}))
