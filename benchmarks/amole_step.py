@@ -37,6 +37,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedhmoe.models.amole import (
     AMoLELinear,
+    ReferenceAMoLE,
     amole_modules,
     amole_parameters,
     balance_loss,
@@ -200,9 +201,10 @@ def model_step(
 
 
 def layer_steps(
-    tokens: int, experts: int, rank: int, alpha: float, dropout: float, top_k: int
+    tokens: int, experts: int, rank: int, alpha: float, dropout: float, top_k: int, with_reference: bool = False
 ) -> dict[str, Callable[[], None]]:
-    """One ``q_proj``-shaped (576 -> 576) adapted layer per variant, stepped alone on ``tokens`` tokens."""
+    """One ``q_proj``-shaped (576 -> 576) adapted layer per variant, stepped alone on ``tokens`` tokens; with
+    ``with_reference`` also the per-token :class:`ReferenceAMoLE` that the parity tests check AMoLE against."""
     gen = torch.Generator().manual_seed(3)
     base = nn.Linear(576, 576, bias=False).requires_grad_(False)
     x = torch.randn(tokens, 576, generator=gen).requires_grad_(True)  # (T, in)
@@ -217,6 +219,8 @@ def layer_steps(
     loop.set_experts(range(experts), a, b)
     layers["loop"] = loop
     steps: dict[str, Callable[[], None]] = {}
+    if with_reference:
+        layers["reference"] = ReferenceAMoLE.from_amole(amole)
     for name, layer in layers.items():
         layer.train()
         params = [p for p in layer.parameters() if p.requires_grad]
@@ -224,7 +228,7 @@ def layer_steps(
 
         def step(layer: nn.Module = layer, opt: torch.optim.Optimizer = opt) -> None:
             loss = F.mse_loss(layer(x), target)
-            if isinstance(layer, AMoLELinear):
+            if isinstance(layer, (AMoLELinear, ReferenceAMoLE)):
                 loss = loss + 0.01 * layer.balance_loss
             loss.backward()
             opt.step()
@@ -278,6 +282,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reference-repeats", type=int, default=3, help="timed steps of the per-token reference layer")
     ap.add_argument("--write", help="markdown file to append the table to")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -301,6 +306,9 @@ def main() -> None:
         args.repeats * 3,
     )
 
+    ref = layer_steps(args.batch * args.seq, args.experts, args.rank, args.alpha, args.dropout, args.top_k, True)
+    ref_ms, _ = interleaved({"amole": ref["amole"], "reference": ref["reference"]}, 1, args.reference_repeats)
+
     lines = [
         f"### amole_step (SmolLM2-135M shapes, {args.layers} layers, batch {args.batch} x {args.seq}, "
         f"r={args.rank}, {args.experts} experts top-{args.top_k} + shared on {'/'.join(TARGETS)}, dropout "
@@ -316,6 +324,10 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|",
         *table(f"whole model ({args.layers} layers)", model_ms, model_best),
         *table("one adapted 576x576 layer", layer_ms, layer_best),
+        "",
+        f"The per-token reference of the parity tests (`ReferenceAMoLE`), the same layer, {args.reference_repeats} "
+        f"steps interleaved with AMoLE's: {ref_ms['reference']:.0f} ms per step against {ref_ms['amole']:.1f} ms, "
+        f"{ref_ms['reference'] / ref_ms['amole']:.0f} times AMoLE's.",
     ]
     emit("\n".join(lines), args.write)
 
