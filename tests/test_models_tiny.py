@@ -130,3 +130,45 @@ def test_unavailable_models_raise_clearly(tmp_path) -> None:
         load_backbone(ModelConfig(name="no-such-org/no-such-model"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model_path(ModelConfig(name=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_loss_runs_the_head_only_at_answer_positions_and_matches_the_full_logits(family, monkeypatch) -> None:
+    from fedhmoe.client import train as train_mod
+    from fedhmoe.client.evaluate import token_losses
+    from fedhmoe.data import Example, PromptFormatter
+    from fedhmoe.models.tiny import build_tiny_mixtral
+
+    model = build_tiny_llama(0) if family == "llama" else build_tiny_mixtral(0)
+    model.requires_grad_(True)
+    f = PromptFormatter(byte_tokenizer(), template="alpaca", max_seq_len=96)
+    examples = [Example(prompt="What is 2 + 3?", answer="5", task="t"),
+                Example(prompt="Spell 'cat' backwards, please, letter by letter.", answer="tac", task="t"),
+                Example(prompt="Name a colour.", answer="a deep and quiet blue", task="t")]
+    items = [f.encode_train(ex) for ex in examples]
+    batch = f.collate_train(items)
+    assert train_mod.keeps_logit_mask(model)
+    logits, targets, rows = train_mod.aligned_logits(model, batch)
+    n_answer = int((batch["labels"][:, 1:] != -100).sum())
+    assert logits.shape == (n_answer, model.config.vocab_size) and n_answer < batch["labels"][:, 1:].numel() // 2
+    # by hand from the full logits: position t predicts label t + 1
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    want = torch.nn.functional.cross_entropy(full.transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100,
+                                             reduction="none")  # (B, T-1)
+    mask = batch["labels"][:, 1:] != -100
+    for smoothing in (0.0, 0.1):
+        fast = train_mod.causal_lm_loss(model, batch, label_smoothing=smoothing)
+        grads_fast = torch.autograd.grad(fast, [p for p in model.parameters()], allow_unused=True)
+        monkeypatch.setattr(train_mod, "keeps_logit_mask", lambda m: False)  # the path that computes every logit
+        slow = train_mod.causal_lm_loss(model, batch, label_smoothing=smoothing)
+        grads_slow = torch.autograd.grad(slow, [p for p in model.parameters()], allow_unused=True)
+        monkeypatch.undo()
+        assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
+        for a, b in zip(grads_fast, grads_slow, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert train_mod.causal_lm_loss(model, batch).item() == pytest.approx(want[mask].mean().item(), rel=1e-5)
+    per_example = token_losses(model, f, items, batch_size=3, device=torch.device("cpu"))
+    expected = ((want * mask).sum(1) / mask.sum(1)).tolist()
+    assert per_example == pytest.approx(expected, rel=1e-5)

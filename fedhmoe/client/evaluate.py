@@ -38,10 +38,12 @@ def token_losses(
     out: list[float] = []
     for s in range(0, len(items), batch_size):
         batch = {k: v.to(device) for k, v in formatter.collate_train(list(items[s : s + batch_size])).items()}
-        logits, labels = aligned_logits(model, batch)  # (B, T', V), (B, T')
-        ce = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T')
-        mask = (labels != -100).float()
-        out += (ce.sum(1) / mask.sum(1).clamp(min=1)).tolist()
+        logits, labels, rows = aligned_logits(model, batch)  # (N, V), (N,), (N,)
+        ce = nn.functional.cross_entropy(logits, labels, reduction="none")  # (N,)
+        n = batch["input_ids"].shape[0]
+        total = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, rows, ce)  # (B,)
+        count = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, rows, torch.ones_like(ce))  # (B,)
+        out += (total / count.clamp(min=1)).tolist()
     return out
 
 

@@ -39,7 +39,7 @@ def amole_embeddings(
         for s in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in formatter.collate_train(items[s : s + batch_size]).items()}
             with token_mask(model, batch["attention_mask"]):
-                lm_forward(model, batch)
+                lm_forward(model, batch, logits_to_keep=1)  # statistics come from the layers, not the head
         return embedding_stats(model)
 
 
@@ -62,7 +62,7 @@ def moe_activation_profile(
         for s in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in formatter.collate_train(items[s : s + batch_size]).items()}
             with rec.masked(batch["attention_mask"], batch.get("decoder_attention_mask")):
-                lm_forward(model, batch)
+                lm_forward(model, batch, logits_to_keep=1)  # statistics come from the layers, not the head
     out = {}
     for path in moe.moe_blocks(model):
         row = np.zeros(num_experts, dtype=np.float32)  # (E,)

@@ -9,6 +9,7 @@ and any method loss (load balancing); SCAFFOLD's correction is added to the grad
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -53,19 +54,23 @@ def is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
-def lm_forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Any:
+def lm_forward(model: nn.Module, batch: Mapping[str, torch.Tensor], logits_to_keep: int | torch.Tensor = 0) -> Any:
     """The model's forward on a collated batch (teacher forcing).
 
-    Decoder-only: ``input_ids`` and ``attention_mask``. Encoder-decoder: the encoder gets ``input_ids`` and
-    ``attention_mask``; the decoder gets the labels shifted right (``prepare_decoder_input_ids_from_labels``: the
-    decoder start token first, -100 as padding) and ``decoder_attention_mask``. The labels themselves are not
-    passed, so the model computes no loss of its own.
+    Decoder-only: ``input_ids`` and ``attention_mask``, and ``logits_to_keep`` when it is not 0 (the output head
+    then runs only there: an int keeps the last positions, a boolean ``(B, T)`` mask the marked ones, flattened;
+    see :func:`keeps_logit_mask`). Encoder-decoder: the encoder gets ``input_ids`` and ``attention_mask``; the
+    decoder gets the labels shifted right (``prepare_decoder_input_ids_from_labels``: the decoder start token
+    first, -100 as padding) and ``decoder_attention_mask``. The labels themselves are not passed, so the model
+    computes no loss of its own.
 
     Returns:
-        The model output; its ``logits`` are ``(B, T, V)`` over the (decoder) sequence.
+        The model output; its ``logits`` are ``(B, T, V)`` over the (decoder) sequence unless ``logits_to_keep``
+        chose fewer.
     """
     if not is_encoder_decoder(model):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        extra = {"logits_to_keep": logits_to_keep} if not isinstance(logits_to_keep, int) or logits_to_keep else {}
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
     labels = batch["labels"]  # (B, T)
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     if prepare is None:  # the model shifts the labels itself (and then also computes its own loss)
@@ -75,28 +80,50 @@ def lm_forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Any:
                  decoder_input_ids=prepare(labels=labels), decoder_attention_mask=batch.get("decoder_attention_mask"))
 
 
-def aligned_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 logits and the labels they predict, position by position.
+def keeps_logit_mask(model: nn.Module) -> bool:
+    """Whether ``model`` (decoder-only) runs its output head only at the positions of a boolean ``logits_to_keep``
+    mask: the causal LMs of transformers whose modeling module slices with ``slice_logits_to_keep`` (Llama, Mixtral,
+    Qwen2-MoE, Qwen3-MoE, OLMoE and most others in transformers 5)."""
+    if is_encoder_decoder(model):
+        return False
+    module = sys.modules.get(type(model).__module__)
+    return module is not None and hasattr(module, "slice_logits_to_keep")
 
-    Decoder-only: the logits at positions ``0..T-2`` predict the labels at ``1..T-1`` (the causal shift).
-    Encoder-decoder: the decoder's logits at every position predict the label at the same position.
+
+def aligned_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 logits at the positions that predict a label, with those labels and their rows in the batch.
+
+    Decoder-only: the logits at position ``t`` predict the label at ``t + 1`` (the causal shift); where the model
+    allows it (:func:`keeps_logit_mask`) the output head runs only at those positions, which saves most of its
+    cost (the answer is a small part of each sequence). Encoder-decoder: the decoder's logits at every position
+    predict the label at the same position.
 
     Returns:
-        ``(logits (B, T', V), targets (B, T'))``, targets -100 where nothing is predicted.
+        ``(logits (N, V), targets (N,), rows (N,))`` for the N positions whose label is not -100, in row-major
+        order.
     """
-    logits = lm_forward(model, batch).logits  # (B, T, V)
     if is_encoder_decoder(model):
-        return logits.float(), batch["labels"]
-    return logits[:, :-1].float(), batch["labels"][:, 1:]  # (B, T-1, V), (B, T-1)
+        targets = batch["labels"]  # (B, T)
+        keep = targets != -100  # (B, T)
+        logits = lm_forward(model, batch).logits[keep]  # (N, V)
+    else:
+        targets = batch["labels"][:, 1:]  # (B, T-1)
+        keep = targets != -100  # (B, T-1)
+        if keeps_logit_mask(model):
+            # the mask over all T positions: position t predicts label t + 1; the last position predicts nothing
+            logits = lm_forward(model, batch, torch.nn.functional.pad(keep, (0, 1))).logits  # (N, V)
+        else:
+            logits = lm_forward(model, batch).logits[:, :-1][keep]  # (N, V)
+    rows = keep.nonzero()[:, 0]  # (N,)
+    return logits.float(), targets[keep], rows
 
 
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over positions whose label is not -100 (optionally label-smoothed): of the next token
     for a decoder-only model, of the decoder's token for an encoder-decoder model (see :func:`aligned_logits`)."""
-    logits, targets = aligned_logits(model, batch)  # (B, T', V), (B, T')
-    return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, label_smoothing=label_smoothing,
-    )
+    logits, targets, _ = aligned_logits(model, batch)  # (N, V), (N,)
+    return nn.functional.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 def train_local(
