@@ -172,3 +172,27 @@ def test_loss_runs_the_head_only_at_answer_positions_and_matches_the_full_logits
     per_example = token_losses(model, f, items, batch_size=3, device=torch.device("cpu"))
     expected = ((want * mask).sum(1) / mask.sum(1)).tolist()
     assert per_example == pytest.approx(expected, rel=1e-5)
+
+
+def test_models_without_logits_to_keep_take_the_full_path() -> None:
+    from fedhmoe.client import train as train_mod
+
+    class Plain(torch.nn.Module):  # a causal LM whose forward knows nothing of logits_to_keep
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = build_tiny_llama(0)
+            self.config = self.inner.config
+
+        def forward(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    model = Plain()
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, -100, 7, -100]])
+    batch = {"input_ids": ids, "attention_mask": (ids > 0).long(), "labels": labels}
+    assert not train_mod.keeps_logit_mask(model) and train_mod.keeps_logit_mask(model.inner)
+    assert train_mod.lm_forward(model, batch, logits_to_keep=1).logits.shape[1] == 4
+    logits, targets, rows = train_mod.aligned_logits(model, batch)
+    fast = train_mod.aligned_logits(model.inner, batch)
+    assert targets.tolist() == [7, 8, 7] and rows.tolist() == [0, 0, 1] and fast[2].tolist() == [0, 0, 1]
+    torch.testing.assert_close(logits, fast[0], rtol=1e-5, atol=1e-5)

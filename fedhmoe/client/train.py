@@ -8,6 +8,8 @@ and any method loss (load balancing); SCAFFOLD's correction is added to the grad
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import sys
 import time
@@ -57,9 +59,10 @@ def is_encoder_decoder(model: nn.Module) -> bool:
 def lm_forward(model: nn.Module, batch: Mapping[str, torch.Tensor], logits_to_keep: int | torch.Tensor = 0) -> Any:
     """The model's forward on a collated batch (teacher forcing).
 
-    Decoder-only: ``input_ids`` and ``attention_mask``, and ``logits_to_keep`` when it is not 0 (the output head
-    then runs only there: an int keeps the last positions, a boolean ``(B, T)`` mask the marked ones, flattened;
-    see :func:`keeps_logit_mask`). Encoder-decoder: the encoder gets ``input_ids`` and ``attention_mask``; the
+    Decoder-only: ``input_ids`` and ``attention_mask``, and ``logits_to_keep`` when it is not 0 and the model's
+    forward takes it (the output head then runs only there: an int keeps the last positions, a boolean ``(B, T)``
+    mask the marked ones, flattened; see :func:`keeps_logit_mask`); a model without it returns every position.
+    Encoder-decoder: the encoder gets ``input_ids`` and ``attention_mask``; the
     decoder gets the labels shifted right (``prepare_decoder_input_ids_from_labels``: the decoder start token
     first, -100 as padding) and ``decoder_attention_mask``. The labels themselves are not passed, so the model
     computes no loss of its own.
@@ -69,7 +72,8 @@ def lm_forward(model: nn.Module, batch: Mapping[str, torch.Tensor], logits_to_ke
         chose fewer.
     """
     if not is_encoder_decoder(model):
-        extra = {"logits_to_keep": logits_to_keep} if not isinstance(logits_to_keep, int) or logits_to_keep else {}
+        wanted = not isinstance(logits_to_keep, int) or logits_to_keep
+        extra = {"logits_to_keep": logits_to_keep} if wanted and _takes_logits_to_keep(type(model)) else {}
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
     labels = batch["labels"]  # (B, T)
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
@@ -80,6 +84,11 @@ def lm_forward(model: nn.Module, batch: Mapping[str, torch.Tensor], logits_to_ke
                  decoder_input_ids=prepare(labels=labels), decoder_attention_mask=batch.get("decoder_attention_mask"))
 
 
+@functools.cache
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
 def keeps_logit_mask(model: nn.Module) -> bool:
     """Whether ``model`` (decoder-only) runs its output head only at the positions of a boolean ``logits_to_keep``
     mask: the causal LMs of transformers whose modeling module slices with ``slice_logits_to_keep`` (Llama, Mixtral,
@@ -87,7 +96,7 @@ def keeps_logit_mask(model: nn.Module) -> bool:
     if is_encoder_decoder(model):
         return False
     module = sys.modules.get(type(model).__module__)
-    return module is not None and hasattr(module, "slice_logits_to_keep")
+    return module is not None and hasattr(module, "slice_logits_to_keep") and _takes_logits_to_keep(type(model))
 
 
 def aligned_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]
