@@ -4,7 +4,9 @@ A causal LM's loss needs logits only where a label is (the answer tokens after t
 projects every position onto the vocabulary (SmolLM2: 49,152 columns). ``aligned_logits`` passes the label mask
 as ``logits_to_keep`` where the model supports it. This benchmark runs the client's own training code
 (``train_local``, one step per call, the config's batch, sequence length and adapters) on real client data, the
-two variants interleaved in one process, and prints the median seconds per step and their ratio.
+two variants interleaved in one process, and prints the median seconds per step and their ratio. The step is the
+plain one: FedMoE's balance loss, routing masks and label smoothing, which the client adds, are left out (they do
+not touch the head).
 
     PYTHONHASHSEED=0 .venv/bin/python benchmarks/answer_logits.py configs/fedamole/rg-task.toml \
         --set algorithm.name=fedit

@@ -17,12 +17,13 @@ to a markdown file.
 With ``--keep DIR`` every run lives in ``DIR/<method>-seed<seed>``: a run whose ``summary.json`` exists is read
 back instead of rerun (unless it lost replies: then it is moved aside and run again), and an interrupted one
 resumes from its last checkpoint, so a long comparison can be stopped and continued. Several copies of the same
-command can share the folder: each takes the next run no other live copy holds (a ``.claim-<run>`` file with its pid). ``--summarize`` only tabulates the finished runs under ``--keep``.
+command can share the folder: each takes the next run no other live copy holds (an exclusive lock on ``.claim-<run>``). ``--summarize`` only tabulates the finished runs under ``--keep``.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import tempfile
@@ -35,40 +36,43 @@ from fedhmoe.evaluation.rundir import read_metrics
 from common import emit
 
 
-def _claim(out: Path) -> bool:
-    """Take ``out`` for this process (``.claim-<run>`` beside it, holding the pid), so that several copies of this
-    script can share one ``--keep`` folder; False when a live process holds it. A dead process's claim is taken."""
+def _claim(out: Path) -> int | None:
+    """Take ``out`` for this process: an exclusive ``flock`` on ``.claim-<run>`` beside it, held until the file
+    descriptor returned is closed (the kernel drops it when the process dies, so no claim outlives its holder);
+    None when another live process holds it. Lets several copies of this script share one ``--keep`` folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock = out.parent / f".claim-{out.name}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text() or 0)
-                os.kill(pid, 0)
-                return False
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)
-                continue
-        os.write(fd, str(os.getpid()).encode())
+    fd = os.open(out.parent / f".claim-{out.name}", os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         os.close(fd)
-        return True
-    return False
+        return None
+    return fd
+
+
+def _finished(out: Path) -> dict | None:
+    """The run's summary when it finished without losing replies."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return None if summary["totals"].get("rejected-replies", 0) else summary
 
 
 def run_one(config: str, method: str, seed: int, engine: str, out: Path, overrides: list[str]) -> dict | None:
     """The run's summary (read back or run now); None when another process is running it."""
-    if (out / "summary.json").exists() and not json.loads((out / "summary.json").read_text())["totals"].get(
-            "rejected-replies", 0):
-        return json.loads((out / "summary.json").read_text())
-    if not _claim(out):
+    done = _finished(out)
+    if done is not None:
+        return done
+    fd = _claim(out)
+    if fd is None:
         print(f"{out} is being run by another process: skipped")
         return None
     try:
-        return _run_claimed(config, method, seed, engine, out, overrides)
+        # another copy may have finished it between the check above and the claim
+        return _finished(out) or _run_claimed(config, method, seed, engine, out, overrides)
     finally:
-        (out.parent / f".claim-{out.name}").unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _run_claimed(config: str, method: str, seed: int, engine: str, out: Path, overrides: list[str]) -> dict:
@@ -105,6 +109,7 @@ def main() -> None:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedhmoe-quality-"))
     results: dict[str, list[dict]] = {}
     dirs: dict[str, list[Path]] = {}
+    skipped = False
     for seed in args.seeds:
         for method in args.methods:
             out = root / f"{method}-seed{seed}"
@@ -118,20 +123,24 @@ def main() -> None:
             else:
                 summary = run_one(args.config, method, seed, args.engine, out, args.set)
                 if summary is None:
+                    skipped = True
                     continue
             results.setdefault(method, []).append(summary)
             dirs.setdefault(method, []).append(out)
             print(json.dumps({"method": method, "seed": seed, "final": summary["final"], "best": summary["best"]}))
 
-    def ms(values: list[float]) -> str:
-        return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+    def ms(values: list[float]) -> str:  # mean ± sample standard deviation (ddof 1) over seeds
+        return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
 
     done = sorted({s for s in args.seeds if all((root / f"{m}-seed{s}" / "summary.json").exists() for m in results)})
     lines = [f"### quality: `{args.config}` ({args.engine}, seeds {', '.join(map(str, done or args.seeds))}"
              f"{', ' + ' '.join(args.set) if args.set else ''})", "",
+             "Test scores: the mean over a run's clients, then mean ± sample standard deviation over seeds."
+             + (" Runs held by other copies of this command are left out; run `--summarize` when all are done."
+                if skipped else ""), "",
              "| method | runs | final test score | best-on-val test score | client spread (std, final) | MB up / run "
              "| MB down / run | train s / run |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for method, runs in results.items():
+    for method, runs in ((m, results[m]) for m in args.methods if m in results):
         final = [r["final"]["mean"] for r in runs]
         best = [r["best"]["mean"] for r in runs]
         spread = [r["final"]["std"] for r in runs]
@@ -140,14 +149,15 @@ def main() -> None:
         secs = np.mean([r["totals"]["train-seconds"] for r in runs])
         lines.append(f"| {method} | {len(runs)} | {ms(final)} | {ms(best)} | {np.mean(spread):.3f} | {up:.1f} | {down:.1f} | "
                      f"{secs:.0f} |")
-    ref = next(iter(results), None)
+    ref = args.methods[0] if args.methods[0] in results else None
     if ref is not None and len(results) > 1:
-        by_seed = {m: {r["seed"]: r for r in runs} for m, runs in results.items()}
+        by_seed = {m: {int(d.name.rsplit("-seed", 1)[1]): r for d, r in zip(dirs[m], runs, strict=True)}
+                   for m, runs in results.items()}
         lines += ["", f"Paired with `{ref}` on the same seeds (same data and partition): `{ref}`'s mean final test score "
-                  "minus the method's, mean ± std over seeds, and over every (seed, client) pair how often "
+                  "minus the method's, mean ± sample std over seeds, and over every (seed, client) pair how often "
                   f"`{ref}` scores higher / the same / lower:", "",
                   f"| method | seeds | `{ref}` minus method | `{ref}` higher / same / lower |", "|---|---:|---:|---:|"]
-        for method in list(results)[1:]:
+        for method in [m for m in args.methods if m in results and m != ref]:
             seeds = sorted(set(by_seed[ref]) & set(by_seed[method]))
             diffs = [by_seed[ref][s]["final"]["mean"] - by_seed[method][s]["final"]["mean"] for s in seeds]
             wins = [0, 0, 0]
@@ -162,7 +172,7 @@ def main() -> None:
     lines += ["", "Final test score per task (mean over the task's clients, then over seeds) and parameter memory of "
               "each client's model in its last training round (MB, mean over clients and seeds):", "",
               "| method | " + " | ".join(tasks) + " | parameter MB |", "|---|" + "---:|" * (len(tasks) + 1)]
-    for method, runs in results.items():
+    for method, runs in ((m, results[m]) for m in args.methods if m in results):
         cells = []
         for t in tasks:
             per_seed = [np.mean([c["final"] for c in r["clients"].values() if "+".join(c["tasks"]) == t

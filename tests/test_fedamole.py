@@ -99,12 +99,16 @@ def test_expert_sharing_on_a_hand_computed_assignment():
     from fedhmoe.evaluation.report import expert_sharing
 
     # m1: pair (0,1) shares 2 of 2x2, the others nothing -> 3, 0, 0 after dividing by the mean 1/6;
-    # m2: (0,1) 0, (0,2) and (1,2) 1 of 1x2 -> 0, 1.5, 1.5; client 3 holds nothing in m2 and counts in m1 only
+    # m2: (0,1) 0, (0,2) and (1,2) 1 of 1x2 -> 0, 1.5, 1.5; client 3 holds nothing in m1 and is absent from m2,
+    # so it is in no pair; in m3 nobody shares anything, so m3 counts for no pair; client 4 pairs only with 0 in m4
     clients, rel = expert_sharing({"m1": {"0": [0, 1], "1": [0, 1], "2": [2, 3], "3": []},
-                                   "m2": {"0": [0], "1": [1], "2": [0, 1]}})
-    assert clients == ["0", "1", "2", "3"]
+                                   "m2": {"0": [0], "1": [1], "2": [0, 1]},
+                                   "m3": {"0": [0], "1": [1], "2": [2]},
+                                   "m4": {"0": [0, 1], "4": [1, 2]}})
+    assert clients == ["0", "1", "2", "3", "4"]
     np.testing.assert_allclose(rel[:3, :3], [[np.nan, 1.5, 0.75], [1.5, np.nan, 0.75], [0.75, 0.75, np.nan]])
     assert np.isnan(rel[3]).all()
+    assert rel[0, 4] == rel[4, 0] == 1.0 and np.isnan(rel[4, 1:4]).all()
 
 
 def test_metric_dp_noise_perturbs_and_clamps_to_the_clean_norm_per_module():

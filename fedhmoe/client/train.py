@@ -26,8 +26,8 @@ from fedhmoe.config import TrainConfig
 from fedhmoe.data.format import PromptFormatter
 from fedhmoe.data.types import Example
 
-__all__ = ["TrainResult", "aligned_logits", "causal_lm_loss", "is_encoder_decoder", "lm_forward", "make_optimizer",
-           "train_local"]
+__all__ = ["TrainResult", "aligned_logits", "causal_lm_loss", "is_encoder_decoder", "keeps_logit_mask", "lm_forward",
+           "make_optimizer", "train_local"]
 
 
 @dataclass

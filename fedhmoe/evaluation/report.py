@@ -151,7 +151,9 @@ def expert_sharing(assignments: dict[str, dict[str, list[int]]]) -> tuple[list[s
     count as grouping), divided by its mean over all pairs of clients in that module; then the mean over modules.
     1 is the module's average pair: above 1, the assignment puts the two clients on the same experts more than
     it does the others. (Against independent random sets this would mislead: FedAMoLE's fixed number of holders
-    per expert fixes the total sharing.) Returns the clients (sorted) and the symmetric matrix (diagonal NaN)."""
+    per expert fixes the total sharing.) A client with no expert in a module is left out of that module's pairs,
+    and a module where no pair shares anything is left out; a pair seen in no module is NaN. Returns the clients
+    (sorted) and the symmetric matrix (diagonal NaN)."""
     clients = sorted({c for per in assignments.values() for c in per}, key=int)
     index = {c: i for i, c in enumerate(clients)}
     total = np.zeros((len(clients), len(clients)))
@@ -187,11 +189,10 @@ def sharing_table(run_dir: str | Path) -> str | None:
         lines.append(f"| {name} | " + " | ".join(_fmt(float(lift[i, j]), 2) if np.isfinite(lift[i, j]) else "-"
                                                   for j in range(len(clients)))
                      + " |")
-    same = [lift[i, j] for i in range(len(clients)) for j in range(len(clients))
-            if i != j and tasks.get(clients[i]) and tasks.get(clients[i]) == tasks.get(clients[j])]
-    other = [lift[i, j] for i in range(len(clients)) for j in range(len(clients))
-             if i != j and tasks.get(clients[i]) != tasks.get(clients[j])]
-    parts = [f"{name}: {np.nanmean(v):.2f} over {len(v) // 2} pairs" for name, v in
+    pairs = [(i, j) for i in range(len(clients)) for j in range(i + 1, len(clients)) if np.isfinite(lift[i, j])]
+    same = [lift[i, j] for i, j in pairs if tasks.get(clients[i]) and tasks.get(clients[i]) == tasks.get(clients[j])]
+    other = [lift[i, j] for i, j in pairs if tasks.get(clients[i]) != tasks.get(clients[j])]
+    parts = [f"{name}: {np.mean(v):.2f} over {len(v)} pairs" for name, v in
              (("same tasks", same), ("different tasks", other)) if v]
     if parts:
         lines += ["", "Mean over pairs of clients with " + "; ".join(parts) + "."]

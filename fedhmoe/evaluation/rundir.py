@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -112,7 +113,10 @@ class RunDirectory:
         path.write_text(json.dumps(obj, indent=1) + "\n")
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=1, default=_clean) + "\n")
+        """``summary.json``, written whole or not at all (a reader never sees half a file)."""
+        tmp = self.path / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1, default=_clean) + "\n")
+        os.replace(tmp, self.path / "summary.json")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
