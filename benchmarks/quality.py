@@ -93,6 +93,12 @@ def _run_claimed(config: str, method: str, seed: int, engine: str, out: Path, ov
     return (run_inprocess if engine == "inprocess" else run_simulation_engine)(cfg, out, resume=resume)
 
 
+def _train_bytes(run_dir: Path) -> tuple[int, int]:
+    """Bytes up and down of a run's training messages, summed over clients and rounds."""
+    rows = [r for r in read_metrics(run_dir) if r.get("split") == "train"]
+    return sum(r.get("bytes-up", 0) or 0 for r in rows), sum(r.get("bytes-down", 0) or 0 for r in rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
@@ -135,17 +141,19 @@ def main() -> None:
     done = sorted({s for s in args.seeds if all((root / f"{m}-seed{s}" / "summary.json").exists() for m in results)})
     lines = [f"### quality: `{args.config}` ({args.engine}, seeds {', '.join(map(str, done or args.seeds))}"
              f"{', ' + ' '.join(args.set) if args.set else ''})", "",
-             "Test scores: the mean over a run's clients, then mean ± sample standard deviation over seeds."
+             "Test scores: the mean over a run's clients, then mean ± sample standard deviation over seeds. Bytes: "
+             "training messages only (evaluation messages depend on the evaluation schedule, not the method)."
              + (" Runs held by other copies of this command are left out; run `--summarize` when all are done."
                 if skipped else ""), "",
-             "| method | runs | final test score | best-on-val test score | client spread (std, final) | MB up / run "
-             "| MB down / run | train s / run |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | runs | final test score | best-on-val test score | client spread (std, final) | train MB up / run "
+             "| train MB down / run | train s / run |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for method, runs in ((m, results[m]) for m in args.methods if m in results):
         final = [r["final"]["mean"] for r in runs]
         best = [r["best"]["mean"] for r in runs]
         spread = [r["final"]["std"] for r in runs]
-        up = np.mean([r["totals"]["bytes-up"] for r in runs]) / 1e6
-        down = np.mean([r["totals"]["bytes-down"] for r in runs]) / 1e6
+        train_bytes = [_train_bytes(d) for d in dirs[method]]
+        up = np.mean([b[0] for b in train_bytes]) / 1e6
+        down = np.mean([b[1] for b in train_bytes]) / 1e6
         secs = np.mean([r["totals"]["train-seconds"] for r in runs])
         lines.append(f"| {method} | {len(runs)} | {ms(final)} | {ms(best)} | {np.mean(spread):.3f} | {up:.1f} | {down:.1f} | "
                      f"{secs:.0f} |")
