@@ -201,10 +201,10 @@ def model_step(
 
 
 def layer_steps(
-    tokens: int, experts: int, rank: int, alpha: float, dropout: float, top_k: int, with_reference: bool = False
+    tokens: int, experts: int, rank: int, alpha: float, dropout: float, top_k: int
 ) -> dict[str, Callable[[], None]]:
-    """One ``q_proj``-shaped (576 -> 576) adapted layer per variant, stepped alone on ``tokens`` tokens; with
-    ``with_reference`` also the per-token :class:`ReferenceAMoLE` that the parity tests check AMoLE against."""
+    """One ``q_proj``-shaped (576 -> 576) adapted layer per variant, stepped alone on ``tokens`` tokens, and the
+    per-token :class:`ReferenceAMoLE` (``reference``) that the parity tests check AMoLE against."""
     gen = torch.Generator().manual_seed(3)
     base = nn.Linear(576, 576, bias=False).requires_grad_(False)
     x = torch.randn(tokens, 576, generator=gen).requires_grad_(True)  # (T, in)
@@ -219,8 +219,7 @@ def layer_steps(
     loop.set_experts(range(experts), a, b)
     layers["loop"] = loop
     steps: dict[str, Callable[[], None]] = {}
-    if with_reference:
-        layers["reference"] = ReferenceAMoLE.from_amole(amole)
+    layers["reference"] = ReferenceAMoLE.from_amole(amole)
     for name, layer in layers.items():
         layer.train()
         params = [p for p in layer.parameters() if p.requires_grad]
@@ -300,14 +299,9 @@ def main() -> None:
     model_ms, model_best = interleaved(
         {name: model_step(models[name], ids, mask, labels) for name in VARIANTS}, args.warmup, args.repeats
     )
-    layer_ms, layer_best = interleaved(
-        layer_steps(args.batch * args.seq, args.experts, args.rank, args.alpha, args.dropout, args.top_k),
-        args.warmup,
-        args.repeats * 3,
-    )
-
-    ref = layer_steps(args.batch * args.seq, args.experts, args.rank, args.alpha, args.dropout, args.top_k, True)
-    ref_ms, _ = interleaved({"amole": ref["amole"], "reference": ref["reference"]}, 1, args.reference_repeats)
+    layers = layer_steps(args.batch * args.seq, args.experts, args.rank, args.alpha, args.dropout, args.top_k)
+    layer_ms, layer_best = interleaved({name: layers[name] for name in VARIANTS}, args.warmup, args.repeats * 3)
+    ref_ms, _ = interleaved({name: layers[name] for name in ("amole", "reference")}, 1, args.reference_repeats)
 
     lines = [
         f"### amole_step (SmolLM2-135M shapes, {args.layers} layers, batch {args.batch} x {args.seq}, "

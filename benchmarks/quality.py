@@ -61,32 +61,26 @@ def _finished(out: Path) -> dict | None:
 
 def run_one(config: str, method: str, seed: int, engine: str, out: Path, overrides: list[str]) -> dict | None:
     """The run's summary (read back or run now); None when another process is running it."""
-    done = _finished(out)
-    if done is not None:
-        return done
     fd = _claim(out)
     if fd is None:
         print(f"{out} is being run by another process: skipped")
         return None
     try:
-        # another copy may have finished it between the check above and the claim
         return _finished(out) or _run_claimed(config, method, seed, engine, out, overrides)
     finally:
         os.close(fd)
 
 
 def _run_claimed(config: str, method: str, seed: int, engine: str, out: Path, overrides: list[str]) -> dict:
+    """Run (or resume) a run this process claimed and that has not finished cleanly."""
     from fedhmoe.runtime.engines import run_inprocess, run_simulation_engine
 
     if (out / "summary.json").exists():
-        summary = json.loads((out / "summary.json").read_text())
-        if not summary["totals"].get("rejected-replies", 0):
-            return summary
-        # a run that lost replies (a client crashed or ran out of memory) is not a fair sample: run it again
+        # finished, but lost replies (a client crashed or ran out of memory): not a fair sample, run it again
         n = 1
         while (out.parent / f".failed-{out.name}-{n}").exists():
             n += 1
-        print(f"{out} lost {summary['totals']['rejected-replies']} replies; moved aside and run again")
+        print(f"{out} lost replies; moved aside and run again")
         out.rename(out.parent / f".failed-{out.name}-{n}")
     cfg = load_config(config, [f"algorithm.name={method}", f"run.seed={seed}", *overrides])
     resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
@@ -120,11 +114,8 @@ def main() -> None:
         for method in args.methods:
             out = root / f"{method}-seed{seed}"
             if args.summarize:
-                if not (out / "summary.json").exists():
-                    continue
-                summary = json.loads((out / "summary.json").read_text())
-                if summary["totals"].get("rejected-replies", 0):
-                    print(f"{out} lost replies: left out")
+                summary = _finished(out)
+                if summary is None:
                     continue
             else:
                 summary = run_one(args.config, method, seed, args.engine, out, args.set)
@@ -138,7 +129,7 @@ def main() -> None:
     def ms(values: list[float]) -> str:  # mean ± sample standard deviation (ddof 1) over seeds
         return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
 
-    done = sorted({s for s in args.seeds if all((root / f"{m}-seed{s}" / "summary.json").exists() for m in results)})
+    done = [s for s in args.seeds if all(root / f"{m}-seed{s}" in dirs[m] for m in results)]
     lines = [f"### quality: `{args.config}` ({args.engine}, seeds {', '.join(map(str, done or args.seeds))}"
              f"{', ' + ' '.join(args.set) if args.set else ''})", "",
              "Test scores: the mean over a run's clients, then mean ± sample standard deviation over seeds. Bytes: "

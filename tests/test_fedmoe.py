@@ -139,6 +139,33 @@ def test_full_moe_baselines_train_every_expert(algorithm, tmp_path):
         assert len(cs) == len(init) and any(np.abs(v).max() > 0 for v in cs)
 
 
+@pytest.mark.parametrize("algorithm, model, on_moe", [
+    ("fedmoe", "tiny-mixtral", True), ("random-moe", "tiny-mixtral", True), ("fedprox", "tiny-mixtral", True),
+    ("scaffold", "tiny-mixtral", True), ("fedprox", "tiny-llama", False), ("scaffold", "tiny-llama", False),
+    ("fedit", "tiny-mixtral", False)])
+def test_training_messages_carry_the_moe_settings_exactly_when_the_experts_are_trained(algorithm, model, on_moe):
+    from fedhmoe.runtime.engines import _set_task_identity
+    from fedhmoe.wire import CONFIG
+
+    _set_task_identity()
+    cfg = smoke(f"algorithm.name={algorithm}", f"model.name={model}", "fedmoe.label-smoothing=0.125",
+                "fedmoe.load-balance-coef=0.25")
+    cls = ALGORITHMS[algorithm]
+    assert (cls.adapter_spec(cfg).kind == "moe") == on_moe
+    f32 = np.float32
+    state = {"dense": np.zeros(2, f32), "b.experts.0.w": np.zeros(2, f32), "b.router.0": np.zeros(3, f32)}
+    strat = cls(cfg, state, {c: 1000 + c for c in range(3)}, "run-config",
+                client_info={c: {"tasks": [f"t{c}"], "num-train": 10} for c in range(3)})
+    for msg in strat.configure_train(1):
+        conf = dict(msg.content[CONFIG])
+        if on_moe:
+            assert conf["label-smoothing"] == 0.125 and conf["load-balance-coef"] == 0.25
+        else:
+            assert "label-smoothing" not in conf and "load-balance-coef" not in conf
+        if algorithm == "fedprox":
+            assert conf["proximal-mu"] == cfg.algorithm.proximal_mu
+
+
 def test_scaffold_control_variates_follow_the_server_rule(tmp_path):
     # c_new = c_old + |S|/N * mean(c_i' - c_i); with one round and c = c_i = 0, c = |S|/N * mean(grad means)
     cfg = smoke("algorithm.name=scaffold", "federation.num-rounds=1", "federation.clients-per-round=2",
@@ -294,10 +321,10 @@ def test_lost_profiling_replies_fall_back_to_every_profiled_client():
 
 
 def test_enforced_sampling_needs_clients_with_different_tasks_and_bad_fedmoe_keys_fail_early():
+    cfg = smoke("algorithm.name=fedmoe", "federation.sampling=enforced")  # valid: the refusal needs the clients
     with pytest.raises(ConfigError, match="federation.sampling"):
-        cfg = smoke("algorithm.name=fedprox", "federation.sampling=enforced")
-        FedMoE(smoke("algorithm.name=fedmoe", "federation.sampling=enforced"), initial_state(cfg) | {},
-               {c: 1000 + c for c in range(3)}, "run-config", client_info={c: {"tasks": ["same"]} for c in range(3)})
+        FedMoE(cfg, initial_state(cfg), {c: 1000 + c for c in range(3)}, "run-config",
+               client_info={c: {"tasks": ["same"]} for c in range(3)})
     with pytest.raises(ConfigError, match="fedmoe.min-delta"):
         smoke("algorithm.name=fedmoe", "fedmoe.min-delta=-1")
     with pytest.raises(ConfigError, match="data.val-fraction"):

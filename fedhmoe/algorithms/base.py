@@ -95,6 +95,10 @@ class FederatedStrategy(Strategy):
                                   f"every client holds the same tasks ({sorted(labels)}); use data.partition = "
                                   "'task' (or 'task-dirichlet'), or standard sampling")
         self.global_state: dict[str, np.ndarray] = {k: np.asarray(v, np.float32) for k, v in initial_state.items()}
+        self.spec = self.adapter_spec(cfg)
+        #: sent with every training message: what a client needs to train an MoE backbone's experts
+        self.adapter_train_config: dict[str, Any] = {} if self.spec.kind != "moe" else {
+            "label-smoothing": cfg.fedmoe.label_smoothing, "load-balance-coef": cfg.fedmoe.load_balance_coef}
         self.node_of = dict(node_of)
         self.client_of = {n: c for c, n in self.node_of.items()}
         self.clients = sorted(self.node_of)
@@ -105,9 +109,21 @@ class FederatedStrategy(Strategy):
         self._sent_shapes: dict[int, dict[str, tuple[int, ...]]] = {}
 
     # ------------------------------------------------------------------ hooks for subclasses
+    #: Whether the method trains a sparse MoE backbone's experts (FedMoE's ``moe`` adapters) instead of LoRA
+    #: when the backbone is one (the MoE baselines FedProx and SCAFFOLD).
+    trains_moe_backbones = False
+
     @classmethod
     def adapter_spec(cls, cfg: Config) -> AdapterSpec:
-        """What clients inject into the backbone for this method (default: one LoRA per target)."""
+        """What clients inject into the backbone for this method (default: one LoRA per target, or the MoE's
+        experts on an MoE backbone when :attr:`trains_moe_backbones`)."""
+        if cls.trains_moe_backbones:
+            from fedhmoe.models.backbone import is_moe_backbone
+
+            if is_moe_backbone(cfg.model):
+                from fedhmoe.algorithms.fedmoe import moe_adapter_spec
+
+                return moe_adapter_spec(cfg)
         m = cfg.model
         return AdapterSpec("lora", tuple(m.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout)
 
@@ -194,7 +210,8 @@ class FederatedStrategy(Strategy):
             rec = encode_arrays({k: self.global_state[k] for k in keys}, self.wire_dtype) if keys else None
             cfg = {**base, "server-round": server_round, "learning-rate": lr,
                    "return-arrays": self.returns_arrays,
-                   "save-personal": self.eval_mode == "personal", **self.train_config(server_round, client)}
+                   "save-personal": self.eval_mode == "personal", **self.adapter_train_config,
+                   **self.train_config(server_round, client)}
             msg = self._message(client, rec, cfg, MessageType.TRAIN)
             self.last_train.bytes_down[client] = content_nbytes(msg.content)
             messages.append(msg)

@@ -13,8 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 from fedhmoe.algorithms.base import FederatedStrategy
-from fedhmoe.config import Config
-from fedhmoe.models.adapters import AdapterSpec
 
 __all__ = ["FedIT", "FedITFT", "FedProx", "LocalOnly"]
 
@@ -38,26 +36,10 @@ class FedProx(FedIT):
     it fine-tunes the full MoE (dense tensors, every expert and the routers), as FedMoE's baseline does."""
 
     name = "fedprox"
-
-    @classmethod
-    def adapter_spec(cls, cfg: Config) -> AdapterSpec:
-        from fedhmoe.models.backbone import is_moe_backbone
-
-        if is_moe_backbone(cfg.model):
-            from fedhmoe.algorithms.fedmoe import moe_adapter_spec
-
-            return moe_adapter_spec(cfg)
-        return super().adapter_spec(cfg)
+    trains_moe_backbones = True
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"proximal-mu": self.cfg.algorithm.proximal_mu}
-        if getattr(self, "_on_moe", None) is None:
-            self._on_moe = self.adapter_spec(self.cfg).kind == "moe"
-        if self._on_moe:
-            from fedhmoe.algorithms.fedmoe import moe_train_config
-
-            out |= moe_train_config(self.cfg)
-        return out
+        return {"proximal-mu": self.cfg.algorithm.proximal_mu}
 
 
 class LocalOnly(FederatedStrategy):

@@ -30,7 +30,7 @@ from fedhmoe.config import Config, ConfigError
 from fedhmoe.models.adapters import AdapterSpec
 from fedhmoe.utils.seeding import numpy_rng
 
-__all__ = ["FedMoE", "RandomMoE", "Scaffold", "moe_adapter_spec", "moe_memory_model", "moe_train_config"]
+__all__ = ["FedMoE", "RandomMoE", "Scaffold", "moe_adapter_spec", "moe_memory_model"]
 
 _EXPERT = re.compile(r"^(?P<block>.+?)\.experts\.(?P<gid>\d+)\.[\w.]+$")
 _ROUTER = re.compile(r"^(?P<block>.+)\.router\.(?P<gid>\d+)$")
@@ -45,12 +45,6 @@ def moe_adapter_spec(cfg: Config) -> AdapterSpec:
         return AdapterSpec("moe", tuple(fm.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout,
                            train_dense=bool(fm.lora_targets), expert_lora=True)
     return AdapterSpec("moe", (), 0, 0.0, 0.0, train_dense=fm.train_dense)
-
-
-def moe_train_config(cfg: Config) -> dict[str, Any]:
-    """What a client needs to train an MoE: label smoothing and the load-balancing weight."""
-    fm = cfg.fedmoe
-    return {"label-smoothing": fm.label_smoothing, "load-balance-coef": fm.load_balance_coef}
 
 
 def _natural(path: str) -> tuple:
@@ -132,9 +126,6 @@ class MoEMethod(FederatedStrategy):
             raise ConfigError(f"algorithm '{cls.name}' needs an MoE backbone: model.name {cfg.model.name!r} is "
                               "dense; use model.name = 'tiny-mixtral', an MoE checkpoint, or set "
                               "model.upcycle-experts")
-
-    def train_config(self, server_round: int, client: int) -> dict[str, Any]:
-        return moe_train_config(self.cfg)
 
 
 class FedMoE(MoEMethod):
@@ -382,11 +373,7 @@ class Scaffold(FederatedStrategy):
     name = "scaffold"
     eval_mode = "global"
 
-    @classmethod
-    def adapter_spec(cls, cfg: Config) -> AdapterSpec:
-        from fedhmoe.models.backbone import is_moe_backbone
-
-        return moe_adapter_spec(cfg) if is_moe_backbone(cfg.model) else super().adapter_spec(cfg)
+    trains_moe_backbones = True
 
     def __init__(self, cfg: Config, initial_state: dict[str, np.ndarray], node_of: dict[int, int],
                  run_config_text: str, client_info: dict[int, dict[str, Any]] | None = None) -> None:
@@ -397,13 +384,9 @@ class Scaffold(FederatedStrategy):
         state |= {SCAFFOLD_PREFIX + k: np.zeros_like(v, dtype=np.float32) for k, v in initial_state.items()}
         super().__init__(cfg, state, node_of, run_config_text, client_info)
         self.model_keys = sorted(k for k in self.global_state if not k.startswith(self.prefix))
-        self.on_moe = self.adapter_spec(cfg).kind == "moe"
 
     def eval_keys(self, server_round: int, client: int) -> list[str]:
         return list(self.model_keys)
-
-    def train_config(self, server_round: int, client: int) -> dict[str, Any]:
-        return moe_train_config(self.cfg) if self.on_moe else {}
 
     def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
         before = dict(self.global_state)

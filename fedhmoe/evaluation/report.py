@@ -121,13 +121,18 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]
     return files
 
 
+def _rounds(run_dir: str | Path, folder: str) -> list[tuple[int, Any]]:
+    """``(round, content)`` of every ``<folder>/round-<r>.json`` of a run, in round order."""
+    files = Path(run_dir).glob(f"{folder}/round-*.json")
+    return sorted(((int(f.stem.split("-")[1]), json.loads(f.read_text())) for f in files), key=lambda t: t[0])
+
+
 def assignment_table(run_dir: str | Path) -> str | None:
     """Markdown: per round, each client's mean number of held experts per module, and the share of
     (module, client) expert sets that changed since the previous round; None for runs without assignments."""
-    files = sorted(Path(run_dir).glob("assignments/round-*.json"), key=lambda p: int(p.stem.split("-")[1]))
-    if not files:
+    rounds = _rounds(run_dir, "assignments")
+    if not rounds:
         return None
-    rounds = [(int(f.stem.split("-")[1]), json.loads(f.read_text())) for f in files]
     clients = sorted({c for _, a in rounds for per in a.values() for c in per}, key=int)
     lines = ["| round | " + " | ".join(f"client {c}" for c in clients) + " | sets changed |",
              "|---:|" + "---:|" * (len(clients) + 1)]
@@ -177,21 +182,21 @@ def expert_sharing(assignments: dict[str, dict[str, list[int]]]) -> tuple[list[s
 def sharing_table(run_dir: str | Path) -> str | None:
     """Markdown: :func:`expert_sharing` in the last recorded round, clients labelled with their tasks, and the mean
     over pairs of clients with the same tasks and with different tasks; None for runs without assignments."""
-    files = sorted(Path(run_dir).glob("assignments/round-*.json"), key=lambda p: int(p.stem.split("-")[1]))
-    if not files:
+    rounds = _rounds(run_dir, "assignments")
+    if not rounds:
         return None
     tasks = {c: "+".join(v.get("tasks", [])) for c, v in load_summary(run_dir)["clients"].items()}
-    clients, lift = expert_sharing(json.loads(files[-1].read_text()))
+    last, assignments = rounds[-1]
+    clients, rel = expert_sharing(assignments)
     label = [f"{c} ({tasks[c]})" if tasks.get(c) else c for c in clients]
-    lines = [f"Round {files[-1].stem.split('-')[1]}; 1.00 = the average pair of clients.", "",
+    lines = [f"Round {last}; 1.00 = the average pair of clients.", "",
              "| client | " + " | ".join(clients) + " |", "|---|" + "---:|" * len(clients)]
     for i, name in enumerate(label):
-        lines.append(f"| {name} | " + " | ".join(_fmt(float(lift[i, j]), 2) if np.isfinite(lift[i, j]) else "-"
-                                                  for j in range(len(clients)))
-                     + " |")
-    pairs = [(i, j) for i in range(len(clients)) for j in range(i + 1, len(clients)) if np.isfinite(lift[i, j])]
-    same = [lift[i, j] for i, j in pairs if tasks.get(clients[i]) and tasks.get(clients[i]) == tasks.get(clients[j])]
-    other = [lift[i, j] for i, j in pairs if tasks.get(clients[i]) != tasks.get(clients[j])]
+        lines.append(f"| {name} | " + " | ".join(f"{rel[i, j]:.2f}" if np.isfinite(rel[i, j]) else "-"
+                                                  for j in range(len(clients))) + " |")
+    pairs = [(i, j) for i in range(len(clients)) for j in range(i + 1, len(clients)) if np.isfinite(rel[i, j])]
+    same = [rel[i, j] for i, j in pairs if tasks.get(clients[i]) and tasks.get(clients[i]) == tasks.get(clients[j])]
+    other = [rel[i, j] for i, j in pairs if tasks.get(clients[i]) != tasks.get(clients[j])]
     parts = [f"{name}: {np.mean(v):.2f} over {len(v)} pairs" for name, v in
              (("same tasks", same), ("different tasks", other)) if v]
     if parts:
@@ -202,14 +207,13 @@ def sharing_table(run_dir: str | Path) -> str | None:
 def _expert_totals(run_dir: str | Path) -> dict[int, dict[str, int]]:
     """round -> client -> experts held in all modules together, from ``assignments/round-*.json``."""
     out: dict[int, dict[str, int]] = {}
-    for f in Path(run_dir).glob("assignments/round-*.json"):
-        a = json.loads(f.read_text())
+    for r, a in _rounds(run_dir, "assignments"):
         totals: dict[str, int] = {}
         for per in a.values():
             for c, ids in per.items():
                 totals[c] = totals.get(c, 0) + len(ids)
-        out[int(f.stem.split("-")[1])] = totals
-    return dict(sorted(out.items()))
+        out[r] = totals
+    return out
 
 
 def memory_table(run_dir: str | Path) -> str | None:
@@ -236,9 +240,7 @@ def memory_table(run_dir: str | Path) -> str | None:
 def recommendation_table(run_dir: str | Path) -> str | None:
     """Markdown: per round, the global expert recommendation's actions (FedMoE: ``experts/round-*.json``), as
     counts over the clients that trained; None when the run recorded none."""
-    files = sorted(Path(run_dir).glob("experts/round-*.json"), key=lambda p: int(p.stem.split("-")[1]))
-    rounds = [json.loads(f.read_text()) for f in files]
-    rounds = [r for r in rounds if r.get("actions")]
+    rounds = [r for _, r in _rounds(run_dir, "experts") if r.get("actions")]
     if not rounds:
         return None
     kinds = sorted({a for r in rounds for a in r["actions"].values()})

@@ -189,9 +189,8 @@ def _expert_tensors(block: nn.Module, local: int) -> dict[str, torch.Tensor]:
 
 
 def _wire_tensor_names(block: nn.Module) -> tuple[str, ...]:
-    if block_family(block).fused:  # type: ignore[union-attr]
-        return tuple(_stacked(block))
-    return block_family(block).expert_tensors  # type: ignore[union-attr]
+    fam = block_family(block)
+    return tuple(_stacked(block)) if fam.fused else fam.expert_tensors  # type: ignore[union-attr]
 
 
 def has_expert_lora(model: nn.Module) -> bool:
