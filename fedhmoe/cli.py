@@ -1,8 +1,9 @@
-"""Command line: ``fedhmoe run``, ``report``, ``show-config``, ``prepare-model``."""
+"""Command line: ``fedhmoe run``, ``report``, ``export``, ``generate``, ``show-config``, ``prepare-model``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -107,6 +108,37 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedhmoe.export import export_client
+
+    try:
+        out = export_client(args.run, args.client, args.out, round=args.round, state_dir=args.state_dir,
+                            merge=args.merge)
+    except ValueError as e:  # unknown client or round, corrupt state, a merge that is not possible
+        raise ConfigError(str(e)) from e
+    print(out)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fedhmoe.export import PACKAGE_FILE, generate_text, load_client_model, load_exported
+
+    path = Path(args.model)
+    try:
+        if (path / PACKAGE_FILE).is_file():
+            cm = load_exported(path)
+        elif args.client is None:
+            raise ConfigError(f"{path} is not an exported model; for a run directory say which client with --client")
+        else:
+            cm = load_client_model(path, args.client, round=args.round, state_dir=args.state_dir)
+    except ValueError as e:  # unknown client or round, corrupt files
+        raise ConfigError(str(e)) from e
+    prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for prompt, answer in zip(prompts, generate_text(cm, prompts, args.max_new_tokens)):
+        print(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False))
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     from fedhmoe.models.smollm2 import prepare_smollm2
 
@@ -137,6 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run directories")
     rep.add_argument("--out", help="markdown file (default: <first run>/comparison.md)")
     rep.set_defaults(func=cmd_report)
+    ex = sub.add_parser("export", help="write one client's model (as it was scored) to a folder")
+    ex.add_argument("run", help="run directory")
+    ex.add_argument("--client", type=int, required=True, help="client id")
+    ex.add_argument("--out", required=True, help="new or empty folder")
+    ex.add_argument("--round", type=int, help="a checkpointed round (default: the newest)")
+    ex.add_argument("--state-dir", help="personal states (default: <run>/clients; a SuperNode's state-dir)")
+    ex.add_argument("--merge", action="store_true",
+                    help="LoRA methods: fold the adapter into the weights, write a plain Hugging Face model")
+    ex.set_defaults(func=cmd_export)
+    gen = sub.add_parser("generate", help="answer prompts with one client's model (one JSON line per prompt)")
+    gen.add_argument("model", help="an exported folder, or a run directory with --client")
+    gen.add_argument("--client", type=int, help="client id (with a run directory)")
+    gen.add_argument("--round", type=int, help="a checkpointed round (default: the newest)")
+    gen.add_argument("--state-dir", help="personal states (default: <run>/clients)")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: stdin lines)")
+    gen.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max-new-tokens")
+    gen.set_defaults(func=cmd_generate)
     sc = sub.add_parser("show-config", help="print the resolved config, every key documented")
     sc.add_argument("config", nargs="?", help="experiment TOML file (default: all defaults)")
     sc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

@@ -37,8 +37,8 @@ from fedhmoe.models.tiny import (
     tiny_switch_config,
 )
 
-__all__ = ["BUILTIN_MODELS", "backbone_shapes", "is_moe_backbone", "load_backbone", "resolve_model_path",
-           "torch_dtype"]
+__all__ = ["BUILTIN_MODELS", "auto_model_class", "backbone_shapes", "is_moe_backbone", "load_backbone",
+           "resolve_model_path", "torch_dtype"]
 
 TINY_LLAMA = "tiny-llama"
 TINY_MIXTRAL = "tiny-mixtral"
@@ -116,7 +116,7 @@ def _is_encoder_decoder(config: PretrainedConfig) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
-def _auto_class(config: PretrainedConfig) -> type:
+def auto_model_class(config: PretrainedConfig) -> type:
     """The auto class a config's model loads with: sequence-to-sequence or causal LM."""
     return AutoModelForSeq2SeqLM if _is_encoder_decoder(config) else AutoModelForCausalLM
 
@@ -180,7 +180,7 @@ def load_backbone(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, Pre
         model: PreTrainedModel = _TINY[path][0](seed).to(dtype)
         tokenizer: PreTrainedTokenizerBase = byte_tokenizer()
     else:
-        auto = _auto_class(_load_config(path))
+        auto = auto_model_class(_load_config(path))
         try:
             model = auto.from_pretrained(path, dtype=dtype, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -218,7 +218,7 @@ def backbone_shapes(cfg: ModelConfig, seed: int = 0) -> nn.Module:
 
         config = upcycled_config(config, cfg.upcycle_experts, cfg.upcycle_top_k)
     with torch.device("meta"):
-        model = _auto_class(config).from_config(config, dtype=dtype)
+        model = auto_model_class(config).from_config(config, dtype=dtype)
     _no_router_losses(model)
     return _freeze(model)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["LoRALinear", "inject_lora", "kaiming_uniform_a", "lora_draw_order", "wrap_linears"]
+__all__ = ["LoRALinear", "inject_lora", "kaiming_uniform_a", "lora_draw_order", "merge_lora", "wrap_linears"]
 
 
 def kaiming_uniform_a(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -190,3 +190,26 @@ def wrap_linears(
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, leaf, make(matched[path]))
     return paths
+
+
+def merge_lora(model: nn.Module) -> list[str]:
+    """Fold every :class:`LoRALinear`'s update into its base weight and put the base linear back in its place.
+
+    ``W <- W + (alpha / r) * B @ A``, computed in float32 and cast to the weight's dtype. Afterwards the model is
+    the plain architecture it was before :func:`inject_lora` (e.g. ready for ``save_pretrained``) and, in eval
+    mode, computes what the adapted model computed up to float rounding.
+
+    Returns:
+        The merged module paths, sorted.
+    """
+    found = {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+    with torch.no_grad():
+        for path in sorted(found):
+            mod = found[path]
+            w = mod.base.weight  # (out, in)
+            delta = (mod.lora_B.to(torch.float32) @ mod.lora_A.to(torch.float32)) * mod.scaling  # (out, in)
+            w.copy_((w.to(torch.float32) + delta.to(w.device)).to(w.dtype))
+            parent_path, _, leaf = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, leaf, mod.base)
+    return sorted(found)

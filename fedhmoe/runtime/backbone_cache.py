@@ -19,7 +19,7 @@ from fedhmoe.models.adapters import AdapterSpec
 from fedhmoe.models.backbone import load_backbone
 from fedhmoe.utils.seeding import torch_generator
 
-__all__ = ["Worker", "get_worker"]
+__all__ = ["Worker", "build_worker", "get_worker"]
 
 
 @dataclass
@@ -50,6 +50,19 @@ def _key(cfg: Config, spec: AdapterSpec) -> tuple:
             cfg.run.seed)
 
 
+def build_worker(cfg: Config, spec: AdapterSpec) -> Worker:
+    """A fresh (uncached) worker: the frozen backbone with the spec's adapter modules, on the configured device."""
+    m = cfg.model
+    model, tokenizer = load_backbone(m, seed=cfg.run.seed)
+    adapters.inject(model, spec, generator=torch_generator(cfg.run.seed, "lora-init"))
+    device = _device(m.device)
+    model.to(device)
+    formatter = PromptFormatter(tokenizer, cfg.data.prompt_template, cfg.data.system_prompt, m.max_seq_len,
+                                encoder_decoder=bool(getattr(model.config, "is_encoder_decoder", False)))
+    initial = adapters.init_global_state(model, spec, cfg.run.seed) if spec.kind == "lora" else None
+    return Worker(model, formatter, spec, initial, device)
+
+
 def get_worker(cfg: Config, spec: AdapterSpec) -> Worker:
     """The cached worker for this config's model and adapter kind, built on first use in this process."""
     key = _key(cfg, spec)
@@ -57,15 +70,7 @@ def get_worker(cfg: Config, spec: AdapterSpec) -> Worker:
         w = _CACHE.get(key)
         if w is not None:
             return w
-        m = cfg.model
-        model, tokenizer = load_backbone(m, seed=cfg.run.seed)
-        adapters.inject(model, spec, generator=torch_generator(cfg.run.seed, "lora-init"))
-        device = _device(m.device)
-        model.to(device)
-        formatter = PromptFormatter(tokenizer, cfg.data.prompt_template, cfg.data.system_prompt, m.max_seq_len,
-                                    encoder_decoder=bool(getattr(model.config, "is_encoder_decoder", False)))
-        initial = adapters.init_global_state(model, spec, cfg.run.seed) if spec.kind == "lora" else None
-        w = Worker(model, formatter, spec, initial, device)
+        w = build_worker(cfg, spec)
         _CACHE.clear()  # one backbone per process: a new model replaces the old one
         _CACHE[key] = w
         return w

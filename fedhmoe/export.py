@@ -1,0 +1,229 @@
+"""A client's model out of a run: rebuilt exactly as it was scored, saved for use outside the federation.
+
+:func:`load_client_model` rebuilds the model one client was evaluated with after a checkpointed round: the
+server's state is restored from ``checkpoints/round-<r>/``, the method decides what the client held (its keys
+of the global state, e.g. its sub-MoE, passed through the wire dtype as in the evaluation message; or its
+personal state from the client's state directory), and those tensors are loaded into a fresh backbone.
+
+:func:`export_client` writes that model as a self-contained folder: ``fedhmoe-model.json`` (what it is),
+``config.toml`` (the run's resolved config, which names the backbone) and ``adapter.safetensors`` (the client's
+tensors by wire name; for a sub-MoE only its experts). :func:`load_exported` loads such a folder wherever the
+backbone is available. For LoRA methods ``merge=True`` instead folds the adapter into the weights and writes a
+plain Hugging Face model folder (``save_pretrained`` with its tokenizer) that loads without fedhmoe.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+
+from fedhmoe.algorithms.registry import ALGORITHMS
+from fedhmoe.client.evaluate import generate
+from fedhmoe.config import Config, ConfigError, config_to_toml, load_config
+from fedhmoe.data.format import PromptFormatter
+from fedhmoe.data.types import Example
+from fedhmoe.evaluation.rundir import RunDirectory, read_metrics
+from fedhmoe.models import adapters
+from fedhmoe.models.adapters import AdapterSpec
+from fedhmoe.models.backbone import auto_model_class, torch_dtype
+from fedhmoe.models.lora import merge_lora
+from fedhmoe.runtime.backbone_cache import build_worker
+from fedhmoe.runtime.client_logic import PersonalStore, describe_client
+from fedhmoe.wire import decode_arrays, encode_arrays
+
+__all__ = ["PACKAGE_FILE", "ClientModel", "export_client", "generate_text", "load_client_model", "load_exported"]
+
+#: The file that marks an exported client model folder.
+PACKAGE_FILE = "fedhmoe-model.json"
+_FORMAT = 1
+
+
+@dataclass
+class ClientModel:
+    """One client's model, ready to evaluate or generate (eval mode, frozen).
+
+    Attributes:
+        model: The backbone with the client's tensors loaded (a sub-MoE holds only its experts).
+        formatter: Prompt formatting and the tokenizer (``formatter.tokenizer``).
+        cfg: The run's resolved config.
+        spec: The adapter kind of the method.
+        client: Client id.
+        round: The checkpointed round whose evaluation this model reproduces.
+        source: ``"global"`` (the client's keys of the server state) or ``"personal"`` (its own saved state).
+        state: The tensors loaded into the backbone, by wire name.
+    """
+
+    model: nn.Module
+    formatter: PromptFormatter
+    cfg: Config
+    spec: AdapterSpec
+    client: int
+    round: int
+    source: str
+    state: dict[str, np.ndarray]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _run_config(run_dir: Path) -> tuple[Config, str]:
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.toml)")
+    cfg = load_config(path)
+    return cfg, config_to_toml(cfg)
+
+
+def load_client_model(run_dir: str | Path, client: int, round: int | None = None,
+                      state_dir: str | Path | None = None) -> ClientModel:
+    """Rebuild the model ``client`` was scored with after ``round`` (default: the newest checkpoint).
+
+    Args:
+        run_dir: A run directory with checkpoints.
+        client: Client id in ``0..federation.num-clients - 1``.
+        round: A round with a checkpoint (``checkpoints/round-<r>/``).
+        state_dir: Where personal states live, for personalized methods (default: ``<run_dir>/clients``; on the
+            Deployment Engine, the SuperNode's ``state-dir``).
+
+    Raises:
+        FileNotFoundError: If ``run_dir`` is not a run directory.
+        ValueError: Naming the problem: unknown client, a round without checkpoint, a missing or corrupt state.
+    """
+    run_dir = Path(run_dir)
+    cfg, toml_text = _run_config(run_dir)
+    n = cfg.federation.num_clients
+    if not 0 <= client < n:
+        raise ValueError(f"client {client} is not in this run (clients 0..{n - 1})")
+    run = RunDirectory(run_dir)
+    done = run.checkpoint_rounds()
+    if not done:
+        raise ValueError(f"{run_dir} has no checkpoint (checkpoint.every-n-rounds = 0?)")
+    r = done[-1] if round is None else int(round)
+    if r not in done:
+        raise ValueError(f"round {r} has no checkpoint in {run_dir}; checkpointed rounds: {done}")
+    method = ALGORITHMS[cfg.algorithm.name]
+    spec = method.adapter_spec(cfg)
+    w = build_worker(cfg, spec)
+    info = {c: describe_client(cfg, c) for c in range(n)}
+    strategy = method(cfg, adapters.init_global_state(w.model, spec, cfg.run.seed), {c: c for c in range(n)},
+                      toml_text, client_info=info)
+    tensors, meta = run.load_checkpoint(r)
+    strategy.load_state_dict(tensors, meta.get("strategy", {}))
+    keys = strategy.eval_keys(r, client)
+    if keys:  # what the evaluation message carried, rounded through the wire dtype as the client received it
+        dtype = cfg.algorithm.transport_dtype
+        state = decode_arrays(encode_arrays({k: strategy.global_state[k] for k in keys}, dtype), dtype)
+        source = "global"
+    else:
+        root = Path(state_dir) if state_dir is not None else run.client_state_dir
+        found = PersonalStore(root, client).load_before(r + 1)
+        if found is None:
+            trained = any(row.get("split") == "train" and row.get("client") == client and row["round"] <= r
+                          for row in read_metrics(run_dir))
+            if trained or w.initial_state is None:
+                raise ValueError(f"client {client} has no personal state up to round {r} under {root}")
+            found = w.initial_state  # a LoRA client that never trained is scored with the initial adapter
+        state, source = dict(found), "personal"
+    adapters.load_state(w.model, spec, state)
+    w.model.eval()
+    return ClientModel(w.model, w.formatter, cfg, spec, client, r, source, dict(sorted(state.items())))
+
+
+def export_client(run_dir: str | Path, client: int, out: str | Path, round: int | None = None,
+                  state_dir: str | Path | None = None, merge: bool = False) -> Path:
+    """Write ``client``'s model (see :func:`load_client_model`) to the empty or new folder ``out``.
+
+    Args:
+        merge: Fold a LoRA adapter into the weights and write a plain Hugging Face model folder; only for methods
+            that train one LoRA adapter (``fedit``, ``fedit-ft``, ``fedprox``, ``local``, ``scaffold`` on a
+            dense backbone).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: If ``out`` is a non-empty folder, or ``merge`` is asked of a method whose model is not a
+            LoRA adapter (mixtures and sub-MoEs have no plain Hugging Face form).
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"export folder {out} exists and is not empty")
+    cfg, _ = _run_config(Path(run_dir))
+    spec = ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg)
+    if merge and spec.kind != "lora":
+        raise ValueError(f"{cfg.algorithm.name} trains {spec.kind!r} adapters, which cannot be merged into a plain "
+                         "Hugging Face model; export without merge and load it with fedhmoe.export.load_exported")
+    cm = load_client_model(run_dir, client, round, state_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"format": _FORMAT, "algorithm": cfg.algorithm.name, "client": client, "round": cm.round,
+                            "source": cm.source, "adapter-kind": spec.kind, "merged": merge,
+                            "base-model": cfg.model.name, "run": str(Path(run_dir).resolve())}
+    (out / "config.toml").write_text(config_to_toml(cfg))
+    if merge:
+        merge_lora(cm.model)
+        cm.model.save_pretrained(out)
+        cm.formatter.tokenizer.save_pretrained(out)
+    else:
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in cm.state.items()},
+                  str(out / "adapter.safetensors"))
+    (out / PACKAGE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def load_exported(folder: str | Path) -> ClientModel:
+    """Load a folder written by :func:`export_client` (merged or not).
+
+    Raises:
+        FileNotFoundError: If the folder has no ``fedhmoe-model.json``.
+        ValueError: If its files are corrupt or do not fit the backbone its config names.
+    """
+    folder = Path(folder)
+    meta_path = folder / PACKAGE_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder} is not an exported client model (no {PACKAGE_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+        cfg = load_config(folder / "config.toml")
+    except (ValueError, OSError, ConfigError) as e:
+        raise ValueError(f"exported model {folder} is corrupt: {e}") from e
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this fedhmoe reads format {_FORMAT}")
+    spec = ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg)
+    common = dict(cfg=cfg, client=int(meta["client"]), round=int(meta["round"]), source=str(meta["source"]))
+    if meta.get("merged"):
+        try:
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            model = auto_model_class(config).from_pretrained(folder, dtype=torch_dtype(cfg.model.dtype),
+                                                        local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"merged model in {folder} cannot be loaded: {e}") from e
+        model.requires_grad_(False)
+        model.eval()
+        fmt = PromptFormatter(tok, cfg.data.prompt_template, cfg.data.system_prompt, cfg.model.max_seq_len,
+                              encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)))
+        return ClientModel(model, fmt, spec=spec, state={}, **common)
+    try:
+        state = load_file(str(folder / "adapter.safetensors"))
+    except Exception as e:  # safetensors raises several types for truncated files
+        raise ValueError(f"{folder / 'adapter.safetensors'} is missing or corrupt: {e}") from e
+    w = build_worker(cfg, spec)
+    adapters.load_state(w.model, spec, state)
+    w.model.eval()
+    return ClientModel(w.model, w.formatter, spec=spec, state=dict(sorted(state.items())), **common)
+
+
+def generate_text(cm: ClientModel, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers of ``cm`` to ``prompts``, formatted as in training (the run's template and system prompt)."""
+    ecfg = cm.cfg.eval if max_new_tokens is None else replace(cm.cfg.eval, max_new_tokens=int(max_new_tokens))
+    examples = [Example(prompt=p, answer="", task="") for p in prompts]
+    return generate(cm.model, cm.formatter, examples, ecfg, cm.device)
