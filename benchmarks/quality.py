@@ -130,7 +130,9 @@ def main() -> None:
         return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
 
     done = [s for s in args.seeds if all(root / f"{m}-seed{s}" in dirs[m] for m in results)]
-    lines = [f"### quality: `{args.config}` ({args.engine}, seeds {', '.join(map(str, done or args.seeds))}"
+    # the engines that ran the runs, as their summaries record them (older summaries: the --engine argument)
+    engines = sorted({str(x.get("engine", args.engine)) for runs in results.values() for x in runs} or {args.engine})
+    lines = [f"### quality: `{args.config}` ({' and '.join(engines)}, seeds {', '.join(map(str, done or args.seeds))}"
              f"{', ' + ' '.join(args.set) if args.set else ''})", "",
              "Test scores: the mean over a run's clients, then mean ± sample standard deviation over seeds. Bytes: "
              "training messages only (evaluation messages depend on the evaluation schedule, not the method)."

@@ -114,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         out = export_client(args.run, args.client, args.out, round=args.round, state_dir=args.state_dir,
                             merge=args.merge)
-    except ValueError as e:  # unknown client or round, corrupt state, a merge that is not possible
+    except (ValueError, OSError) as e:  # unknown client or round, corrupt state, impossible merge, no backbone
         raise ConfigError(str(e)) from e
     print(out)
     return 0
@@ -131,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ConfigError(f"{path} is not an exported model; for a run directory say which client with --client")
         else:
             cm = load_client_model(path, args.client, round=args.round, state_dir=args.state_dir)
-    except ValueError as e:  # unknown client or round, corrupt files
+    except (ValueError, OSError) as e:  # unknown client or round, corrupt files, backbone not available
         raise ConfigError(str(e)) from e
     prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for prompt, answer in zip(prompts, generate_text(cm, prompts, args.max_new_tokens)):

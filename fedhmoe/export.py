@@ -6,15 +6,17 @@ of the global state, e.g. its sub-MoE, passed through the wire dtype as in the e
 personal state from the client's state directory), and those tensors are loaded into a fresh backbone.
 
 :func:`export_client` writes that model as a self-contained folder: ``fedhmoe-model.json`` (what it is),
-``config.toml`` (the run's resolved config, which names the backbone) and ``adapter.safetensors`` (the client's
-tensors by wire name; for a sub-MoE only its experts). :func:`load_exported` loads such a folder wherever the
-backbone is available. For LoRA methods ``merge=True`` instead folds the adapter into the weights and writes a
-plain Hugging Face model folder (``save_pretrained`` with its tokenizer) that loads without fedhmoe.
+``config.toml`` (the run's resolved config, which names the backbone) and ``adapter.safetensors`` (the tensors
+the method trains, by wire name: for a sub-MoE its experts, their router rows and what it trains of the dense
+part, not the experts it does not hold). :func:`load_exported` loads such a folder wherever the backbone is
+available. For LoRA methods ``merge=True`` instead folds the adapter into the weights and writes a plain Hugging
+Face model folder in float32 (``save_pretrained`` with its tokenizer) that loads without fedhmoe.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,10 @@ from fedhmoe.data.types import Example
 from fedhmoe.evaluation.rundir import RunDirectory, read_metrics
 from fedhmoe.models import adapters
 from fedhmoe.models.adapters import AdapterSpec
-from fedhmoe.models.backbone import auto_model_class, torch_dtype
+from fedhmoe.models.backbone import auto_model_class
 from fedhmoe.models.lora import merge_lora
 from fedhmoe.runtime.backbone_cache import build_worker
-from fedhmoe.runtime.client_logic import PersonalStore, describe_client
+from fedhmoe.runtime.client_logic import PersonalStore
 from fedhmoe.wire import decode_arrays, encode_arrays
 
 __all__ = ["PACKAGE_FILE", "ClientModel", "export_client", "generate_text", "load_client_model", "load_exported"]
@@ -85,7 +87,8 @@ def _run_config(run_dir: Path) -> tuple[Config, str]:
 
 def load_client_model(run_dir: str | Path, client: int, round: int | None = None,
                       state_dir: str | Path | None = None) -> ClientModel:
-    """Rebuild the model ``client`` was scored with after ``round`` (default: the newest checkpoint).
+    """Rebuild the model ``client`` was scored with after ``round`` (default: the newest checkpointed round that
+    was evaluated; a round that was checkpointed but not evaluated gives the model it would have been scored with).
 
     Args:
         run_dir: A run directory with checkpoints.
@@ -107,13 +110,22 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
     done = run.checkpoint_rounds()
     if not done:
         raise ValueError(f"{run_dir} has no checkpoint (checkpoint.every-n-rounds = 0?)")
-    r = done[-1] if round is None else int(round)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise ValueError(f"{run_dir} has no metrics.jsonl (needed to know which clients trained)")
+    rows = read_metrics(run_dir)
+    scored = {int(x["round"]) for x in rows if x.get("split") == "test"}
+    if round is None:  # the newest checkpointed round whose models were scored (else the newest checkpoint)
+        r = max(scored & set(done), default=done[-1])
+    else:
+        r = int(round)
     if r not in done:
         raise ValueError(f"round {r} has no checkpoint in {run_dir}; checkpointed rounds: {done}")
     method = ALGORITHMS[cfg.algorithm.name]
     spec = method.adapter_spec(cfg)
     w = build_worker(cfg, spec)
-    info = {c: describe_client(cfg, c) for c in range(n)}
+    summary = run_dir / "summary.json"  # clients' tasks, for methods that group by task; no data is loaded
+    info = ({int(c): {"tasks": v.get("tasks", [])} for c, v in json.loads(summary.read_text())["clients"].items()}
+            if summary.is_file() else None)
     strategy = method(cfg, adapters.init_global_state(w.model, spec, cfg.run.seed), {c: c for c in range(n)},
                       toml_text, client_info=info)
     tensors, meta = run.load_checkpoint(r)
@@ -125,12 +137,16 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
         source = "global"
     else:
         root = Path(state_dir) if state_dir is not None else run.client_state_dir
-        found = PersonalStore(root, client).load_before(r + 1)
+        store = PersonalStore(root, client)
+        found = store.load_before(r + 1)
         if found is None:
-            trained = any(row.get("split") == "train" and row.get("client") == client and row["round"] <= r
-                          for row in read_metrics(run_dir))
+            trained = any(x.get("split") == "train" and x.get("client") == client and x["round"] <= r for x in rows)
             if trained or w.initial_state is None:
-                raise ValueError(f"client {client} has no personal state up to round {r} under {root}")
+                later = store.rounds()
+                why = (f"only rounds {later} are kept (checkpoint.keep-last pruned older ones)" if later else
+                       "on the Deployment Engine personal states stay in each SuperNode's state-dir: pass it as "
+                       "state_dir (--state-dir)")
+                raise ValueError(f"client {client} has no personal state up to round {r} under {root}; {why}")
             found = w.initial_state  # a LoRA client that never trained is scored with the initial adapter
         state, source = dict(found), "personal"
     adapters.load_state(w.model, spec, state)
@@ -163,20 +179,43 @@ def export_client(run_dir: str | Path, client: int, out: str | Path, round: int 
         raise ValueError(f"{cfg.algorithm.name} trains {spec.kind!r} adapters, which cannot be merged into a plain "
                          "Hugging Face model; export without merge and load it with fedhmoe.export.load_exported")
     cm = load_client_model(run_dir, client, round, state_dir)
-    out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"format": _FORMAT, "algorithm": cfg.algorithm.name, "client": client, "round": cm.round,
                             "source": cm.source, "adapter-kind": spec.kind, "merged": merge,
                             "base-model": cfg.model.name, "run": str(Path(run_dir).resolve())}
-    (out / "config.toml").write_text(config_to_toml(cfg))
-    if merge:
-        merge_lora(cm.model)
-        cm.model.save_pretrained(out)
-        cm.formatter.tokenizer.save_pretrained(out)
-    else:
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in cm.state.items()},
-                  str(out / "adapter.safetensors"))
-    (out / PACKAGE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    tmp = out.parent / f".{out.name}.partial"  # written in full, then renamed: a failure leaves no half folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "config.toml").write_text(config_to_toml(cfg))
+        if merge:
+            cm.model.to(torch.float32)  # a small update added to bfloat16 weights would mostly round away
+            merge_lora(cm.model)
+            _own_storage(cm.model)
+            cm.model.save_pretrained(tmp)
+            cm.formatter.tokenizer.save_pretrained(tmp)
+            meta |= {"dtype": "float32", "auto-class": auto_model_class(cm.model.config).__name__}
+        else:
+            save_file({k: np.ascontiguousarray(v, np.float32) for k, v in cm.state.items()},
+                      str(tmp / "adapter.safetensors"))
+        (tmp / PACKAGE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def _own_storage(model: nn.Module) -> None:
+    """Give every parameter that shares memory with another one (upcycled experts are views of one MLP copy) its
+    own copy, as ``save_pretrained`` requires; tied weights are one parameter object and stay tied."""
+    seen: set[int] = set()
+    with torch.no_grad():
+        for p in model.parameters():  # each parameter object once
+            if p.untyped_storage().data_ptr() in seen or not p.is_contiguous():
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+            seen.add(p.untyped_storage().data_ptr())
 
 
 def load_exported(folder: str | Path) -> ClientModel:
@@ -202,8 +241,7 @@ def load_exported(folder: str | Path) -> ClientModel:
     if meta.get("merged"):
         try:
             config = AutoConfig.from_pretrained(folder, local_files_only=True)
-            model = auto_model_class(config).from_pretrained(folder, dtype=torch_dtype(cfg.model.dtype),
-                                                        local_files_only=True)
+            model = auto_model_class(config).from_pretrained(folder, dtype=torch.float32, local_files_only=True)
             tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ValueError(f"merged model in {folder} cannot be loaded: {e}") from e

@@ -47,7 +47,9 @@ def test_out_dir_must_be_empty_and_resume_needs_a_run(tmp_path, capsys):
 
 def test_cli_resume_extends_a_finished_run(tmp_path):
     d = tmp_path / "r"
-    assert main(["run", SMOKE, "--engine", "inprocess", "--out", str(d), *FAST]) == 0
+    assert main(["run", SMOKE, "--engine", "inprocess", "--out", str(d), *FAST,
+                 "--set", "federation.engine='simulation'"]) == 0
+    assert json.loads((d / "summary.json").read_text())["engine"] == "inprocess"  # what ran it, not the default
     assert main(["run", "--resume", str(d), "--engine", "inprocess", "--set", "federation.num-rounds=3"]) == 0
     summary = json.loads((d / "summary.json").read_text())
     assert summary["totals"]["rounds"] == 3

@@ -10,7 +10,8 @@ from fedhmoe.evaluation.rundir import read_metrics
 from fedhmoe.runtime.engines import run_inprocess, run_simulation_engine
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
-TIMING = {"wall-seconds", "train-seconds", "eval-seconds", "train-phase-seconds", "eval-phase-seconds",
+# what may differ between engines: timings, and the engine's own name
+TIMING = {"engine", "wall-seconds", "train-seconds", "eval-seconds", "train-phase-seconds", "eval-phase-seconds",
           "round-seconds"}
 
 
@@ -38,3 +39,5 @@ def test_simulation_engine_matches_inprocess(tmp_path):
     # the Ray run really trained: bytes moved both ways and the personal adapters were written by the workers
     assert b["totals"]["bytes-up"] > 0 and b["totals"]["bytes-down"] > 0
     assert (tmp_path / "b" / "clients" / "client-2" / "round-2.safetensors").is_file()
+    # each summary names the engine that ran it
+    assert (a["engine"], b["engine"]) == ("inprocess", "simulation")

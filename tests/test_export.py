@@ -26,7 +26,7 @@ FAST = ["train.num-threads=1", "data.examples-per-task=30", "data.max-test-examp
 
 # one run per adapter kind and evaluation source
 METHODS = {
-    "fedit": [],  # global LoRA adapter
+    "fedit": ["model.upcycle-experts=4"],  # global LoRA adapter, on an upcycled MoE (experts share one MLP copy)
     "fedit-ft": [],  # personal LoRA adapters
     "fedamole": [],  # personal AMoLE modules, a different expert subset per client
     "fedmoe": ["model.name=tiny-mixtral", "federation.num-rounds=3"],  # global state, a sub-MoE per client
@@ -73,7 +73,9 @@ def test_fedmoe_client_model_is_its_sub_moe(runs):
     from fedhmoe.runtime.backbone_cache import build_worker
 
     d = runs["fedmoe"]
-    held = json.loads((d / "assignments" / "round-3.json").read_text())
+    # what the clients held when evaluated after round 3: the checkpoint's structure (after recommendation)
+    held = json.loads((d / "checkpoints" / "round-3" / "server.json").read_text())["strategy"]["held"]
+    held = {b: {c: held[c][b] for c in held} for b in next(iter(held.values()))}
     cm = load_client_model(d, 0)
     full = build_worker(cm.cfg, cm.spec).model
     n_full = sum(len(v) for v in held_experts(full).values())
@@ -106,12 +108,15 @@ def test_export_round_trip_without_merge(runs, tmp_path):
         assert rescore(back) == rescore(cm)
 
 
-def test_merged_export_loads_without_fedhmoe_and_computes_the_same(runs, tmp_path):
+@pytest.mark.parametrize("name", ["fedit-ft", "fedit"])  # dense; upcycled MoE (its experts share storage)
+def test_merged_export_loads_without_fedhmoe_and_computes_the_same(runs, tmp_path, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cm = load_client_model(runs["fedit-ft"], 2)
+    cm = load_client_model(runs[name], 2)
     assert any(np.abs(v).max() > 0 for k, v in cm.state.items() if k.endswith("lora_B"))  # trained, not zero
-    out = export_client(runs["fedit-ft"], 2, tmp_path / "merged", merge=True)
+    out = export_client(runs[name], 2, tmp_path / "merged", merge=True)
+    assert json.loads((out / "fedhmoe-model.json").read_text())["dtype"] == "float32"
+    assert not list(tmp_path.glob(".*partial"))
     plain = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert not any(isinstance(m, LoRALinear) for m in plain.modules())
@@ -200,3 +205,12 @@ def test_bad_requests_fail_with_what_is_wrong(runs, tmp_path):
     save_file({**good, key: np.zeros((1, 1), np.float32)}, str(out / "adapter.safetensors"))
     with pytest.raises(ValueError, match="shape"):
         load_exported(out)
+
+
+def test_merge_lora_refuses_a_head_tied_to_the_embeddings():
+    model = build_tiny_llama(0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
+    inject_lora(model, ["lm_head", "q_proj"], rank=2, alpha=2.0, dropout=0.0)
+    with pytest.raises(ValueError, match="lm_head's weight is shared with model.embed_tokens.weight"):
+        merge_lora(model)
+    assert any(isinstance(m, LoRALinear) for m in model.modules())  # nothing merged

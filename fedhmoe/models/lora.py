@@ -201,8 +201,21 @@ def merge_lora(model: nn.Module) -> list[str]:
 
     Returns:
         The merged module paths, sorted.
+
+    Raises:
+        ValueError: If an adapted weight is shared with another module (e.g. an output head tied to the input
+            embeddings): merging would change that module too. Nothing is merged then.
     """
     found = {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+    owners: dict[int, set[str]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), set()).add(f"{path}.{name}" if path else name)
+    for path in sorted(found):
+        shared = owners.get(id(found[path].base.weight), set()) - {f"{path}.base.weight"}
+        if shared:
+            raise ValueError(f"{path}'s weight is shared with {sorted(shared)[0]} (tied weights): merging its LoRA "
+                             "would change that module too")
     with torch.no_grad():
         for path in sorted(found):
             mod = found[path]

@@ -99,7 +99,7 @@ def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: 
 
     _set_task_identity()
     grid = InProcessGrid(client_app or default_client_app, cfg.federation.num_clients)
-    return run_federation(grid, cfg, RunDirectory(run_dir), resume=resume)
+    return run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine="inprocess")
 
 
 def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
@@ -118,7 +118,7 @@ def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False) -> d
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
                       "logging_level": logging.WARNING, "log_to_driver": True},
     }
-    run_simulation(server_app=make_server_app(cfg, run_dir, resume), client_app=client_app,
+    run_simulation(server_app=make_server_app(cfg, run_dir, resume, engine="simulation"), client_app=client_app,
                    num_supernodes=fed.num_clients, backend_config=backend)
     summary_path = Path(run_dir) / "summary.json"
     if not summary_path.is_file():

@@ -115,8 +115,10 @@ def _evaluate(grid: Grid, strategy: FederatedStrategy, r: int, run: RunDirectory
              len(strategy.last_eval.replies))
 
 
-def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) one experiment on ``grid`` and return its summary."""
+def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = False,
+                   engine: str = "flower-app") -> dict[str, Any]:
+    """Run (or resume) one experiment on ``grid`` and return its summary (which records ``engine``: ``inprocess``,
+    ``simulation``, or ``flower-app`` under ``flwr run``)."""
     toml_text = config_to_toml(cfg)
     t0 = time.perf_counter()
     node_of, info = discover_clients(grid, cfg, toml_text)
@@ -164,7 +166,7 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
         run.log([{"round": r, "split": "server", "train-phase-seconds": t_train, "eval-phase-seconds": t_eval,
                   "round-seconds": time.perf_counter() - t_round}])
     summary = summarize(read_metrics(run.path), cfg.algorithm.name, client_tasks, cfg.eval.select_metric,
-                        extra={"run-name": cfg.run.name, "seed": cfg.run.seed,
+                        extra={"run-name": cfg.run.name, "seed": cfg.run.seed, "engine": engine,
                                "wall-seconds": time.perf_counter() - t0})
     run.write_summary(summary)
     return summary
