@@ -95,7 +95,7 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
         client: Client id in ``0..federation.num-clients - 1``.
         round: A round with a checkpoint (``checkpoints/round-<r>/``).
         state_dir: Where personal states live, for personalized methods (default: ``<run_dir>/clients``; on the
-            Deployment Engine, the SuperNode's ``state-dir``).
+            Deployment Engine, the SuperNode's ``state-dir``, whose folder for this run is found by the run's name).
 
     Raises:
         FileNotFoundError: If ``run_dir`` is not a run directory.
@@ -136,7 +136,11 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
         state = decode_arrays(encode_arrays({k: strategy.global_state[k] for k in keys}, dtype), dtype)
         source = "global"
     else:
-        root = Path(state_dir) if state_dir is not None else run.client_state_dir
+        root = run.client_state_dir
+        if state_dir is not None:  # a SuperNode's state-dir keeps one folder per run, named after the run
+            root = Path(state_dir) / run_dir.resolve().name
+            if not root.is_dir():
+                root = Path(state_dir)
         store = PersonalStore(root, client)
         found = store.load_before(r + 1)
         if found is None:

@@ -58,9 +58,20 @@ def test_flwr_run_on_superlink_and_supernodes(tmp_path):
         summary = json.loads((runs[0] / "summary.json").read_text())
         assert summary["algorithm"] == "local" and set(summary["clients"]) == {"0", "1"}
         assert all(c["final"] is not None for c in summary["clients"].values())
-        # each SuperNode kept its personal adapter in its own state directory
+        # each SuperNode kept its personal adapter in its own state directory, in a folder for this run
         for i in range(2):
-            assert (tmp_path / f"state-{i}" / f"client-{i}" / "round-1.safetensors").is_file()
+            assert (tmp_path / f"state-{i}" / runs[0].name / f"client-{i}" / "round-1.safetensors").is_file()
+        # the owner of client 1 gets the model it was scored with, from its own state directory
+        from fedhmoe.export import load_client_model
+
+        from fedhmoe.client.evaluate import evaluate_examples
+        from fedhmoe.data.splits import client_data
+
+        cm = load_client_model(runs[0], 1, state_dir=tmp_path / "state-1")
+        assert cm.source == "personal" and cm.state
+        test = client_data(cm.cfg, 1).test
+        assert evaluate_examples(cm.model, cm.formatter, test, cm.cfg.eval, cm.device)["score"] == pytest.approx(
+            summary["clients"]["1"]["final"], abs=1e-9)
     finally:
         for p in procs:
             try:

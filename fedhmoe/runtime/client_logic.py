@@ -3,7 +3,7 @@
 Every message's ``config`` record carries the resolved experiment config (``run-config``, TOML), so the
 same handlers serve the in-process engine, Flower's Simulation Engine and real SuperNodes. A client's
 personal state (its own adapter, for personalized methods) is a safetensors file per round under
-``<state-dir>/client-<id>/``; reading "the newest state strictly before round r" makes resume exact.
+``<state-dir>/client-<id>/`` (a SuperNode's ``state-dir``: ``<state-dir>/<run name>/client-<id>/``); reading "the newest state strictly before round r" makes resume exact.
 """
 
 from __future__ import annotations
@@ -95,7 +95,14 @@ class PersonalStore:
 
 
 def _store(context: Context, conf: dict[str, Any], cfg: Config, client: int) -> PersonalStore:
-    root = context.node_config.get("state-dir") or conf.get("state-dir")
+    """The client's personal store: under a SuperNode's own ``state-dir`` (node config), which serves every run
+    on that node, one folder per run (``<state-dir>/<run-key>/``); else the folder the server names (the run
+    directory's ``clients/`` on the in-process and simulation engines)."""
+    node_root = context.node_config.get("state-dir")
+    if node_root:
+        root: Path | str | None = Path(str(node_root)) / str(conf.get("run-key", "run"))
+    else:
+        root = conf.get("state-dir")
     if not root:
         raise ValueError("no state directory: set node config 'state-dir' or send 'state-dir'")
     return PersonalStore(str(root), client, cfg.checkpoint.keep_last)

@@ -125,7 +125,9 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
     client_tasks = {c: list(info[c].get("tasks", [])) for c in sorted(info)}
     log.info("%d clients: %s", len(node_of), ", ".join(f"{c}={'+'.join(t)}" for c, t in client_tasks.items()))
     strategy = ALGORITHMS[cfg.algorithm.name](cfg, initial_state(cfg), node_of, toml_text, client_info=info)
-    base = {"state-dir": str(run.client_state_dir.resolve())}
+    # where clients keep personal state: the run's clients/ folder, or (SuperNodes with their own state-dir)
+    # a folder named after the run inside it
+    base = {"state-dir": str(run.client_state_dir.resolve()), "run-key": run.path.resolve().name}
     timeout = cfg.federation.round_timeout_s
     first = 1
     run.write_config(toml_text)
