@@ -126,6 +126,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     path = Path(args.model)
     try:
         if (path / PACKAGE_FILE).is_file():
+            if args.client is not None or args.round is not None or args.state_dir:
+                raise ConfigError(f"{path} is an exported model (one client, one round): --client, --round and "
+                                  "--state-dir apply to run directories")
             cm = load_exported(path)
         elif args.client is None:
             raise ConfigError(f"{path} is not an exported model; for a run directory say which client with --client")

@@ -154,7 +154,10 @@ def test_generate_text_answers_each_prompt_as_evaluation_does(runs):
     want = generate(cm.model, cm.formatter, data.test[:2], cm.cfg.eval, cm.device)
     got = generate_text(cm, [ex.prompt for ex in data.test[:2]])
     assert got == want
-    assert len(generate_text(cm, ["hi"], max_new_tokens=3)) == 1
+    (short,) = generate_text(cm, ["hi"], max_new_tokens=3)
+    long = generate_text(cm, ["hi"], max_new_tokens=12)[0]
+    assert len(cm.formatter.tokenizer.encode(short, add_special_tokens=False)) <= 3
+    assert long.startswith(short)  # greedy: the short answer is the long one cut
 
 
 def test_cli_export_and_generate(runs, tmp_path, capsys):
@@ -167,6 +170,8 @@ def test_cli_export_and_generate(runs, tmp_path, capsys):
     assert [x["prompt"] for x in lines] == ["What is 1 + 1?"] and isinstance(lines[0]["answer"], str)
     assert main(["generate", str(runs["fedit"]), "--prompt", "x", "--max-new-tokens", "2"]) == 2
     assert "--client" in capsys.readouterr().err
+    assert main(["generate", str(out), "--client", "1", "--prompt", "x"]) == 2
+    assert "is an exported model" in capsys.readouterr().err
 
 
 def test_bad_requests_fail_with_what_is_wrong(runs, tmp_path):
