@@ -69,6 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{cfg.algorithm.name} on {cfg.model.name}: test score per client (data.source = {cfg.data.source})")
     print(client_table(summary))
     print(f"\nrun directory: {run_dir}\nreport: {report}")
+    print(f"a client's model: fedhmoe export {run_dir} --client 0 --out <folder>; "
+          f"fedhmoe generate {run_dir} --client 0 --prompt <text>")
     return 0
 
 

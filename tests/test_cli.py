@@ -45,10 +45,11 @@ def test_out_dir_must_be_empty_and_resume_needs_a_run(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
 
 
-def test_cli_resume_extends_a_finished_run(tmp_path):
+def test_cli_resume_extends_a_finished_run(tmp_path, capsys):
     d = tmp_path / "r"
     assert main(["run", SMOKE, "--engine", "inprocess", "--out", str(d), *FAST,
                  "--set", "federation.engine='simulation'"]) == 0
+    assert f"fedhmoe export {d} --client 0 --out" in capsys.readouterr().out  # where the models are
     assert json.loads((d / "summary.json").read_text())["engine"] == "inprocess"  # what ran it, not the default
     assert main(["run", "--resume", str(d), "--engine", "inprocess", "--set", "federation.num-rounds=3"]) == 0
     summary = json.loads((d / "summary.json").read_text())
