@@ -38,7 +38,7 @@ from fedhmoe.models.adapters import AdapterSpec
 from fedhmoe.models.backbone import auto_model_class
 from fedhmoe.models.lora import merge_lora
 from fedhmoe.runtime.backbone_cache import build_worker
-from fedhmoe.runtime.client_logic import PersonalStore
+from fedhmoe.runtime.client_logic import SCAFFOLD_PREFIX, PersonalStore
 from fedhmoe.wire import decode_arrays, encode_arrays
 
 __all__ = ["PACKAGE_FILE", "ClientModel", "export_client", "generate_text", "load_client_model", "load_exported"]
@@ -126,9 +126,12 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
     summary = run_dir / "summary.json"  # clients' tasks, for methods that group by task; no data is loaded
     info = ({int(c): {"tasks": v.get("tasks", [])} for c, v in json.loads(summary.read_text())["clients"].items()}
             if summary.is_file() else None)
-    strategy = method(cfg, adapters.init_global_state(w.model, spec, cfg.run.seed), {c: c for c in range(n)},
-                      toml_text, client_info=info)
     tensors, meta = run.load_checkpoint(r)
+    # the strategy starts from the checkpoint's model tensors (for an MoE, reading the model's own weights would
+    # hold a third copy of them), or from the adapters' initial values; load_state_dict then checks every key
+    initial = ({k: v for k, v in tensors.items() if not k.startswith(SCAFFOLD_PREFIX)} if spec.kind == "moe"
+               else adapters.init_global_state(w.model, spec, cfg.run.seed))
+    strategy = method(cfg, initial, {c: c for c in range(n)}, toml_text, client_info=info)
     strategy.load_state_dict(tensors, meta.get("strategy", {}))
     keys = strategy.eval_keys(r, client)
     if keys:  # what the evaluation message carried, rounded through the wire dtype as the client received it

@@ -30,6 +30,7 @@ METHODS = {
     "fedit-ft": [],  # personal LoRA adapters
     "fedamole": [],  # personal AMoLE modules, a different expert subset per client
     "fedmoe": ["model.name=tiny-mixtral", "federation.num-rounds=3"],  # global state, a sub-MoE per client
+    "scaffold": ["model.name=tiny-mixtral"],  # the full MoE, with control variates in the checkpoint
 }
 
 
@@ -65,7 +66,8 @@ def test_rebuilt_client_model_reproduces_the_logged_test_metrics(runs, name):
         got = rescore(cm)
         assert got["score"] == pytest.approx(want["score"], abs=1e-9)
         assert got["eval-loss"] == pytest.approx(want["eval-loss"], rel=1e-5)
-        assert cm.source == ("global" if name in ("fedit", "fedmoe") else "personal")
+        assert cm.source == ("global" if name in ("fedit", "fedmoe", "scaffold") else "personal")
+        assert not any(k.startswith("scaffold-c:") for k in cm.state)
 
 
 def test_fedmoe_client_model_is_its_sub_moe(runs):
