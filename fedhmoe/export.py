@@ -128,22 +128,31 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
             if summary.is_file() else None)
     tensors, meta = run.load_checkpoint(r)
     # the strategy starts from the checkpoint's model tensors (for an MoE, reading the model's own weights would
-    # hold a third copy of them), or from the adapters' initial values; load_state_dict then checks every key
+    # hold a third copy of them), or from the adapters' initial values; adapters.load_state below checks the
+    # client's tensors against the model
     initial = ({k: v for k, v in tensors.items() if not k.startswith(SCAFFOLD_PREFIX)} if spec.kind == "moe"
                else adapters.init_global_state(w.model, spec, cfg.run.seed))
     strategy = method(cfg, initial, {c: c for c in range(n)}, toml_text, client_info=info)
     strategy.load_state_dict(tensors, meta.get("strategy", {}))
-    keys = strategy.eval_keys(r, client)
+    try:
+        keys = strategy.eval_keys(r, client)
+    except KeyError as e:
+        raise ValueError(f"checkpoint of round {r} in {run_dir} names tensors it does not hold: {e}") from e
     if keys:  # what the evaluation message carried, rounded through the wire dtype as the client received it
         dtype = cfg.algorithm.transport_dtype
         state = decode_arrays(encode_arrays({k: strategy.global_state[k] for k in keys}, dtype), dtype)
         source = "global"
     else:
         root = run.client_state_dir
-        if state_dir is not None:  # a SuperNode's state-dir keeps one folder per run, named after the run
-            root = Path(state_dir) / run_dir.resolve().name
-            if not root.is_dir():
-                root = Path(state_dir)
+        if state_dir is not None:  # a SuperNode's state-dir keeps one folder per run, named by the run's key
+            key = json.loads(summary.read_text()).get("run-key") if summary.is_file() else None
+            key = key or run_dir.resolve().name
+            given = Path(state_dir)
+            root = given / key
+            if not root.is_dir() and (given / f"client-{client}").is_dir():
+                root = given  # already the run's folder
+            elif not root.is_dir():
+                raise ValueError(f"no folder for this run in {given}: expected {root} (the run's key is {key!r})")
         store = PersonalStore(root, client)
         found = store.load_before(r + 1)
         if found is None:
@@ -177,7 +186,7 @@ def export_client(run_dir: str | Path, client: int, out: str | Path, round: int 
         ValueError: If ``out`` is a non-empty folder, or ``merge`` is asked of a method whose model is not a
             LoRA adapter (mixtures and sub-MoEs have no plain Hugging Face form).
     """
-    out = Path(out)
+    out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"export folder {out} exists and is not empty")
     cfg, _ = _run_config(Path(run_dir))
@@ -205,9 +214,12 @@ def export_client(run_dir: str | Path, client: int, out: str | Path, round: int 
             save_file({k: np.ascontiguousarray(v, np.float32) for k, v in cm.state.items()},
                       str(tmp / "adapter.safetensors"))
         (tmp / PACKAGE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
+        if out.exists():  # empty (checked above): move the files in
+            for f in tmp.iterdir():
+                f.rename(out / f.name)
+            tmp.rmdir()
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

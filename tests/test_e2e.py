@@ -123,7 +123,7 @@ def test_same_seed_same_results_different_seed_differs(tmp_path):
     a = run_inprocess(smoke(), tmp_path / "a")
     b = run_inprocess(smoke(), tmp_path / "b")
     c = run_inprocess(smoke("run.seed=1"), tmp_path / "c")
-    drop = lambda s: {k: v for k, v in s.items() if k not in ("wall-seconds", "totals")}  # noqa: E731
+    drop = lambda s: {k: v for k, v in s.items() if k not in ("wall-seconds", "totals", "run-key")}  # noqa: E731
     assert drop(a) == drop(b)
     assert drop(a) != drop(c)
 

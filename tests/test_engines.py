@@ -10,8 +10,8 @@ from fedhmoe.evaluation.rundir import read_metrics
 from fedhmoe.runtime.engines import run_inprocess, run_simulation_engine
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
-# what may differ between engines: timings, and the engine's own name
-TIMING = {"engine", "wall-seconds", "train-seconds", "eval-seconds", "train-phase-seconds", "eval-phase-seconds",
+# what may differ between engines: timings, the engine's own name, the run folder's name
+TIMING = {"engine", "run-key", "wall-seconds", "train-seconds", "eval-seconds", "train-phase-seconds", "eval-phase-seconds",
           "round-seconds"}
 
 

@@ -221,3 +221,45 @@ def test_merge_lora_refuses_a_head_tied_to_the_embeddings():
     with pytest.raises(ValueError, match="lm_head's weight is shared with model.embed_tokens.weight"):
         merge_lora(model)
     assert any(isinstance(m, LoRALinear) for m in model.modules())  # nothing merged
+
+
+def test_merge_lora_refuses_weights_sharing_storage_with_another_module():
+    model = build_tiny_llama(0)
+    attn = model.model.layers[0].self_attn
+    attn.q_proj.weight = torch.nn.Parameter(attn.k_proj.weight.data)  # another parameter, the same storage
+    inject_lora(model, ["q_proj"], rank=2, alpha=2.0, dropout=0.0)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj's weight is shared with .*k_proj\.weight"):
+        merge_lora(model)
+
+
+def test_supernode_state_dirs_keep_one_folder_per_run(tmp_path):
+    from types import SimpleNamespace
+
+    from fedhmoe.runtime.client_logic import _store
+
+    cfg = load_config(SMOKE)
+    node = SimpleNamespace(node_config={"state-dir": str(tmp_path), "partition-id": 0})
+    key = "smoke-20261122-101500"
+    assert _store(node, {"run-key": key}, cfg, 0).dir == tmp_path / key / "client-0"
+    for bad in ("../elsewhere", "/tmp/x", "..", ""):
+        with pytest.raises(ValueError, match="not a plain folder name"):
+            _store(node, {"run-key": bad}, cfg, 0)
+    # without a node state-dir the server's folder is used (in-process and simulation engines)
+    local = SimpleNamespace(node_config={"partition-id": 0})
+    assert _store(local, {"state-dir": str(tmp_path / "run" / "clients"), "run-key": "run"}, cfg, 0).dir == (
+        tmp_path / "run" / "clients" / "client-0")
+
+
+def test_export_into_an_existing_empty_folder_and_state_dir_lookup(runs, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_client(runs["fedit-ft"], 0, empty)
+    assert (empty / "adapter.safetensors").is_file() and not list(tmp_path.glob(".*partial"))
+    # a SuperNode-style state-dir: <state-dir>/<run key>/client-<i>/
+    node = tmp_path / "node"
+    shutil.copytree(runs["fedit-ft"] / "clients", node / runs["fedit-ft"].resolve().name)
+    a = load_client_model(runs["fedit-ft"], 0, state_dir=node)
+    b = load_client_model(runs["fedit-ft"], 0)
+    assert a.state.keys() == b.state.keys() and all(np.array_equal(a.state[k], b.state[k]) for k in a.state)
+    with pytest.raises(ValueError, match="no folder for this run in .*: expected"):
+        load_client_model(runs["fedit-ft"], 0, state_dir=tmp_path / "other")

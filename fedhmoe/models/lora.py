@@ -207,12 +207,16 @@ def merge_lora(model: nn.Module) -> list[str]:
             embeddings): merging would change that module too. Nothing is merged then.
     """
     found = {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
-    owners: dict[int, set[str]] = {}
-    for path, mod in model.named_modules(remove_duplicate=False):
-        for name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
-            owners.setdefault(id(p), set()).add(f"{path}.{name}" if path else name)
+    # every parameter's storage -> the other modules holding it (tied weights are one tensor in two modules)
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for path, mod in model.named_modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if not p.is_meta:
+                holders.setdefault(p.untyped_storage().data_ptr(), []).append((mod, f"{path}.{name}" if path else name))
     for path in sorted(found):
-        shared = owners.get(id(found[path].base.weight), set()) - {f"{path}.base.weight"}
+        w = found[path].base.weight
+        shared = [] if w.is_meta else [n for m, n in holders.get(w.untyped_storage().data_ptr(), [])
+                                       if m is not found[path].base]
         if shared:
             raise ValueError(f"{path}'s weight is shared with {sorted(shared)[0]} (tied weights): merging its LoRA "
                              "would change that module too")

@@ -100,7 +100,10 @@ def _store(context: Context, conf: dict[str, Any], cfg: Config, client: int) -> 
     directory's ``clients/`` on the in-process and simulation engines)."""
     node_root = context.node_config.get("state-dir")
     if node_root:
-        root: Path | str | None = Path(str(node_root)) / str(conf.get("run-key", "run"))
+        key = str(conf.get("run-key", "run"))
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", key):  # one plain folder name, inside the state-dir
+            raise ValueError(f"run-key {key!r} is not a plain folder name")
+        root: Path | str | None = Path(str(node_root)) / key
     else:
         root = conf.get("state-dir")
     if not root:

@@ -169,6 +169,7 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
                   "round-seconds": time.perf_counter() - t_round}])
     summary = summarize(read_metrics(run.path), cfg.algorithm.name, client_tasks, cfg.eval.select_metric,
                         extra={"run-name": cfg.run.name, "seed": cfg.run.seed, "engine": engine,
+                               "run-key": base["run-key"],
                                "wall-seconds": time.perf_counter() - t0})
     run.write_summary(summary)
     return summary
