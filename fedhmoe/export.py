@@ -123,9 +123,10 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
     method = ALGORITHMS[cfg.algorithm.name]
     spec = method.adapter_spec(cfg)
     w = build_worker(cfg, spec)
-    summary = run_dir / "summary.json"  # clients' tasks, for methods that group by task; no data is loaded
-    info = ({int(c): {"tasks": v.get("tasks", [])} for c, v in json.loads(summary.read_text())["clients"].items()}
-            if summary.is_file() else None)
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    # clients' tasks, for methods that group by task (no data is loaded)
+    info = {int(c): {"tasks": v.get("tasks", [])} for c, v in summary.get("clients", {}).items()} or None
     tensors, meta = run.load_checkpoint(r)
     # the strategy starts from the checkpoint's model tensors (for an MoE, reading the model's own weights would
     # hold a third copy of them), or from the adapters' initial values; adapters.load_state below checks the
@@ -143,16 +144,8 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
         state = decode_arrays(encode_arrays({k: strategy.global_state[k] for k in keys}, dtype), dtype)
         source = "global"
     else:
-        root = run.client_state_dir
-        if state_dir is not None:  # a SuperNode's state-dir keeps one folder per run, named by the run's key
-            key = json.loads(summary.read_text()).get("run-key") if summary.is_file() else None
-            key = key or run_dir.resolve().name
-            given = Path(state_dir)
-            root = given / key
-            if not root.is_dir() and (given / f"client-{client}").is_dir():
-                root = given  # already the run's folder
-            elif not root.is_dir():
-                raise ValueError(f"no folder for this run in {given}: expected {root} (the run's key is {key!r})")
+        key = summary.get("run-key") or run_dir.resolve().name
+        root = run.client_state_dir if state_dir is None else _run_folder(Path(state_dir), client, key)
         store = PersonalStore(root, client)
         found = store.load_before(r + 1)
         if found is None:
@@ -168,6 +161,16 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
     adapters.load_state(w.model, spec, state)
     w.model.eval()
     return ClientModel(w.model, w.formatter, cfg, spec, client, r, source, dict(sorted(state.items())))
+
+
+def _run_folder(state_dir: Path, client: int, key: str) -> Path:
+    """The run's folder in a SuperNode's ``state-dir`` (``<state-dir>/<run key>``), or ``state_dir`` itself when it
+    already is one (it holds ``client-<i>``)."""
+    if (state_dir / key).is_dir():
+        return state_dir / key
+    if (state_dir / f"client-{client}").is_dir():
+        return state_dir
+    raise ValueError(f"no folder for this run in {state_dir}: expected {state_dir / key} (the run's key is {key!r})")
 
 
 def export_client(run_dir: str | Path, client: int, out: str | Path, round: int | None = None,
@@ -209,7 +212,6 @@ def export_client(run_dir: str | Path, client: int, out: str | Path, round: int 
             _own_storage(cm.model)
             cm.model.save_pretrained(tmp)
             cm.formatter.tokenizer.save_pretrained(tmp)
-            meta |= {"dtype": "float32", "auto-class": auto_model_class(cm.model.config).__name__}
         else:
             save_file({k: np.ascontiguousarray(v, np.float32) for k, v in cm.state.items()},
                       str(tmp / "adapter.safetensors"))

@@ -117,7 +117,7 @@ def test_merged_export_loads_without_fedhmoe_and_computes_the_same(runs, tmp_pat
     cm = load_client_model(runs[name], 2)
     assert any(np.abs(v).max() > 0 for k, v in cm.state.items() if k.endswith("lora_B"))  # trained, not zero
     out = export_client(runs[name], 2, tmp_path / "merged", merge=True)
-    assert json.loads((out / "fedhmoe-model.json").read_text())["dtype"] == "float32"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     assert not list(tmp_path.glob(".*partial"))
     plain = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)

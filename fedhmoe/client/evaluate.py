@@ -42,8 +42,7 @@ def token_losses(
         ce = nn.functional.cross_entropy(logits, labels, reduction="none")  # (N,)
         n = batch["input_ids"].shape[0]
         total = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, rows, ce)  # (B,)
-        count = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, rows, torch.ones_like(ce))  # (B,)
-        out += (total / count.clamp(min=1)).tolist()
+        out += (total / torch.bincount(rows, minlength=n).clamp(min=1)).tolist()
     return out
 
 

@@ -30,7 +30,7 @@ from fedhmoe.runtime.backbone_cache import Worker, get_worker
 from fedhmoe.utils.seeding import derive_seed, numpy_rng
 from fedhmoe.wire import ARRAYS, CONFIG, STATS, decode_arrays, encode_arrays, make_content
 
-__all__ = ["SCAFFOLD_PREFIX", "PersonalStore", "describe_client", "handle_evaluate", "handle_query", "handle_train"]
+__all__ = ["SCAFFOLD_PREFIX", "PersonalStore", "handle_evaluate", "handle_query", "handle_train"]
 
 #: Wire prefix of SCAFFOLD's control variates (server -> client: c; client -> server: c + (c_i' - c_i)).
 SCAFFOLD_PREFIX = "scaffold-c:"
@@ -119,14 +119,11 @@ def _setup_threads(cfg: Config) -> None:
 def handle_query(msg: Message, context: Context) -> Message:
     """Identify this node: partition id and the sizes of its splits."""
     conf, cfg = message_config(msg)
-    return Message(RecordDict({CONFIG: ConfigRecord(describe_client(cfg, client_id(context, conf)))}), reply_to=msg)
-
-
-def describe_client(cfg: Config, client: int) -> dict[str, Any]:
-    """What a client reports when discovered: its id, tasks and split sizes (``num-train``, ...)."""
+    client = client_id(context, conf)
     data = client_data(cfg, client)
-    return {"client": client, "tasks": list(data.tasks), **{f"num-{s}": len(data.split(s))
-                                                          for s in ("train", "aux", "val", "test")}}
+    info = {"client": client, "tasks": list(data.tasks), **{f"num-{s}": len(data.split(s))
+                                                           for s in ("train", "aux", "val", "test")}}
+    return Message(RecordDict({CONFIG: ConfigRecord(info)}), reply_to=msg)
 
 
 def _worker(cfg: Config) -> Worker:
