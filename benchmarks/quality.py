@@ -3,8 +3,9 @@
 Runs every (method, seed) pair of a config on the chosen engine, then prints, per method, the mean and spread
 over seeds of the clients' mean test score (final round and best-on-validation round), plus bytes both ways
 and client training time, and a second table of the final score per task (mean over the task's clients and the
-seeds) with each client's measured parameter memory in its last training round; `--write` appends the tables
-to a markdown file.
+seeds) with each client's measured parameter memory in its last training round and, for methods that give
+clients different experts, how many experts clients of the same task share against clients of different tasks;
+`--write` appends the tables to a markdown file.
 
     .venv/bin/python benchmarks/quality.py configs/fedamole/rg-task.toml \
         --methods fedamole fedit-ft fedit local --seeds 0 1 2 --write docs/benchmarks.md
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from fedhmoe.config import load_config
+from fedhmoe.evaluation.report import task_sharing
 from fedhmoe.evaluation.rundir import read_metrics
 from common import emit
 
@@ -170,9 +172,13 @@ def main() -> None:
                         wins[0 if d > 1e-12 else 1 if abs(d) <= 1e-12 else 2] += 1
             lines.append(f"| {method} | {len(seeds)} | {ms(diffs) if diffs else '-'} | {' / '.join(map(str, wins))} |")
     tasks = sorted({"+".join(c["tasks"]) for runs in results.values() for r in runs for c in r["clients"].values()})
-    lines += ["", "Final test score per task (mean over the task's clients, then over seeds) and parameter memory of "
-              "each client's model in its last training round (MB, mean over clients and seeds):", "",
-              "| method | " + " | ".join(tasks) + " | parameter MB |", "|---|" + "---:|" * (len(tasks) + 1)]
+    lines += ["", "Final test score per task (mean over the task's clients, then over seeds), parameter memory of "
+              "each client's model in its last training round (MB, mean over clients and seeds), and for methods "
+              "that give clients different experts, how many experts two clients share in the last round against "
+              "the average pair (1.00; `fedhmoe report`'s expert-sharing table), for pairs with the same task and "
+              "with different tasks, mean over pairs then over seeds:", "",
+              "| method | " + " | ".join(tasks) + " | parameter MB | experts shared, same task | different tasks |",
+              "|---|" + "---:|" * (len(tasks) + 3)]
     for method, runs in ((m, results[m]) for m in args.methods if m in results):
         cells = []
         for t in tasks:
@@ -188,6 +194,10 @@ def main() -> None:
                         last[row["client"]] = (row["round"], row["param-bytes"])
             mem += [b for _, b in last.values()]
         cells.append(f"{np.mean(mem) / 1e6:.1f}" if mem else "-")
+        shared = [x for x in map(task_sharing, dirs[method]) if x is not None]
+        for kind in ("same", "different"):
+            per_seed = [np.mean(x[kind]) for x in shared if x[kind]]
+            cells.append(f"{np.mean(per_seed):.2f}" if per_seed else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     emit("\n".join(lines), args.write)
 

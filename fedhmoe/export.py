@@ -141,7 +141,8 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
         raise ValueError(f"checkpoint of round {r} in {run_dir} names tensors it does not hold: {e}") from e
     if keys:  # what the evaluation message carried, rounded through the wire dtype as the client received it
         dtype = cfg.algorithm.transport_dtype
-        state = decode_arrays(encode_arrays({k: strategy.global_state[k] for k in keys}, dtype), dtype)
+        g = strategy.global_state  # one tensor at a time, so the round trip never holds a second full copy
+        state = {k: decode_arrays(encode_arrays({k: g[k]}, dtype), dtype)[k] for k in keys}
         source = "global"
     else:
         key = summary.get("run-key") or run_dir.resolve().name

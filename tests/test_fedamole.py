@@ -111,6 +111,23 @@ def test_expert_sharing_on_a_hand_computed_assignment():
     assert rel[0, 4] == rel[4, 0] == 1.0 and np.isnan(rel[4, 1:4]).all()
 
 
+def test_task_sharing_splits_pairs_by_task_in_the_last_round(tmp_path):
+    import json
+
+    from fedhmoe.evaluation.report import task_sharing
+
+    assert task_sharing(tmp_path) is None  # no assignments
+    (tmp_path / "assignments").mkdir()
+    # round 1 would group 0 with 2; round 2 (the last) groups 0 with 1: the m2 case of the test above
+    (tmp_path / "assignments" / "round-1.json").write_text(json.dumps({"m": {"0": [0], "1": [1], "2": [0]}}))
+    (tmp_path / "assignments" / "round-2.json").write_text(json.dumps({"m": {"0": [0, 1], "1": [0, 1], "2": [2, 3]}}))
+    tasks = {"0": ["a"], "1": ["a"], "2": ["b"]}
+    (tmp_path / "summary.json").write_text(json.dumps({"clients": {c: {"tasks": t} for c, t in tasks.items()}}))
+    assert task_sharing(tmp_path) == {"same": [3.0], "different": [0.0, 0.0]}
+    (tmp_path / "summary.json").write_text(json.dumps({"clients": {c: {"tasks": []} for c in tasks}}))
+    assert task_sharing(tmp_path) is None  # no task labels
+
+
 def test_metric_dp_noise_perturbs_and_clamps_to_the_clean_norm_per_module():
     from fedhmoe.client.stats import metric_dp_noise
 

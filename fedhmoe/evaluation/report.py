@@ -179,26 +179,52 @@ def expert_sharing(assignments: dict[str, dict[str, list[int]]]) -> tuple[list[s
     return clients, rel
 
 
-def sharing_table(run_dir: str | Path) -> str | None:
-    """Markdown: :func:`expert_sharing` in the last recorded round, clients labelled with their tasks, and the mean
-    over pairs of clients with the same tasks and with different tasks; None for runs without assignments."""
+def _last_sharing(run_dir: str | Path) -> tuple[int, list[str], np.ndarray, dict[str, str]] | None:
+    """:func:`expert_sharing` in the last recorded round: (round, clients, matrix, client -> tasks)."""
     rounds = _rounds(run_dir, "assignments")
     if not rounds:
         return None
     tasks = {c: "+".join(v.get("tasks", [])) for c, v in load_summary(run_dir)["clients"].items()}
     last, assignments = rounds[-1]
     clients, rel = expert_sharing(assignments)
+    return last, clients, rel, tasks
+
+
+def _pairs_by_task(clients: list[str], rel: np.ndarray, tasks: dict[str, str]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"same": [], "different": []}
+    for i in range(len(clients)):
+        for j in range(i + 1, len(clients)):
+            if np.isfinite(rel[i, j]):
+                a, b = tasks.get(clients[i]), tasks.get(clients[j])
+                out["same" if a and a == b else "different"].append(float(rel[i, j]))
+    return out
+
+
+def task_sharing(run_dir: str | Path) -> dict[str, list[float]] | None:
+    """The :func:`expert_sharing` values of every pair of clients in the last recorded round, split into pairs
+    with the same tasks (``"same"``) and with different tasks (``"different"``); None for runs without
+    assignments or without task labels."""
+    found = _last_sharing(run_dir)
+    if found is None or not any(found[3].get(c) for c in found[1]):
+        return None
+    return _pairs_by_task(*found[1:])
+
+
+def sharing_table(run_dir: str | Path) -> str | None:
+    """Markdown: :func:`expert_sharing` in the last recorded round, clients labelled with their tasks, and the mean
+    over pairs of clients with the same tasks and with different tasks; None for runs without assignments."""
+    found = _last_sharing(run_dir)
+    if found is None:
+        return None
+    last, clients, rel, tasks = found
     label = [f"{c} ({tasks[c]})" if tasks.get(c) else c for c in clients]
     lines = [f"Round {last}; 1.00 = the average pair of clients.", "",
              "| client | " + " | ".join(clients) + " |", "|---|" + "---:|" * len(clients)]
     for i, name in enumerate(label):
         lines.append(f"| {name} | " + " | ".join(f"{rel[i, j]:.2f}" if np.isfinite(rel[i, j]) else "-"
                                                   for j in range(len(clients))) + " |")
-    pairs = [(i, j) for i in range(len(clients)) for j in range(i + 1, len(clients)) if np.isfinite(rel[i, j])]
-    same = [rel[i, j] for i, j in pairs if tasks.get(clients[i]) and tasks.get(clients[i]) == tasks.get(clients[j])]
-    other = [rel[i, j] for i, j in pairs if tasks.get(clients[i]) != tasks.get(clients[j])]
-    parts = [f"{name}: {np.mean(v):.2f} over {len(v)} pairs" for name, v in
-             (("same tasks", same), ("different tasks", other)) if v]
+    pairs = _pairs_by_task(clients, rel, tasks) if any(tasks.get(c) for c in clients) else {}
+    parts = [f"{name} tasks: {np.mean(v):.2f} over {len(v)} pairs" for name, v in pairs.items() if v]
     if parts:
         lines += ["", "Mean over pairs of clients with " + "; ".join(parts) + "."]
     return "\n".join(lines)

@@ -6,7 +6,7 @@ expert modules (Switch Transformers: ``experts.expert_<j>.wi`` / ``wo``) are rep
 experts only, the router's weight keeps only their rows, and the block's expert count and top-k follow. Each
 block remembers its local -> global expert id map. A block that holds every expert is the unmodified model.
 
-What travels (wire names, DESIGN.md):
+What travels (wire names):
 
 * ``<block path>.experts.<global id>.<tensor>``: one expert's tensor (``gate_up_proj`` / ``down_proj``, or
   ``wi`` / ``wo`` for Switch), shaped as one slice of the stacked tensor;
