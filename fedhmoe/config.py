@@ -231,6 +231,9 @@ class FedMoEConfig:
     search_tol: float = _f(1e-4, "Tolerance of the binary search on the coverage threshold.")
     min_experts_per_layer: int = _f(1, "Fewest experts a sub-MoE keeps in any MoE layer.")
     load_balance_coef: float = _f(0.001, "Weight of the load-balancing loss (mean over MoE layers), lambda_lb.")
+    z_loss_coef: float = _f(
+        0.0, "Weight of the router z-loss (mean over MoE layers of the mean squared log-sum-exp of the router "
+             "logits over non-padding tokens); 0 keeps the paper's loss (Eq. 1), Switch Transformers use 0.001.")
     label_smoothing: float = _f(0.1, "Label smoothing of the local cross-entropy.")
     recommend: bool = _f(True, "Stage 2: global expert recommendation for clients whose validation score stalls.")
     patience: int = _f(3, "Participations without improvement before a client's structure is adjusted.")
@@ -245,14 +248,25 @@ class FedMoEConfig:
     single_holder_lr: float = _f(
         1.0, "Server step for an expert (and its router row) that one sampled client held: W += lr * (w_k - W); "
              "1 overwrites as the paper does.")
-    min_holders: int = _f(1, "Stage 2: an expert (and its router row) is updated only when at least this many "
-                             "sampled clients held it; 1 updates every held expert, as the paper.")
+    min_holders: int = _f(1, "An expert (and its router row) is updated only when at least this many sampled "
+                             "clients held it (in stage 1 every profiler holds every expert); 1 updates every "
+                             "held expert, as the paper.")
     train_mode: str = _f(
         "full",
-        "How an MoE is trained, in both stages and by the MoE baselines: `full` (the sub-MoE's weights, as the "
-        "paper's stage 2) or `lora` (frozen weights; LoRA of rank model.lora-rank on every held expert's "
-        "projections and on fedmoe.lora-targets, router rows trained in full; only these travel).",
+        "How an MoE is trained, in stage 2 (stage 1: fedmoe.profile-train-mode) and by the MoE baselines: `full` "
+        "(the sub-MoE's weights, as the paper's stage 2) or `lora` (frozen weights; LoRA of rank model.lora-rank "
+        "on every held expert's projections and on fedmoe.lora-targets, router rows trained in full; only these "
+        "travel).",
         ("full", "lora"),
+    )
+    profile_train_mode: str = _f(
+        "lora",
+        "Stage 1 with train-mode `full`: `lora` (the paper: the profilers fine-tune LoRA on every expert of the full "
+        "MoE, and on fedmoe.lora-targets, with router rows in full; only these travel; the aggregated factors are "
+        "merged into the weights before stage 2) or `full` (stage 1 trains as stage 2 does; Switch Transformers, "
+        "which have no LoRA on experts here, need it). Which clients can profile is judged by the stage-1 memory. "
+        "With train-mode `lora` both stages train LoRA.",
+        ("lora", "full"),
     )
     train_dense: bool = _f(True, "`full`: train the dense (non-expert) parameters too, as the paper does.")
     lora_targets: list[str] = _f(["q_proj", "v_proj"], "`lora`: dense linear layers that also get LoRA (may be "
@@ -524,6 +538,7 @@ def _check_feasible(cfg: Config) -> None:
     need(0 < fm.search_tol < 1, "fedmoe.search-tol", f"must be in (0, 1), got {fm.search_tol}")
     need(0.0 <= fm.label_smoothing < 1.0, "fedmoe.label-smoothing", "must be in [0, 1)")
     need(fm.load_balance_coef >= 0, "fedmoe.load-balance-coef", "must be non-negative")
+    need(fm.z_loss_coef >= 0, "fedmoe.z-loss-coef", "must be non-negative")
     need(fm.patience >= 1, "fedmoe.patience", "must be at least 1")
     need(fm.neighbours >= 1, "fedmoe.neighbours", "must be at least 1")
     need(fm.max_step >= 0, "fedmoe.max-step", "must be non-negative")

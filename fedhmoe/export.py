@@ -27,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
+from fedhmoe.algorithms.fedmoe import moe_adapter_spec
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.client.evaluate import generate
 from fedhmoe.config import Config, ConfigError, config_to_toml, load_config
@@ -122,7 +123,6 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
         raise ValueError(f"round {r} has no checkpoint in {run_dir}; checkpointed rounds: {done}")
     method = ALGORITHMS[cfg.algorithm.name]
     spec = method.adapter_spec(cfg)
-    w = build_worker(cfg, spec)
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
     # clients' tasks, for methods that group by task (no data is loaded)
@@ -131,10 +131,17 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
     # the strategy starts from the checkpoint's model tensors (for an MoE, reading the model's own weights would
     # hold a third copy of them), or from the adapters' initial values; adapters.load_state below checks the
     # client's tensors against the model
-    initial = ({k: v for k, v in tensors.items() if not k.startswith(SCAFFOLD_PREFIX)} if spec.kind == "moe"
-               else adapters.init_global_state(w.model, spec, cfg.run.seed))
+    if spec.kind == "moe":
+        initial = {k: v for k, v in tensors.items() if not k.startswith(SCAFFOLD_PREFIX)}
+    else:
+        w = build_worker(cfg, spec)
+        initial = adapters.init_global_state(w.model, spec, cfg.run.seed)
     strategy = method(cfg, initial, {c: c for c in range(n)}, toml_text, client_info=info)
     strategy.load_state_dict(tensors, meta.get("strategy", {}))
+    if spec.kind == "moe":  # FedMoE's stage 1 may train LoRA on the experts, stage 2 the weights
+        mode = strategy.round_config(r).get("moe-train-mode")
+        spec = moe_adapter_spec(cfg, mode) if mode else spec
+        w = build_worker(cfg, spec)
     try:
         keys = strategy.eval_keys(r, client)
     except KeyError as e:
@@ -202,6 +209,8 @@ def export_client(run_dir: str | Path, client: int, out: str | Path, round: int 
     meta: dict[str, Any] = {"format": _FORMAT, "algorithm": cfg.algorithm.name, "client": client, "round": cm.round,
                             "source": cm.source, "adapter-kind": spec.kind, "merged": merge,
                             "base-model": cfg.model.name, "run": str(Path(run_dir).resolve())}
+    if cm.spec.kind == "moe":  # an exported FedMoE stage-1 round carries LoRA on the experts
+        meta["moe-train-mode"] = "lora" if cm.spec.expert_lora else "full"
     tmp = out.parent / f".{out.name}.partial"  # written in full, then renamed: a failure leaves no half folder
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -259,6 +268,8 @@ def load_exported(folder: str | Path) -> ClientModel:
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this fedhmoe reads format {_FORMAT}")
     spec = ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg)
+    if spec.kind == "moe" and meta.get("moe-train-mode"):
+        spec = moe_adapter_spec(cfg, str(meta["moe-train-mode"]))
     common = dict(cfg=cfg, client=int(meta["client"]), round=int(meta["round"]), source=str(meta["source"]))
     if meta.get("merged"):
         try:

@@ -75,3 +75,22 @@ def test_infeasible_data_fails_before_any_client_starts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data (jsonl, partition iid)" in err and "3 clients" in err
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_fedmoe_on_the_tiny_mixtral_from_the_command_line(tmp_path, capsys):
+    d = tmp_path / "moe"
+    assert main(["run", SMOKE, "--out", str(d), *FAST, "--set", "algorithm.name=fedmoe",
+                 "--set", "model.name=tiny-mixtral"]) == 0
+    out = capsys.readouterr().out
+    assert "fedhmoe export" in out and "| client | tasks | before | after |" in out
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["algorithm"] == "fedmoe" and summary["engine"] == "inprocess"
+    report = (d / "report.md").read_text()
+    assert "## Experts held per client" in report
+    for name in ("experts_by_round.png", "memory_by_client.png"):
+        assert (d / "plots" / name).stat().st_size > 1000
+    # round 1 profiles, round 2 trains sub-MoEs: the smoke budget keeps at least one client below the full MoE
+    held = json.loads((d / "assignments" / "round-2.json").read_text())
+    per_client = {c: sum(len(per[c]) for per in held.values()) for c in next(iter(held.values()))}
+    full = len(held) * 4  # tiny-mixtral: 4 experts per layer
+    assert min(per_client.values()) < full and min(per_client.values()) >= len(held)

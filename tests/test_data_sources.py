@@ -107,6 +107,28 @@ def test_exact_match_and_choices() -> None:
     assert match_choice("Sci/Tech", ("World", "Sports", "Business", "Sci/Tech")) == 3
 
 
+def test_paper_metrics_for_squad_and_xsum() -> None:
+    from fedhmoe.data.scoring import generated_score
+    from fedhmoe.evaluation.metrics import rouge_2, token_f1
+
+    # SQuAD normalisation drops case, punctuation and articles: "the Eiffel tower!" -> eiffel, tower
+    assert token_f1("the Eiffel tower!", "Eiffel Tower") == 1.0
+    # 2 common tokens, precision 2/3, recall 2/2 -> F1 0.8; the best reference counts
+    assert token_f1("in Paris France", ["Paris, France", "Lyon"]) == pytest.approx(0.8)
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
+    # ROUGE-2: bigrams of "the cat sat down" vs "the cat sat": 2 common of 3 and 2 -> F1 0.8
+    assert rouge_2("the cat sat down", "the cat sat") == pytest.approx(0.8)
+    squad = Example(prompt="q", answer="Denver Broncos", task="squad",
+                    meta='{"answers": ["Denver Broncos", "the Broncos"]}')
+    assert generated_score("Broncos", squad) == pytest.approx(1.0)  # the second reference matches exactly
+    xsum = Example(prompt="q", answer="the cat sat", task="xsum")
+    assert generated_score("the cat sat down", xsum) == pytest.approx(0.8)
+    other = Example(prompt="q", answer="the cat sat", task="dolly")  # ROUGE-L: LCS 3 of 4 and 3 -> 6/7
+    assert generated_score("the cat sat down", other) == pytest.approx(6 / 7)
+    ex = load_hub("squad", str(HUB / "squad"), [])[0]
+    assert json.loads(ex.meta)["answers"][0] == ex.answer
+
+
 # --------------------------------------------------------------------------------------------------
 # jsonl
 

@@ -29,7 +29,8 @@ METHODS = {
     "fedit": ["model.upcycle-experts=4"],  # global LoRA adapter, on an upcycled MoE (experts share one MLP copy)
     "fedit-ft": [],  # personal LoRA adapters
     "fedamole": [],  # personal AMoLE modules, a different expert subset per client
-    "fedmoe": ["model.name=tiny-mixtral", "federation.num-rounds=3"],  # global state, a sub-MoE per client
+    # global state, a sub-MoE per client; round 1 is within stage 1 (LoRA on the full MoE's experts)
+    "fedmoe": ["model.name=tiny-mixtral", "federation.num-rounds=3", "fedmoe.profile-rounds=2"],
     "scaffold": ["model.name=tiny-mixtral"],  # the full MoE, with control variates in the checkpoint
 }
 
@@ -68,6 +69,19 @@ def test_rebuilt_client_model_reproduces_the_logged_test_metrics(runs, name):
         assert got["eval-loss"] == pytest.approx(want["eval-loss"], rel=1e-5)
         assert cm.source == ("global" if name in ("fedit", "fedmoe", "scaffold") else "personal")
         assert not any(k.startswith("scaffold-c:") for k in cm.state)
+
+
+def test_fedmoe_stage1_round_rebuilds_with_lora_on_the_full_moe(runs, tmp_path):
+    d = runs["fedmoe"]
+    want = {r["client"]: r for r in read_metrics(d) if r["split"] == "test" and r["round"] == 1}
+    cm = load_client_model(d, 1, round=1)
+    assert cm.spec.expert_lora and any(k.endswith(".lora_A") for k in cm.state)
+    got = rescore(cm)
+    assert got["score"] == pytest.approx(want[1]["score"], abs=1e-9)
+    assert got["eval-loss"] == pytest.approx(want[1]["eval-loss"], rel=1e-5)
+    back = load_exported(export_client(d, 1, tmp_path / "stage1", round=1))
+    assert back.spec.expert_lora and rescore(back) == got
+    assert not load_client_model(d, 1).spec.expert_lora  # the last round: stage 2, the weights themselves
 
 
 def test_fedmoe_client_model_is_its_sub_moe(runs):

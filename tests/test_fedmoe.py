@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ def test_fedmoe_shrinks_each_client_to_a_sub_moe_within_its_budget(fedmoe_run):
     state = initial_state(cfg)
     memory = moe_memory_model(cfg, state, num_blocks=2)
     budget = cfg.fedmoe.memory_budgets_gb[0] * 2**30
+    full_bytes = sum(v.nbytes for k, v in state.items() if not k.endswith((".lora_A", ".lora_B")))  # the full MoE
     # round 1 (profiling) holds every expert; from round 2 each client holds the searched sub-MoE
     assert all(len(ids) == 4 for block in held(out, 1).values() for ids in block.values())
     for r in (2, 3):
@@ -61,8 +63,7 @@ def test_fedmoe_shrinks_each_client_to_a_sub_moe_within_its_budget(fedmoe_run):
         for row in (x for x in rows if x["round"] == r):
             # parameter memory and bytes both ways really shrink with the sub-MoE
             assert row["param-bytes"] < full[row["client"]]["param-bytes"]
-            assert row["bytes-down"] < full[row["client"]]["bytes-down"]
-            assert row["bytes-up"] < full[row["client"]]["bytes-up"]
+            assert max(row["bytes-down"], row["bytes-up"]) < full_bytes
     # the search keeps the experts a client's profile uses most
     prof = json.loads((out / "profiles" / "round-1.json").read_text())
     for c, p in prof["profiles"].items():
@@ -118,6 +119,9 @@ def test_random_moe_keeps_the_sizes_but_not_the_experts(fedmoe_run, tmp_path):
     a, b = held(out, 2), held(tmp_path, 2)
     assert {blk: {c: len(v) for c, v in x.items()} for blk, x in a.items()} == \
         {blk: {c: len(v) for c, v in x.items()} for blk, x in b.items()}
+    # ... and draws other experts where there is a choice (a set smaller than the layer)
+    partial = [(blk, c) for blk, x in a.items() for c, v in x.items() if len(v) < 4]
+    assert partial and any(a[blk][c] != b[blk][c] for blk, c in partial)
 
 
 @pytest.mark.parametrize("algorithm", ["fedprox", "scaffold"])
@@ -149,7 +153,7 @@ def test_training_messages_carry_the_moe_settings_exactly_when_the_experts_are_t
 
     _set_task_identity()
     cfg = smoke(f"algorithm.name={algorithm}", f"model.name={model}", "fedmoe.label-smoothing=0.125",
-                "fedmoe.load-balance-coef=0.25")
+                "fedmoe.load-balance-coef=0.25", "fedmoe.z-loss-coef=0.5")
     cls = ALGORITHMS[algorithm]
     assert (cls.adapter_spec(cfg).kind == "moe") == on_moe
     f32 = np.float32
@@ -160,8 +164,9 @@ def test_training_messages_carry_the_moe_settings_exactly_when_the_experts_are_t
         conf = dict(msg.content[CONFIG])
         if on_moe:
             assert conf["label-smoothing"] == 0.125 and conf["load-balance-coef"] == 0.25
+            assert conf["z-loss-coef"] == 0.5
         else:
-            assert "label-smoothing" not in conf and "load-balance-coef" not in conf
+            assert "label-smoothing" not in conf and "load-balance-coef" not in conf and "z-loss-coef" not in conf
         if algorithm == "fedprox":
             assert conf["proximal-mu"] == cfg.algorithm.proximal_mu
 
@@ -180,10 +185,17 @@ def test_scaffold_control_variates_follow_the_server_rule(tmp_path):
         np.testing.assert_allclose(final["scaffold-c:" + k], expect, rtol=1e-5, atol=1e-7)
 
 
-def test_fedmoe_resume_continues_exactly(tmp_path):
-    straight = run_inprocess(smoke("algorithm.name=fedmoe", "federation.num-rounds=3"), tmp_path / "s")
-    run_inprocess(smoke("algorithm.name=fedmoe", "federation.num-rounds=2"), tmp_path / "r")
-    resumed = run_inprocess(smoke("algorithm.name=fedmoe", "federation.num-rounds=3"), tmp_path / "r", resume=True)
+@pytest.mark.parametrize("profile_rounds,stop", [(1, 2), (2, 1)])  # stopped after stage 1's merge / within it
+def test_fedmoe_resume_continues_exactly(profile_rounds, stop, tmp_path):
+    p = f"fedmoe.profile-rounds={profile_rounds}"
+    straight = run_inprocess(smoke("algorithm.name=fedmoe", p, "federation.num-rounds=3"), tmp_path / "s")
+    if stop > profile_rounds:
+        run_inprocess(smoke("algorithm.name=fedmoe", p, f"federation.num-rounds={stop}"), tmp_path / "r")
+    else:  # a run cannot end within stage 1: the straight run cut back to its checkpoint of round `stop`
+        shutil.copytree(tmp_path / "s", tmp_path / "r")
+        for k in range(stop + 1, 4):
+            shutil.rmtree(tmp_path / "r" / "checkpoints" / f"round-{k}")
+    resumed = run_inprocess(smoke("algorithm.name=fedmoe", p, "federation.num-rounds=3"), tmp_path / "r", resume=True)
     assert resumed["clients"] == straight["clients"]
     assert held(tmp_path / "s", 3) == held(tmp_path / "r", 3)
     a = load_file(str(tmp_path / "s" / "checkpoints" / "round-3" / "server.safetensors"))
@@ -213,9 +225,11 @@ def test_fedmoe_rejects_dense_backbones_and_infeasible_budgets(tmp_path):
     state = initial_state(cfg)
     with pytest.raises(ConfigError, match=r"client 2 .* GiB"):
         FedMoE(cfg, state, {0: 10, 1: 11, 2: 12}, "", client_info={c: {"tasks": [f"t{c}"]} for c in range(3)})
-    # a client that cannot profile needs a profiled client of its task
+    # a client that cannot profile needs a profiled client of its task (profiling in full: with LoRA, 0.011 GiB
+    # would be enough)
     cfg = smoke("algorithm.name=fedmoe", "fedmoe.memory-budgets-gb=[0.0135, 0.0135, 0.011]",
-                "fedmoe.memory-reserve=1.0")
+                "fedmoe.memory-reserve=1.0", "fedmoe.profile-train-mode=full")
+    state = initial_state(cfg)
     with pytest.raises(ConfigError, match="no client of its task"):
         FedMoE(cfg, state, {0: 10, 1: 11, 2: 12}, "", client_info={c: {"tasks": [f"t{c}"]} for c in range(3)})
     FedMoE(cfg, state, {0: 10, 1: 11, 2: 12}, "", client_info={c: {"tasks": ["same"]} for c in range(3)})
@@ -315,6 +329,12 @@ def test_lost_profiling_replies_fall_back_to_every_profiled_client():
     strat.profiles = {0: p0, 1: p1}
     strat._initial_structure(1)
     np.testing.assert_allclose(strat.profiles[2], (p0 + p1) / 2)
+    # only client 0 replied: client 1 still gets its own task's estimate (client 0's profile), client 2 the
+    # mean of every profiled client, which is client 0's too
+    strat.profiles = {0: p0}
+    strat._initial_structure(1)
+    np.testing.assert_allclose(strat.profiles[1], p0)
+    np.testing.assert_allclose(strat.profiles[2], p0)
     strat.profiles = {}
     with pytest.raises(RuntimeError, match="no profiling client replied"):
         strat._initial_structure(1)
@@ -329,6 +349,8 @@ def test_enforced_sampling_needs_clients_with_different_tasks_and_bad_fedmoe_key
         smoke("algorithm.name=fedmoe", "fedmoe.min-delta=-1")
     with pytest.raises(ConfigError, match="data.val-fraction"):
         smoke("algorithm.name=fedmoe", "data.val-fraction=0")
+    with pytest.raises(ConfigError, match="data.val-fraction"):  # it profiles too, on the validation split
+        smoke("algorithm.name=random-moe", "data.val-fraction=0")
     with pytest.raises(ConfigError, match="fedmoe.search-tol"):
         smoke("algorithm.name=fedmoe", "fedmoe.search-tol=0")
     with pytest.raises(ConfigError, match="min-experts-per-layer"):
@@ -336,6 +358,12 @@ def test_enforced_sampling_needs_clients_with_different_tasks_and_bad_fedmoe_key
     with pytest.raises(ConfigError, match="fedmoe.train-mode"):
         initial_state(load_config(SMOKE, [*FAST, "model.name=tiny-switch", "algorithm.name=fedmoe",
                                           "fedmoe.train-mode=lora"]))
+    with pytest.raises(ConfigError, match="fedmoe.profile-train-mode"):  # the paper's LoRA stage 1, by default
+        initial_state(load_config(SMOKE, [*FAST, "model.name=tiny-switch", "algorithm.name=fedmoe"]))
+    with pytest.raises(ConfigError, match="fedmoe.profile-train-mode"):
+        smoke("algorithm.name=fedmoe", "fedmoe.train-mode=lora", "fedmoe.profile-train-mode=full")
+    with pytest.raises(ConfigError, match="fedmoe.lora-targets"):
+        smoke("algorithm.name=fedmoe", "fedmoe.train-dense=false")
 
 
 def test_profile_ema_keeps_part_of_the_previous_profile_in_stage_2():
@@ -377,3 +405,86 @@ def test_recommendation_adds_removes_reverts_and_freezes_within_budgets(tmp_path
                 assert {b: v[c] for b, v in held(tmp_path, r + 1).items()} == {b: v[c] for b, v in trial_start.items()}
                 checked += 1
     assert checked > 0
+
+
+def test_worker_cache_rebuilds_when_only_the_upcycling_changes():
+    from fedhmoe.runtime.backbone_cache import get_worker
+
+    for k in (1, 2):
+        cfg = smoke("algorithm.name=fedmoe", "model.name=tiny-llama", "model.upcycle-experts=3",
+                    f"model.upcycle-top-k={k}")
+        w = get_worker(cfg, FedMoE.adapter_spec(cfg))
+        assert (w.model.config.num_experts_per_tok, w.model.config.num_local_experts) == (k, 3)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_memory_model_counts_the_optimizer_state_of_the_configured_optimizer(mode):
+    adam = smoke("algorithm.name=fedmoe", f"fedmoe.train-mode={mode}")
+    sgd = smoke("algorithm.name=fedmoe", f"fedmoe.train-mode={mode}", "train.optimizer=sgd")
+    a = moe_memory_model(adam, initial_state(adam), num_blocks=2)
+    s = moe_memory_model(sgd, initial_state(sgd), num_blocks=2)
+    # a trained parameter: 4 B weight + 4 B gradient (+ 8 B of Adam moments); a frozen weight: 4 B either way
+    assert (a.trainable_state_bytes, s.trainable_state_bytes) == (12.0, 4.0)
+    if mode == "full":  # every expert weight is trained: SGD halves the bytes per expert
+        assert s.bytes_per_expert == pytest.approx(a.bytes_per_expert / 2, rel=1e-6)
+    else:  # frozen expert weights cost the same; only the LoRA factors and router row lose their moments
+        assert a.bytes_per_expert / 2 < s.bytes_per_expert < a.bytes_per_expert
+    assert s.activation_bytes == a.activation_bytes and s.fixed_bytes < a.fixed_bytes
+
+
+def test_stage1_lora_merges_into_the_weights_stage2_trains(fedmoe_run):
+    cfg, _, out = fedmoe_run  # train-mode full with the default profile-train-mode lora, 1 profiling round
+    assert cfg.fedmoe.train_mode == "full" and cfg.fedmoe.profile_train_mode == "lora"
+    init = initial_state(cfg)
+    assert any(k.endswith(".lora_A") for k in init)
+    after = load_file(str(out / "checkpoints" / "round-1" / "server.safetensors"))
+    assert not any(k.endswith((".lora_A", ".lora_B")) for k in after)
+    layer = "model.layers.0"
+    changed = lambda k: not np.array_equal(after[k], init[k])  # noqa: E731
+    # the LoRA targets and the experts moved by their merged factors; k_proj had no LoRA and stayed
+    assert changed(f"{layer}.self_attn.q_proj.weight") and changed(f"{layer}.mlp.experts.0.gate_up_proj")
+    assert not changed(f"{layer}.self_attn.k_proj.weight")
+    # stage 1's messages held LoRA factors and router rows only: far fewer bytes than a stage-2 sub-MoE
+    rows = train_rows(out)
+    assert max(r["bytes-down"] for r in rows if r["round"] == 1) * 3 < min(r["bytes-down"] for r in rows
+                                                                           if r["round"] == 2)
+
+
+def test_merged_stage1_lora_computes_what_the_lora_model_computes():
+    import torch
+
+    from fedhmoe.algorithms.fedmoe import merge_lora_factors, moe_adapter_spec
+    from fedhmoe.models import adapters
+    from fedhmoe.runtime.backbone_cache import build_worker
+
+    cfg = smoke("algorithm.name=fedmoe")
+    state = initial_state(cfg)
+    rng = np.random.default_rng(0)
+    state = {k: (rng.normal(0, 0.05, v.shape).astype(np.float32) if k.endswith(".lora_B") else v)
+             for k, v in state.items()}  # B starts at zero: give every pair a real update
+    lora_spec, full_spec = moe_adapter_spec(cfg, "lora"), moe_adapter_spec(cfg, "full")
+    ids = torch.tensor([[5, 9, 14, 3, 7, 11]])
+    logits = []
+    for spec, tensors in ((lora_spec, {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))
+                                       or ".router." in k}),
+                          (full_spec, merge_lora_factors(state, cfg.model.lora_alpha / cfg.model.lora_rank))):
+        w = build_worker(cfg, spec)
+        adapters.load_state(w.model, spec, tensors)
+        w.model.eval()
+        with torch.no_grad():
+            logits.append(w.model(input_ids=ids).logits)
+    assert (logits[0] - logits[1]).abs().max() < 1e-4
+    assert not torch.allclose(logits[1], build_worker(cfg, full_spec).model.eval()(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        merge_lora_factors({"a.lora_A": np.ones((1, 2)), "a.lora_B": np.ones((2, 1))}, 1.0)
+
+
+def test_router_z_loss_changes_the_update_only_when_weighted(tmp_path):
+    finals = []
+    for i, coef in enumerate((0.0, 0.0, 1.0)):
+        run_inprocess(smoke("algorithm.name=fedmoe", "federation.num-rounds=2", f"fedmoe.z-loss-coef={coef}"),
+                      tmp_path / str(i))
+        finals.append(load_file(str(tmp_path / str(i) / "checkpoints" / "round-2" / "server.safetensors")))
+    routers = [k for k in finals[0] if ".router." in k]
+    assert all(np.array_equal(finals[0][k], finals[1][k]) for k in finals[0])  # deterministic without it
+    assert any(not np.array_equal(finals[0][k], finals[2][k]) for k in routers)

@@ -464,6 +464,39 @@ def test_balance_loss_backpropagates(family: str) -> None:
     rec.remove()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_z_loss_is_the_mean_squared_logsumexp_over_real_tokens(family: str) -> None:
+    model = build(family)
+    rec = install_recorder(model)
+    batch = make_batch(family)
+    mask = batch["attention_mask"]
+    logits: dict[str, torch.Tensor] = {}
+    handles = []
+    for path, block in moe_blocks(model).items():
+        fused = block_family(block).fused
+
+        def hook(mod, inp, out, path=path, fused=fused):
+            z = out[0] if fused else out[2]
+            logits[path] = z.detach().reshape(-1, z.shape[-1]).float()
+
+        handles.append(getattr(block, block_family(block).router_attr).register_forward_hook(hook))
+    model.train()
+    with rec.masked(mask):
+        model(**batch)
+    for h in handles:
+        h.remove()
+    want = []
+    for path, z in logits.items():
+        sq = torch.logsumexp(z, dim=-1) ** 2
+        w = mask.reshape(-1).float() if mask.numel() == sq.numel() else torch.ones_like(sq)  # Switch decoder: all
+        want.append((sq * w).sum() / w.sum())
+    assert mask.sum() < mask.numel()  # padding present, so the weighting matters
+    got = rec.z_loss()
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), torch.stack(want).mean(), rtol=1e-5, atol=1e-6)
+    rec.remove()
+
+
 def _independent_counts(model, batch, mask) -> tuple[dict[str, dict[int, float]], list]:
     """Per block, the top-k slots per held global expert, counted by our own hooks on the routers."""
     seen: dict[str, list[torch.Tensor]] = {}

@@ -36,7 +36,7 @@ from fedhmoe.runtime.server import initial_state
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 FAST = ["model.name=tiny-switch", "train.num-threads=1", "data.examples-per-task=30", "data.max-test-examples=4",
-        "data.max-val-examples=3"]
+        "data.max-val-examples=3", "fedmoe.profile-train-mode=full"]  # Switch has no LoRA on experts here
 TOK = byte_tokenizer()
 EXAMPLES = [
     Example(prompt="What is 2+2?", answer="4", task="math"),

@@ -98,7 +98,8 @@ class FederatedStrategy(Strategy):
         self.spec = self.adapter_spec(cfg)
         #: sent with every training message: what a client needs to train an MoE backbone's experts
         self.adapter_train_config: dict[str, Any] = {} if self.spec.kind != "moe" else {
-            "label-smoothing": cfg.fedmoe.label_smoothing, "load-balance-coef": cfg.fedmoe.load_balance_coef}
+            "label-smoothing": cfg.fedmoe.label_smoothing, "load-balance-coef": cfg.fedmoe.load_balance_coef,
+            **({"z-loss-coef": cfg.fedmoe.z_loss_coef} if cfg.fedmoe.z_loss_coef > 0 else {})}
         self.node_of = dict(node_of)
         self.client_of = {n: c for c, n in self.node_of.items()}
         self.clients = sorted(self.node_of)
@@ -128,6 +129,12 @@ class FederatedStrategy(Strategy):
         return AdapterSpec("lora", tuple(m.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout)
 
     @classmethod
+    def profiling_spec(cls, cfg: Config) -> AdapterSpec | None:
+        """Adapters an early stage trains instead of :meth:`adapter_spec`'s (FedMoE's LoRA profiling stage), whose
+        initial tensors join the initial global state; None for methods with one kind of adapter."""
+        return None
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Raise ``ConfigError`` naming the key when ``cfg`` cannot run this method (default: no checks)."""
 
@@ -150,6 +157,11 @@ class FederatedStrategy(Strategy):
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
         """Extra per-client training config (method knobs)."""
+        return {}
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        """Config sent with every training and evaluation message of the round (e.g. which adapters the
+        clients' models carry now)."""
         return {}
 
     def aggregation_weight(self, reply: ClientReply) -> float:
@@ -211,7 +223,7 @@ class FederatedStrategy(Strategy):
             cfg = {**base, "server-round": server_round, "learning-rate": lr,
                    "return-arrays": self.returns_arrays,
                    "save-personal": self.eval_mode == "personal", **self.adapter_train_config,
-                   **self.train_config(server_round, client)}
+                   **self.round_config(server_round), **self.train_config(server_round, client)}
             msg = self._message(client, rec, cfg, MessageType.TRAIN)
             self.last_train.bytes_down[client] = content_nbytes(msg.content)
             messages.append(msg)
@@ -273,7 +285,8 @@ class FederatedStrategy(Strategy):
         for client in self.clients:
             keys = self.eval_keys(server_round, client)
             rec = encode_arrays({k: self.global_state[k] for k in keys}, self.wire_dtype) if keys else None
-            cfg = {**dict(config or {}), "server-round": server_round, "use-personal": self.eval_mode == "personal"}
+            cfg = {**dict(config or {}), "server-round": server_round, "use-personal": self.eval_mode == "personal",
+                   **self.round_config(server_round)}
             msg = self._message(client, rec, cfg, MessageType.EVALUATE)
             self.last_eval.bytes_down[client] = content_nbytes(msg.content)
             messages.append(msg)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -30,21 +31,54 @@ from fedhmoe.config import Config, ConfigError
 from fedhmoe.models.adapters import AdapterSpec
 from fedhmoe.utils.seeding import numpy_rng
 
-__all__ = ["FedMoE", "RandomMoE", "Scaffold", "moe_adapter_spec", "moe_memory_model"]
+__all__ = ["FedMoE", "RandomMoE", "Scaffold", "merge_lora_factors", "moe_adapter_spec", "moe_memory_model",
+           "stage1_lora"]
 
 _EXPERT = re.compile(r"^(?P<block>.+?)\.experts\.(?P<gid>\d+)\.[\w.]+$")
 _ROUTER = re.compile(r"^(?P<block>.+)\.router\.(?P<gid>\d+)$")
+_LORA = (".lora_A", ".lora_B")
 _GIB = float(1 << 30)
 log = logging.getLogger("fedhmoe")
 
 
-def moe_adapter_spec(cfg: Config) -> AdapterSpec:
-    """The ``moe`` adapter kind: the (sub-)MoE itself is trained, in full or through LoRA on its experts."""
+def moe_adapter_spec(cfg: Config, mode: str | None = None) -> AdapterSpec:
+    """The ``moe`` adapter kind: the (sub-)MoE itself is trained, in full or through LoRA on its experts
+    (``mode``; default ``fedmoe.train-mode``)."""
     fm, m = cfg.fedmoe, cfg.model
-    if fm.train_mode == "lora":
+    if (mode or fm.train_mode) == "lora":
         return AdapterSpec("moe", tuple(fm.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout,
                            train_dense=bool(fm.lora_targets), expert_lora=True)
     return AdapterSpec("moe", (), 0, 0.0, 0.0, train_dense=fm.train_dense)
+
+
+def stage1_lora(cfg: Config) -> bool:
+    """Whether FedMoE's stage 1 trains LoRA on the experts while stage 2 trains the weights (the paper)."""
+    return cfg.fedmoe.train_mode == "full" and cfg.fedmoe.profile_train_mode == "lora"
+
+
+def _merge_target(state: Mapping[str, np.ndarray], base: str) -> str | None:
+    """The weight a LoRA pair ``<base>.lora_A`` / ``lora_B`` adapts: an expert tensor ``<base>`` or a dense
+    linear's ``<base>.weight``; None when ``state`` holds neither."""
+    return base if base in state else f"{base}.weight" if f"{base}.weight" in state else None
+
+
+def merge_lora_factors(state: Mapping[str, np.ndarray], scaling: float) -> dict[str, np.ndarray]:
+    """``state`` with every LoRA pair folded into the weight it adapts, ``W += scaling * B @ A`` (float64
+    products), and the factors dropped.
+
+    Raises:
+        ValueError: A LoRA pair is incomplete or ``state`` lacks the weight it adapts.
+    """
+    out = {k: v for k, v in state.items() if not k.endswith(_LORA)}
+    for k in sorted(k for k in state if k.endswith(".lora_A")):
+        base = k[: -len(".lora_A")]
+        target = _merge_target(state, base)
+        if target is None or f"{base}.lora_B" not in state:
+            raise ValueError(f"LoRA factors {base}.lora_A/B cannot be merged: "
+                             f"{'no ' + base + '.lora_B' if target else 'no weight ' + base + ' in the state'}")
+        delta = state[f"{base}.lora_B"].astype(np.float64) @ state[k].astype(np.float64)
+        out[target] = (state[target].astype(np.float64) + scaling * delta).astype(np.float32)
+    return out
 
 
 def _natural(path: str) -> tuple:
@@ -56,12 +90,14 @@ def _expert_block(key: str) -> tuple[str, int] | None:
     return (m.group("block"), int(m.group("gid"))) if m else None
 
 
-def moe_memory_model(cfg: Config, state: dict[str, np.ndarray], num_blocks: int) -> MemoryModel:
+def moe_memory_model(cfg: Config, state: Mapping[str, np.ndarray], num_blocks: int,
+                     mode: str | None = None) -> MemoryModel:
     """Memory of a client's sub-MoE, from the model's shapes and the training config.
 
-    ``training``: float32 weights (4 B/parameter) of everything the client holds, plus gradient and AdamW
-    moments (12 B) for what it trains (full mode: the held experts with their router rows, and the dense
-    parameters when ``fedmoe.train-dense``; ``lora``: the LoRA factors and router rows), plus an activation
+    ``training``: float32 weights (4 B/parameter) of everything the client holds, plus the gradient and, with
+    Adam or AdamW, the two moments (12 B; SGD without momentum: 4 B) for what it trains (full mode: the held
+    experts with their router rows, and the dense parameters when ``fedmoe.train-dense``; ``lora``: the LoRA
+    factors and router rows), plus an activation
     estimate for one step of ``train.batch-size`` x ``model.max-seq-len`` tokens: per token and layer about 16
     hidden-size vectors (residual stream, norms, attention inputs and outputs) and each routed expert's
     intermediate vectors, the attention scores, and the logits twice (float32 and their gradient). ``params``:
@@ -71,6 +107,7 @@ def moe_memory_model(cfg: Config, state: dict[str, np.ndarray], num_blocks: int)
         cfg: The experiment config.
         state: The global state (what travels): trained tensors, which size the LoRA factors.
         num_blocks: MoE layers of the model.
+        mode: ``full`` or ``lora`` (default ``fedmoe.train-mode``).
     """
     from fedhmoe.models import moe
     from fedhmoe.models.backbone import backbone_shapes
@@ -83,7 +120,9 @@ def moe_memory_model(cfg: Config, state: dict[str, np.ndarray], num_blocks: int)
     top_k = int(getattr(mc, "num_experts_per_tok", 0) or 1)
     layers = int(getattr(mc, "num_hidden_layers", 0) or 0) or \
         int(getattr(mc, "num_layers", 0) or 0) + int(getattr(mc, "num_decoder_layers", 0) or 0)
-    if cfg.fedmoe.train_mode == "lora":
+    state_bytes = 4.0 + (8.0 if cfg.train.optimizer in ("adamw", "adam") else 0.0)  # gradient + moments (SGD: none)
+    frozen = 4.0 / (4.0 + state_bytes)
+    if (mode or cfg.fedmoe.train_mode) == "lora":
         trained_dense = sum(v.size for k, v in state.items() if _expert_block(k) is None)  # dense LoRA factors
         per_expert: dict[tuple[str, int], int] = {}
         for k, v in state.items():
@@ -93,12 +132,12 @@ def moe_memory_model(cfg: Config, state: dict[str, np.ndarray], num_blocks: int)
         trained_one = max(per_expert.values()) if per_expert else router_row  # LoRA factors + router row
         if cfg.fedmoe.memory_model == "params":
             return MemoryModel.params_only(frozen_dense + trained_dense, frozen_one + trained_one)
-        # 16 B per "effective" parameter: frozen weights count a quarter, trained ones in full
-        dense_eff, one_eff = frozen_dense / 4 + trained_dense, frozen_one / 4 + trained_one
+        # one "effective" parameter costs what a trained one does; a frozen weight is the weight's share of it
+        dense_eff, one_eff = frozen_dense * frozen + trained_dense, frozen_one * frozen + trained_one
     else:
         if cfg.fedmoe.memory_model == "params":
             return MemoryModel.params_only(frozen_dense, frozen_one + router_row)
-        dense_eff = frozen_dense if cfg.fedmoe.train_dense else frozen_dense / 4
+        dense_eff = frozen_dense if cfg.fedmoe.train_dense else frozen_dense * frozen
         one_eff = frozen_one + router_row
     vocab = int(getattr(mc, "vocab_size", 0) or 0)
     tokens = cfg.train.batch_size * cfg.model.max_seq_len
@@ -108,7 +147,7 @@ def moe_memory_model(cfg: Config, state: dict[str, np.ndarray], num_blocks: int)
     depth = max(num_blocks, layers)
     acts = 4.0 * (tokens * depth * per_token_layer + 2 * tokens * vocab) + depth * attn
     return MemoryModel(dense_params=int(round(dense_eff)), expert_params=max(1, int(round(one_eff))),
-                       train_dense=True, activation_bytes=float(acts))
+                       trainable_state_bytes=state_bytes, train_dense=True, activation_bytes=float(acts))
 
 
 class MoEMethod(FederatedStrategy):
@@ -137,14 +176,27 @@ class FedMoE(MoEMethod):
     recommend_enabled = True
 
     @classmethod
+    def profiling_spec(cls, cfg: Config) -> AdapterSpec | None:
+        return moe_adapter_spec(cfg, "lora") if stage1_lora(cfg) else None
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         super().check_config(cfg)
         fm = cfg.fedmoe
         if fm.profile_rounds < 1:
             raise ConfigError("config key 'fedmoe.profile-rounds': FedMoE needs at least one profiling round")
-        if cls.recommend_enabled and fm.recommend and cfg.data.val_fraction <= 0:
-            raise ConfigError("config key 'data.val-fraction': global expert recommendation judges clients by their "
-                              "validation score; give clients a validation split or set fedmoe.recommend = false")
+        if cfg.data.val_fraction <= 0:
+            raise ConfigError("config key 'data.val-fraction': FedMoE profiles expert activations on each client's "
+                              "validation split (and recommendation judges clients by their validation score), not on "
+                              "the data they train on; give clients a validation split")
+        if fm.profile_train_mode == "full" and fm.train_mode == "lora":
+            raise ConfigError("config key 'fedmoe.profile-train-mode': 'full' with fedmoe.train-mode = 'lora' would "
+                              "lose stage 1's weight updates (LoRA clients keep their backbone's expert weights); "
+                              "use 'lora'")
+        if stage1_lora(cfg) and fm.lora_targets and not fm.train_dense:
+            raise ConfigError("config key 'fedmoe.lora-targets': stage 1's LoRA on dense layers cannot be merged into "
+                              "the model when fedmoe.train-dense = false (the server holds no dense weights); set "
+                              "fedmoe.lora-targets = [] or fedmoe.train-dense = true")
         if fm.profile_rounds >= cfg.federation.num_rounds:
             raise ConfigError(f"config key 'fedmoe.profile-rounds': {fm.profile_rounds} profiling rounds leave no "
                               f"sub-MoE round in federation.num-rounds = {cfg.federation.num_rounds}")
@@ -166,26 +218,38 @@ class FedMoE(MoEMethod):
         self.blocks = sorted({b for b, _ in self.expert_keys}, key=_natural)
         self.num_experts = max(g for _, g in self.expert_keys) + 1
         fm = self.cfg.fedmoe
+        #: stage 1 trains LoRA factors (held in the global state until they are merged, after the last profiling
+        #: round) while stage 2 trains the weights
+        self.lora_phase = stage1_lora(cfg) and any(k.endswith(_LORA) for k in self.global_state)
+        for k in self.global_state if self.lora_phase else ():
+            if k.endswith(".lora_A") and _merge_target(self.global_state, k[: -len(".lora_A")]) is None:
+                raise ConfigError(f"algorithm '{self.name}': stage-1 LoRA factors {k} adapt no weight of the model")
         self.memory = moe_memory_model(cfg, self.global_state, len(self.blocks))
+        if stage1_lora(cfg):  # who can profile: the full MoE with LoRA (its factors and router rows train)
+            lora_state = {k: v for k, v in self.global_state.items() if k.endswith(_LORA) or _ROUTER.match(k)}
+            profile_memory = moe_memory_model(cfg, lora_state, len(self.blocks), mode="lora")
+        else:
+            profile_memory = self.memory
         budgets = fm.memory_budgets_gb
         if not budgets:
             self.budget = {c: float("inf") for c in self.clients}
         else:
             vals = budgets * len(self.clients) if len(budgets) == 1 else budgets
             self.budget = {c: float(vals[i]) * _GIB for i, c in enumerate(self.clients)}
-        full = self.memory.bytes(len(self.blocks) * self.num_experts)
+        full = profile_memory.bytes(len(self.blocks) * self.num_experts)
         self.profilers = [c for c in self.clients if self.budget[c] >= full]
+        how = " with LoRA (fedmoe.profile-train-mode)" if stage1_lora(cfg) else ""
         if not self.profilers:
             raise ConfigError(
                 f"config key 'fedmoe.memory-budgets-gb': no client can profile the full MoE, which needs "
-                f"{full / _GIB:.4g} GiB to train (largest budget {max(self.budget.values()) / _GIB:.4g} GiB)")
+                f"{full / _GIB:.4g} GiB to train{how} (largest budget {max(self.budget.values()) / _GIB:.4g} GiB)")
         tasks = {c: self.client_task(c) for c in self.clients}
         for c in self.clients:
             if c not in self.profilers and not any(tasks[p] == tasks[c] for p in self.profilers):
                 raise ConfigError(
                     f"config key 'fedmoe.memory-budgets-gb': client {c} (task {tasks[c]!r}, budget "
-                    f"{self.budget[c] / _GIB:.4g} GiB) cannot profile the full MoE ({full / _GIB:.4g} GiB) and no "
-                    f"client of its task can")
+                    f"{self.budget[c] / _GIB:.4g} GiB) cannot profile the full MoE ({full / _GIB:.4g} GiB{how}) and "
+                    f"no client of its task can")
             need = self.memory.bytes(len(self.blocks) * fm.min_experts_per_layer)
             if need > self.budget[c] * fm.memory_reserve:
                 raise ConfigError(
@@ -217,7 +281,21 @@ class FedMoE(MoEMethod):
         for b, ids in self.held[client].items():
             for g in ids:
                 keys += self.expert_keys[(b, g)]
+        if stage1_lora(self.cfg):  # LoRA factors and router rows in stage 1, the weights after the merge
+            keys = [k for k in keys if k in self.global_state
+                    and (not self.lora_phase or k.endswith(_LORA) or _ROUTER.match(k))]
         return sorted(keys)
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        if not stage1_lora(self.cfg):
+            return {}
+        return {"moe-train-mode": "lora" if self.lora_phase else self.cfg.fedmoe.train_mode}
+
+    def _drop_lora(self) -> None:
+        self.global_state = {k: v for k, v in self.global_state.items() if not k.endswith(_LORA)}
+        self.dense_keys = [k for k in self.dense_keys if not k.endswith(_LORA)]
+        self.expert_keys = {eb: [k for k in v if not k.endswith(_LORA)] for eb, v in self.expert_keys.items()}
+        self.lora_phase = False
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
         out = super().train_config(server_round, client)
@@ -275,6 +353,10 @@ class FedMoE(MoEMethod):
                 self.profiles[r.client] = prof if old is None or ema == 0 else (ema * old + (1 - ema) * prof)
         actions: dict[int, str] = {}
         if server_round == fm.profile_rounds:
+            if self.lora_phase:  # stage 1's aggregated LoRA becomes part of the weights stage 2 trains
+                m = self.cfg.model
+                self.global_state = merge_lora_factors(self.global_state, m.lora_alpha / m.lora_rank)
+                self._drop_lora()
             self._initial_structure(server_round)
         elif not self.in_stage1(server_round) and self.recommend_enabled and fm.recommend:
             rc = RecommendConfig(patience=fm.patience, min_delta=fm.min_delta, neighbours=fm.neighbours,
@@ -300,11 +382,12 @@ class FedMoE(MoEMethod):
             raise RuntimeError(f"round {server_round}: no profiling client replied; no sub-MoE can be searched")
         orphans = [c for c in self.clients
                    if c not in self.profiles and not any(tasks[p] == tasks[c] for p in self.profiles)]
+        profiles = estimate_profiles(self.profiles, tasks, sizes, [c for c in self.clients if c not in orphans])
         if orphans:  # every profiler of their task lost its reply: fall back to all profiled clients
             log.warning("round %d: clients %s have no profiled client of their task (lost replies); their profile "
                         "is the data-size-weighted mean of every profiled client", server_round, orphans)
-            tasks = {c: ("*" if c in orphans or c in self.profiles else t) for c, t in tasks.items()}
-        profiles = estimate_profiles(self.profiles, tasks, sizes, list(self.clients))
+            anyone = {c: "*" for c in [*orphans, *self.profiles]}
+            profiles |= estimate_profiles(self.profiles, anyone, sizes, orphans)
         self.profiles = {c: np.asarray(p, np.float32) for c, p in profiles.items()}
         for c in self.clients:
             budget = self.budget[c]
@@ -342,6 +425,8 @@ class FedMoE(MoEMethod):
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        if self.lora_phase and not any(k.endswith(_LORA) for k in tensors):  # checkpointed after the merge
+            self._drop_lora()
         super().load_state_dict(tensors, meta)
         try:
             self.held = {int(c): {b: [int(g) for g in v[b]] for b in self.blocks} for c, v in meta["held"].items()}

@@ -7,7 +7,7 @@ Metrics per split:
 - ``exact-match``: greedy generation against the reference after normalisation;
 - ``rouge-l``: ROUGE-L F1 of greedy generation (generative tasks without their own scorer);
 - ``score``: the task's primary metric, averaged over examples: accuracy for choice tasks, the family's
-  own scorer for reasoning-gym, ROUGE-L otherwise.
+  own scorer for reasoning-gym, SQuAD token F1 and XSum ROUGE-2 (the FedMoE paper's metrics), ROUGE-L otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers import GenerationConfig
 from fedhmoe.client.train import aligned_logits, is_encoder_decoder
 from fedhmoe.config import EvalConfig
 from fedhmoe.data.format import PromptFormatter
-from fedhmoe.data.scoring import is_reasoning_gym, score_answer
+from fedhmoe.data.scoring import generated_score
 from fedhmoe.data.types import Example
 from fedhmoe.evaluation.metrics import exact_match, rouge_l
 
@@ -103,7 +103,7 @@ def evaluate_examples(
         preds = generate(model, formatter, gen_ex, cfg, device)
         out["exact-match"] = float(np.mean([exact_match(p, ex.answer) for p, ex in zip(preds, gen_ex)]))
         out["rouge-l"] = float(np.mean([rouge_l(p, ex.answer) for p, ex in zip(preds, gen_ex)]))
-        scores += [score_answer(p, ex) if is_reasoning_gym(ex) else rouge_l(p, ex.answer) for p, ex in zip(preds, gen_ex)]
+        scores += [generated_score(p, ex) for p, ex in zip(preds, gen_ex)]
     out["score"] = float(np.mean(scores))
     out["num-examples"] = float(len(examples))
     return out

@@ -7,6 +7,7 @@ fetched from the network.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,7 +107,8 @@ def _squad(row: dict[str, Any], uid: str) -> Example | None:
         "Read the passage and answer the question with a short span from it.\n\n"
         f"Passage: {row['context']}\n\nQuestion: {row['question']}"
     )
-    return Example(prompt=prompt, answer=texts[0], task="squad", label=str(row.get("title") or ""), uid=uid)
+    return Example(prompt=prompt, answer=texts[0], task="squad", label=str(row.get("title") or ""), uid=uid,
+                   meta=json.dumps({"answers": texts}))  # token F1 takes the best of the reference answers
 
 
 def _xsum(row: dict[str, Any], uid: str) -> Example | None:

@@ -8,7 +8,7 @@ import string
 
 from fedhmoe.data.types import Example
 
-__all__ = ["is_reasoning_gym", "match_choice", "normalize", "score_answer"]
+__all__ = ["generated_score", "is_reasoning_gym", "match_choice", "normalize", "score_answer"]
 
 _TRAILING = string.punctuation + " \t\r\n"
 _SPACE = re.compile(r"\s+")
@@ -89,3 +89,21 @@ def score_answer(prediction: str, example: Example) -> float:
         idx = match_choice(prediction, example.choices)
         return float(idx is not None and normalize(example.choices[idx]) == normalize(example.answer))
     return float(normalize(prediction) == normalize(example.answer))
+
+
+def generated_score(prediction: str, example: Example) -> float:
+    """The primary score of a generated answer: the family's scorer for reasoning-gym, the FedMoE paper's metrics
+    for its Hub tasks (SQuAD: token F1 against every reference answer; XSum: ROUGE-2 F1), ROUGE-L F1 otherwise."""
+    from fedhmoe.evaluation.metrics import rouge_2, rouge_l, token_f1
+
+    if is_reasoning_gym(example):
+        return score_answer(prediction, example)
+    if example.task == "squad":
+        try:
+            refs = json.loads(example.meta).get("answers") if example.meta else None
+        except (json.JSONDecodeError, AttributeError):
+            refs = None
+        return token_f1(prediction, [str(r) for r in refs] if isinstance(refs, list) and refs else example.answer)
+    if example.task == "xsum":
+        return rouge_2(prediction, example.answer)
+    return rouge_l(prediction, example.answer)

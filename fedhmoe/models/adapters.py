@@ -53,8 +53,8 @@ def inject(model: nn.Module, spec: AdapterSpec, generator: torch.Generator | Non
             except ValueError as e:
                 from fedhmoe.config import ConfigError
 
-                raise ConfigError(f"config key 'fedmoe.train-mode': 'lora' is not available for this model ({e}); "
-                                  "use 'full'") from e
+                raise ConfigError(f"LoRA on experts is not available for this model ({e}): set config key "
+                                  "'fedmoe.train-mode' to 'full' and 'fedmoe.profile-train-mode' to 'full'") from e
             if spec.targets:
                 lora.inject_lora(model, list(spec.targets), spec.rank, spec.alpha, spec.dropout, generator=generator)
         moe.install_recorder(model)
@@ -96,13 +96,19 @@ def init_global_state(model: nn.Module, spec: AdapterSpec, seed: int) -> dict[st
         state = moe.read_submoe(model, include_dense=spec.train_dense)
         if spec.expert_lora:  # fresh LoRA factors for every expert (and the dense targets)
             state = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
-            state |= moe.init_expert_lora_state(model, seed)
-            if spec.targets:
-                state |= payload.init_adapter_state(model, seed)
+            state |= init_lora_factors(model, spec, seed)
         return dict(sorted(state.items()))
     if spec.kind == "lora":
         return payload.init_adapter_state(model, seed)
     return amole.init_amole_state(model, spec.num_experts, seed)
+
+
+def init_lora_factors(model: nn.Module, spec: AdapterSpec, seed: int) -> dict[str, np.ndarray]:
+    """Initial LoRA factors of an ``moe`` spec with LoRA on experts: every expert's and the dense targets'."""
+    state = moe.init_expert_lora_state(model, seed)
+    if spec.targets:
+        state |= payload.init_adapter_state(model, seed)
+    return state
 
 
 def balance_loss(model: nn.Module, spec: AdapterSpec) -> torch.Tensor | None:
@@ -111,6 +117,12 @@ def balance_loss(model: nn.Module, spec: AdapterSpec) -> torch.Tensor | None:
         rec = moe.recorder(model)
         return rec.balance_loss() if rec is not None else None
     return amole.balance_loss(model) if spec.kind == "amole" else None
+
+
+def router_z_loss(model: nn.Module, spec: AdapterSpec) -> torch.Tensor | None:
+    """The router z-loss of the last forward (MoE: mean over layers), or None for other adapter kinds."""
+    rec = moe.recorder(model) if spec.kind == "moe" else None
+    return rec.z_loss() if rec is not None else None
 
 
 def token_mask(model: nn.Module, spec: AdapterSpec, mask: torch.Tensor | None,  # type: ignore[no-untyped-def]

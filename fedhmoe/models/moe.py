@@ -594,6 +594,7 @@ class MoERecorder:
         self.mask: torch.Tensor | None = None
         self.decoder_mask: torch.Tensor | None = None
         self.losses: dict[str, torch.Tensor] = {}
+        self.z_losses: dict[str, torch.Tensor] = {}
         self.counting = False
         self.counts: dict[str, dict[int, float]] = {}
         self.handles = [_router(b).register_forward_hook(self._hook) for b in self.blocks.values()]
@@ -640,6 +641,7 @@ class MoERecorder:
         train_loss = module.training and _router_weight(block).shape[0] > 1
         if not (self.counting or train_loss):  # inference and generation: nothing to record
             self.losses.pop(path, None)
+            self.z_losses.pop(path, None)
             return
         if fam.fused:  # type: ignore[union-attr]
             logits, _, top_idx = output  # (T, n), _, (T, k)
@@ -660,14 +662,23 @@ class MoERecorder:
                     c[gid] = c.get(gid, 0.0) + float(per[local])
         if train_loss:
             self.losses[path] = _switch_balance(logits.float(), dispatch, w)
+            self.z_losses[path] = _router_z(logits.float(), w)
         else:
             self.losses.pop(path, None)
+            self.z_losses.pop(path, None)
 
     def balance_loss(self) -> torch.Tensor:
         """Mean over blocks of the last forward's per-block balance loss (0 when none was recorded)."""
         if not self.losses:
             return torch.zeros(())
         vals = list(self.losses.values())
+        return torch.stack([v.to(vals[0].device) for v in vals]).mean()
+
+    def z_loss(self) -> torch.Tensor:
+        """Mean over blocks of the last forward's router z-loss (0 when none was recorded)."""
+        if not self.z_losses:
+            return torch.zeros(())
+        vals = list(self.z_losses.values())
         return torch.stack([v.to(vals[0].device) for v in vals]).mean()
 
     def remove(self) -> None:
@@ -685,6 +696,14 @@ def _switch_balance(logits: torch.Tensor, dispatch: torch.Tensor, w: torch.Tenso
     slots = (dispatch * w[:, None]).sum(0)  # (n,)
     f = slots / slots.sum().clamp_min(1e-9)  # (n,)
     return n * (f.detach() * p_mean).sum()
+
+
+def _router_z(logits: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """``mean_t logsumexp(z_t)^2`` over the (non-padding) tokens: keeps router logits small (ST-MoE's z-loss)."""
+    z = torch.logsumexp(logits, dim=-1) ** 2  # (T,)
+    if w is None:
+        return z.mean()
+    return (z * w).sum() / w.sum().clamp_min(1.0)
 
 
 _RECORDER_ATTR = "_fedhmoe_moe_recorder"

@@ -6,8 +6,9 @@ are copied into the existing modules (no re-injection per round).
 
 from __future__ import annotations
 
+import json
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -45,9 +46,8 @@ def _device(name: str) -> torch.device:
 
 
 def _key(cfg: Config, spec: AdapterSpec) -> tuple:
-    m, d = cfg.model, cfg.data
-    return (m.name, m.dtype, m.device, m.cache_dir, spec, m.max_seq_len, d.prompt_template, d.system_prompt,
-            cfg.run.seed)
+    m, d = cfg.model, cfg.data  # every model key (e.g. upcycling) changes the backbone a worker holds
+    return (json.dumps(asdict(m), sort_keys=True), spec, d.prompt_template, d.system_prompt, cfg.run.seed)
 
 
 def build_worker(cfg: Config, spec: AdapterSpec) -> Worker:

@@ -19,6 +19,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from safetensors.numpy import load_file, save_file
 
+from fedhmoe.algorithms.fedmoe import moe_adapter_spec
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.client.evaluate import evaluate_examples
 from fedhmoe.client.stats import amole_embeddings, metric_dp_noise, moe_activation_profile
@@ -126,8 +127,11 @@ def handle_query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({CONFIG: ConfigRecord(info)}), reply_to=msg)
 
 
-def _worker(cfg: Config) -> Worker:
-    return get_worker(cfg, ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg))
+def _worker(cfg: Config, conf: dict[str, Any]) -> Worker:
+    spec = ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg)
+    if spec.kind == "moe" and conf.get("moe-train-mode"):  # FedMoE's stage 1 trains LoRA, stage 2 the weights
+        spec = moe_adapter_spec(cfg, str(conf["moe-train-mode"]))
+    return get_worker(cfg, spec)
 
 
 def _load_start(msg: Message, conf: dict[str, Any], worker: Worker, store: PersonalStore,
@@ -153,13 +157,19 @@ def handle_train(msg: Message, context: Context) -> Message:
     _setup_threads(cfg)
     client = client_id(context, conf)
     r = int(conf["server-round"])
-    worker = _worker(cfg)
+    worker = _worker(cfg, conf)
     model, spec = worker.model, worker.spec
     store = _store(context, conf, cfg, client)
     control = _load_start(msg, conf, worker, store, before_round=r)
     data = client_data(cfg, client)
     torch.manual_seed(derive_seed(cfg.run.seed, "dropout", r, client))
     coef = float(conf.get("load-balance-coef", 0.0))
+    z_coef = float(conf.get("z-loss-coef", 0.0))
+
+    def extra_loss() -> torch.Tensor | float:  # auxiliary losses of the routed modules
+        total: torch.Tensor | float = coef * adapters.balance_loss(model, spec) if coef > 0 else 0.0
+        return total + z_coef * adapters.router_z_loss(model, spec) if z_coef > 0 else total
+
     lr = float(conf["learning-rate"])
     params = adapters.trainable(model, spec)
     offset = None
@@ -171,7 +181,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         model, params, worker.formatter, data.train, cfg.train,
         lr, numpy_rng(cfg.run.seed, "batches", r, client), worker.device,
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
-        extra_loss=(lambda: coef * adapters.balance_loss(model, spec)) if coef > 0 else None,
+        extra_loss=extra_loss if coef > 0 or z_coef > 0 else None,
         forward_context=lambda batch: adapters.token_mask(model, spec, batch["attention_mask"],
                                                           batch.get("decoder_attention_mask")),
         label_smoothing=float(conf.get("label-smoothing", 0.0)),
@@ -216,7 +226,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     _setup_threads(cfg)
     client = client_id(context, conf)
     r = int(conf["server-round"])
-    worker = _worker(cfg)
+    worker = _worker(cfg, conf)
     store = _store(context, conf, cfg, client)
     # A personal model evaluated after round r is the one saved in round r (or earlier).
     _load_start(msg, conf, worker, store, before_round=r + 1)

@@ -32,11 +32,17 @@ __all__ = ["discover_clients", "initial_state", "run_federation"]
 def initial_state(cfg: Config) -> dict[str, np.ndarray]:
     """Initial trainable tensors: adapters from the model's shapes only (no weights are loaded on the server);
     for methods that train the MoE itself, the backbone's weights."""
-    spec = ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg)
+    method = ALGORITHMS[cfg.algorithm.name]
+    spec = method.adapter_spec(cfg)
     if spec.kind == "moe":  # the MoE itself is trained: the server starts from its real weights
         model, _ = load_backbone(cfg.model, seed=cfg.run.seed)
         adapters.inject(model, spec)
-        return adapters.init_global_state(model, spec, cfg.run.seed)
+        state = adapters.init_global_state(model, spec, cfg.run.seed)
+        early = method.profiling_spec(cfg)
+        if early is not None:  # FedMoE's LoRA profiling stage: its factors start in the global state too
+            adapters.inject(model, early)
+            state |= adapters.init_lora_factors(model, early, cfg.run.seed)
+        return dict(sorted(state.items()))
     model = backbone_shapes(cfg.model, seed=cfg.run.seed)
     adapters.inject(model, spec)
     return adapters.init_global_state(model, spec, cfg.run.seed)
