@@ -219,7 +219,7 @@ class FedMoEConfig:
             "means unlimited.")
     memory_model: str = _f(
         "training",
-        "What a sub-MoE's memory counts: `training` (weights, gradients, AdamW state, activations for "
+        "What a sub-MoE's memory counts: `training` (weights, gradients, the optimizer's moments, activations for "
         "train.batch-size x model.max-seq-len) or `params` (parameter bytes only, as in the paper's Eq. 3).",
         ("training", "params"),
     )
@@ -247,7 +247,7 @@ class FedMoEConfig:
              "zero outside the sub-MoE).")
     single_holder_lr: float = _f(
         1.0, "Server step for an expert (and its router row) that one sampled client held: W += lr * (w_k - W); "
-             "1 overwrites as the paper does.")
+             "1 overwrites as the paper does (stage-1 LoRA factors of a single holder are taken as they are).")
     min_holders: int = _f(1, "An expert (and its router row) is updated only when at least this many sampled "
                              "clients held it (in stage 1 every profiler holds every expert); 1 updates every "
                              "held expert, as the paper.")
@@ -265,12 +265,13 @@ class FedMoEConfig:
         "MoE, and on fedmoe.lora-targets, with router rows in full; only these travel; the aggregated factors are "
         "merged into the weights before stage 2) or `full` (stage 1 trains as stage 2 does; Switch Transformers, "
         "which have no LoRA on experts here, need it). Which clients can profile is judged by the stage-1 memory. "
-        "With train-mode `lora` both stages train LoRA.",
+        "With train-mode `lora` it must be `lora`: both stages train LoRA. Stage-1 LoRA on fedmoe.lora-targets only "
+        "when fedmoe.train-dense (it is merged into the dense weights).",
         ("lora", "full"),
     )
     train_dense: bool = _f(True, "`full`: train the dense (non-expert) parameters too, as the paper does.")
-    lora_targets: list[str] = _f(["q_proj", "v_proj"], "`lora`: dense linear layers that also get LoRA (may be "
-                                                       "empty).")
+    lora_targets: list[str] = _f(["q_proj", "v_proj"], "`lora` (and stage-1 LoRA): dense linear layers that also "
+                                                       "get LoRA (may be empty).")
 
 
 @dataclass(frozen=True)

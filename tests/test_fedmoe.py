@@ -64,6 +64,16 @@ def test_fedmoe_shrinks_each_client_to_a_sub_moe_within_its_budget(fedmoe_run):
             # parameter memory and bytes both ways really shrink with the sub-MoE
             assert row["param-bytes"] < full[row["client"]]["param-bytes"]
             assert max(row["bytes-down"], row["bytes-up"]) < full_bytes
+            # ... to what the client holds: the dense tensors and its experts with their router rows, plus the
+            # message's names and config (a few kB)
+            mine = [k for k in state if ".lora_" not in k and (
+                not any(k.startswith(f"{b}.experts.") or k.startswith(f"{b}.router.") for b in structure)
+                or any(k.startswith(f"{b}.experts.{g}.") or k == f"{b}.router.{g}"
+                       for b in structure for g in structure[b][str(row["client"])]))]
+            held_bytes = sum(state[k].nbytes for k in mine)
+            assert held_bytes == row["param-bytes"]
+            assert held_bytes < row["bytes-down"] < held_bytes + 16_000
+            assert held_bytes < row["bytes-up"] < held_bytes + 16_000
     # the search keeps the experts a client's profile uses most
     prof = json.loads((out / "profiles" / "round-1.json").read_text())
     for c, p in prof["profiles"].items():
@@ -185,13 +195,14 @@ def test_scaffold_control_variates_follow_the_server_rule(tmp_path):
         np.testing.assert_allclose(final["scaffold-c:" + k], expect, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("profile_rounds,stop", [(1, 2), (2, 1)])  # stopped after stage 1's merge / within it
+# stopped after stage 1's merge / at its last round / within it
+@pytest.mark.parametrize("profile_rounds,stop", [(1, 2), (1, 1), (2, 1)])
 def test_fedmoe_resume_continues_exactly(profile_rounds, stop, tmp_path):
     p = f"fedmoe.profile-rounds={profile_rounds}"
     straight = run_inprocess(smoke("algorithm.name=fedmoe", p, "federation.num-rounds=3"), tmp_path / "s")
     if stop > profile_rounds:
         run_inprocess(smoke("algorithm.name=fedmoe", p, f"federation.num-rounds={stop}"), tmp_path / "r")
-    else:  # a run cannot end within stage 1: the straight run cut back to its checkpoint of round `stop`
+    else:  # a run cannot end within or at the end of stage 1: the straight run cut back to its round `stop`
         shutil.copytree(tmp_path / "s", tmp_path / "r")
         for k in range(stop + 1, 4):
             shutil.rmtree(tmp_path / "r" / "checkpoints" / f"round-{k}")
@@ -296,6 +307,49 @@ def test_modular_aggregation_on_hand_computed_cases(single_lr, min_holders):
     np.testing.assert_array_equal(g["b.router.2"], state["b.router.2"])
 
 
+@pytest.mark.parametrize("single_lr, min_holders", [(0.5, 1), (1.0, 2)])
+def test_stage1_lora_aggregation_applies_the_holder_rules_then_merges(single_lr, min_holders):
+    from flwr.app import Message
+
+    from fedhmoe.runtime.engines import InProcessGrid, _set_task_identity
+    from fedhmoe.wire import decode_arrays, encode_arrays, make_content
+
+    cfg = smoke("algorithm.name=fedmoe", "federation.num-rounds=3", "fedmoe.memory-budgets-gb=[]",
+                "algorithm.weighting=uniform", f"fedmoe.single-holder-lr={single_lr}",
+                f"fedmoe.min-holders={min_holders}")
+    f32 = np.float32
+    state = {"dense": np.zeros(2, f32), **{f"b.experts.{g}.w": np.full((2, 2), 10.0 * g, f32) for g in range(2)},
+             **{f"b.experts.{g}.w.lora_A": np.full((1, 2), 0.5, f32) for g in range(2)},
+             **{f"b.experts.{g}.w.lora_B": np.zeros((2, 1), f32) for g in range(2)},
+             **{f"b.router.{g}": np.full(3, float(g), f32) for g in range(2)}}
+    strat = FedMoE(cfg, state, {c: 1000 + c for c in range(3)}, "run-config",
+                   client_info={c: {"tasks": ["t"], "num-train": 10} for c in range(3)})
+    assert strat.lora_phase and strat.round_config(1) == {"moe-train-mode": "lora"}
+    strat.held = {0: {"b": [0, 1]}, 1: {"b": [1]}, 2: {"b": [1]}}  # expert 0: one holder
+    assert strat.client_keys(1, 0) == sorted(k for k in state if k != "dense" and k.startswith("b.")
+                                             and (".lora_" in k or ".router." in k))
+
+    def fake_client(msg, context):  # every factor becomes c + 1; profiles spread evenly
+        c = context.node_config["partition-id"]
+        sent = decode_arrays(msg.content["arrays"])
+        arrays = {k: np.full(v.shape, float(c + 1), f32) for k, v in sent.items()}
+        stats = encode_arrays({"profile:b": np.full(2, 0.5, f32)})
+        return Message(make_content(arrays=encode_arrays(arrays), metrics={"num-examples": 10}, stats=stats),
+                       reply_to=msg)
+
+    _set_task_identity()
+    grid = InProcessGrid(fake_client, 3)
+    strat.aggregate_train(1, grid.send_and_receive(strat.configure_train(1)))  # the last profiling round
+    g, s = strat.global_state, cfg.model.lora_alpha / cfg.model.lora_rank
+    assert not strat.lora_phase and not any(".lora_" in k for k in g)
+    assert strat.round_config(2) == {"moe-train-mode": "full"}
+    np.testing.assert_allclose(g["b.experts.1.w"], 10.0 + s * 2.0 * 2.0)  # three holders: A = B = mean 2
+    # one holder: its factors as they are (B A would not be damped by damping A and B), or no update at all
+    want0 = 0.0 if min_holders > 1 else s * 1.0 * 1.0
+    np.testing.assert_allclose(g["b.experts.0.w"], want0)
+    assert {k for k in g} == {k for k in state if ".lora_" not in k}
+
+
 def _fake_strategy(**over):
     f32 = np.float32
     state = {"dense": np.zeros(2, f32), **{f"{b}.experts.{g}.w": np.zeros(2, f32) for b in ("enc", "dec")
@@ -355,15 +409,15 @@ def test_enforced_sampling_needs_clients_with_different_tasks_and_bad_fedmoe_key
         smoke("algorithm.name=fedmoe", "fedmoe.search-tol=0")
     with pytest.raises(ConfigError, match="min-experts-per-layer"):
         _fake_strategy(**{"fedmoe.min-experts-per-layer": 4})
-    with pytest.raises(ConfigError, match="fedmoe.train-mode"):
-        initial_state(load_config(SMOKE, [*FAST, "model.name=tiny-switch", "algorithm.name=fedmoe",
-                                          "fedmoe.train-mode=lora"]))
-    with pytest.raises(ConfigError, match="fedmoe.profile-train-mode"):  # the paper's LoRA stage 1, by default
-        initial_state(load_config(SMOKE, [*FAST, "model.name=tiny-switch", "algorithm.name=fedmoe"]))
-    with pytest.raises(ConfigError, match="fedmoe.profile-train-mode"):
+    with pytest.raises(ConfigError, match="config key 'fedmoe.train-mode'.*Switch"):
+        load_config(SMOKE, [*FAST, "model.name=tiny-switch", "algorithm.name=fedmoe", "fedmoe.train-mode=lora"])
+    with pytest.raises(ConfigError, match="config key 'fedmoe.profile-train-mode'.*Switch"):  # LoRA stage 1: default
+        load_config(SMOKE, [*FAST, "model.name=tiny-switch", "algorithm.name=fedmoe"])
+    with pytest.raises(ConfigError, match="config key 'fedmoe.profile-train-mode'"):
         smoke("algorithm.name=fedmoe", "fedmoe.train-mode=lora", "fedmoe.profile-train-mode=full")
-    with pytest.raises(ConfigError, match="fedmoe.lora-targets"):
-        smoke("algorithm.name=fedmoe", "fedmoe.train-dense=false")
+    # stage-1 LoRA on dense layers is merged into the dense weights: without them trained, only the experts get it
+    assert FedMoE.profiling_spec(smoke("algorithm.name=fedmoe")).targets == ("q_proj", "v_proj")
+    assert FedMoE.profiling_spec(smoke("algorithm.name=fedmoe", "fedmoe.train-dense=false")).targets == ()
 
 
 def test_profile_ema_keeps_part_of_the_previous_profile_in_stage_2():
@@ -477,6 +531,8 @@ def test_merged_stage1_lora_computes_what_the_lora_model_computes():
     assert not torch.allclose(logits[1], build_worker(cfg, full_spec).model.eval()(input_ids=ids).logits)
     with pytest.raises(ValueError, match="cannot be merged"):
         merge_lora_factors({"a.lora_A": np.ones((1, 2)), "a.lora_B": np.ones((2, 1))}, 1.0)
+    with pytest.raises(ValueError, match="no lora_A"):
+        merge_lora_factors({"a": np.ones((2, 2)), "a.lora_B": np.ones((2, 1))}, 1.0)
 
 
 def test_router_z_loss_changes_the_update_only_when_weighted(tmp_path):

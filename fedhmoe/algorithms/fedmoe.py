@@ -3,7 +3,8 @@
 Mei et al., "FedMoE: Personalized Federated Learning via Heterogeneous Mixture of Experts" (arXiv 2408.11304).
 
 * ``fedmoe``: stage 1 trains the full MoE for ``fedmoe.profile-rounds`` rounds with the clients whose memory
-  budget fits it, then each of them uploads its activation profile; clients that cannot profile get the
+  budget fits it (LoRA on every expert, merged into the weights on the server afterwards, as the paper; or in
+  full: ``fedmoe.profile-train-mode``), then each of them uploads its activation profile; clients that cannot profile get the
   data-size-weighted profile of profiled clients of their task; a search under each client's budget picks its
   sub-MoE (spec section 3). Stage 2 trains the sub-MoEs: dense tensors are averaged over all sampled clients,
   each expert and its router row over the sampled clients that hold it (one holder: its copy, or a damped step
@@ -46,8 +47,10 @@ def moe_adapter_spec(cfg: Config, mode: str | None = None) -> AdapterSpec:
     (``mode``; default ``fedmoe.train-mode``)."""
     fm, m = cfg.fedmoe, cfg.model
     if (mode or fm.train_mode) == "lora":
-        return AdapterSpec("moe", tuple(fm.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout,
-                           train_dense=bool(fm.lora_targets), expert_lora=True)
+        # stage-1 LoRA on dense layers is merged into the dense weights, so only when stage 2 trains them
+        targets = tuple(fm.lora_targets) if fm.train_mode == "lora" or fm.train_dense else ()
+        return AdapterSpec("moe", targets, m.lora_rank, m.lora_alpha, m.lora_dropout,
+                           train_dense=bool(targets), expert_lora=True)
     return AdapterSpec("moe", (), 0, 0.0, 0.0, train_dense=fm.train_dense)
 
 
@@ -70,6 +73,9 @@ def merge_lora_factors(state: Mapping[str, np.ndarray], scaling: float) -> dict[
         ValueError: A LoRA pair is incomplete or ``state`` lacks the weight it adapts.
     """
     out = {k: v for k, v in state.items() if not k.endswith(_LORA)}
+    for k in state:
+        if k.endswith(".lora_B") and f"{k[: -len('.lora_B')]}.lora_A" not in state:
+            raise ValueError(f"LoRA factors {k[: -len('.lora_B')]}.lora_A/B cannot be merged: no lora_A")
     for k in sorted(k for k in state if k.endswith(".lora_A")):
         base = k[: -len(".lora_A")]
         target = _merge_target(state, base)
@@ -193,10 +199,13 @@ class FedMoE(MoEMethod):
             raise ConfigError("config key 'fedmoe.profile-train-mode': 'full' with fedmoe.train-mode = 'lora' would "
                               "lose stage 1's weight updates (LoRA clients keep their backbone's expert weights); "
                               "use 'lora'")
-        if stage1_lora(cfg) and fm.lora_targets and not fm.train_dense:
-            raise ConfigError("config key 'fedmoe.lora-targets': stage 1's LoRA on dense layers cannot be merged into "
-                              "the model when fedmoe.train-dense = false (the server holds no dense weights); set "
-                              "fedmoe.lora-targets = [] or fedmoe.train-dense = true")
+        if fm.train_mode == "lora" or stage1_lora(cfg):
+            from fedhmoe.models.backbone import model_type
+
+            if model_type(cfg.model) == "switch_transformers":  # experts are separate modules, no stacked tensors
+                key = "fedmoe.train-mode" if fm.train_mode == "lora" else "fedmoe.profile-train-mode"
+                raise ConfigError(f"config key '{key}': LoRA on experts is not available for Switch Transformers "
+                                  f"(it needs stacked expert tensors); set {key} = 'full'")
         if fm.profile_rounds >= cfg.federation.num_rounds:
             raise ConfigError(f"config key 'fedmoe.profile-rounds': {fm.profile_rounds} profiling rounds leave no "
                               f"sub-MoE round in federation.num-rounds = {cfg.federation.num_rounds}")
@@ -331,8 +340,13 @@ class FedMoE(MoEMethod):
             for k, n in holders.items():
                 if n < min_holders:  # too few sampled holders this round: the global expert keeps its value
                     self.global_state[k] = before[k]
-                elif n == 1:
+                elif n == 1 and not k.endswith(_LORA):  # (damping A and B apart would not damp B A)
                     self.global_state[k] = (before[k] + lr * (self.global_state[k] - before[k])).astype(np.float32)
+        if server_round == self.cfg.fedmoe.profile_rounds and self.lora_phase:
+            # stage 1's aggregated LoRA becomes part of the weights stage 2 trains
+            m = self.cfg.model
+            self.global_state = merge_lora_factors(self.global_state, m.lora_alpha / m.lora_rank)
+            self._drop_lora()
         return out
 
     def _profile_of(self, reply: ClientReply) -> np.ndarray | None:
@@ -353,11 +367,7 @@ class FedMoE(MoEMethod):
                 self.profiles[r.client] = prof if old is None or ema == 0 else (ema * old + (1 - ema) * prof)
         actions: dict[int, str] = {}
         if server_round == fm.profile_rounds:
-            if self.lora_phase:  # stage 1's aggregated LoRA becomes part of the weights stage 2 trains
-                m = self.cfg.model
-                self.global_state = merge_lora_factors(self.global_state, m.lora_alpha / m.lora_rank)
-                self._drop_lora()
-            self._initial_structure(server_round)
+            self._initial_structure(server_round)  # (stage 1's LoRA is merged at the end of aggregate_train)
         elif not self.in_stage1(server_round) and self.recommend_enabled and fm.recommend:
             rc = RecommendConfig(patience=fm.patience, min_delta=fm.min_delta, neighbours=fm.neighbours,
                                  max_step=fm.max_step, min_per_layer=fm.min_experts_per_layer,
@@ -417,6 +427,7 @@ class FedMoE(MoEMethod):
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         tensors, meta = super().state_dict()
         meta |= {
+            "lora-phase": self.lora_phase,
             "held": {str(c): v for c, v in self.held.items()},
             "profiles": {str(c): p.tolist() for c, p in self.profiles.items()},
             "rec-state": {str(c): s.to_json() for c, s in self.rec_state.items()},
@@ -425,7 +436,13 @@ class FedMoE(MoEMethod):
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        if self.lora_phase and not any(k.endswith(_LORA) for k in tensors):  # checkpointed after the merge
+        has_lora = any(k.endswith(_LORA) for k in tensors)
+        phase = bool(meta.get("lora-phase", has_lora))  # (checkpoints before the key: from the tensors)
+        if phase != has_lora or (phase and not self.lora_phase):
+            raise ValueError(f"checkpoint of {self.name!r} is {'in' if phase else 'past'} stage 1's LoRA phase but "
+                             f"{'holds no' if not has_lora else 'holds'} LoRA factors, or this config does not train "
+                             "stage 1 with LoRA (fedmoe.profile-train-mode); it cannot be resumed with it")
+        if self.lora_phase and not phase:  # checkpointed after the merge
             self._drop_lora()
         super().load_state_dict(tensors, meta)
         try:

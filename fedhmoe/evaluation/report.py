@@ -194,9 +194,9 @@ def _pairs_by_task(clients: list[str], rel: np.ndarray, tasks: dict[str, str]) -
     out: dict[str, list[float]] = {"same": [], "different": []}
     for i in range(len(clients)):
         for j in range(i + 1, len(clients)):
-            if np.isfinite(rel[i, j]):
-                a, b = tasks.get(clients[i]), tasks.get(clients[j])
-                out["same" if a and a == b else "different"].append(float(rel[i, j]))
+            a, b = tasks.get(clients[i]), tasks.get(clients[j])
+            if np.isfinite(rel[i, j]) and (a or b):  # two unlabelled clients: neither
+                out["same" if a == b else "different"].append(float(rel[i, j]))
     return out
 
 

@@ -53,8 +53,8 @@ def inject(model: nn.Module, spec: AdapterSpec, generator: torch.Generator | Non
             except ValueError as e:
                 from fedhmoe.config import ConfigError
 
-                raise ConfigError(f"LoRA on experts is not available for this model ({e}): set config key "
-                                  "'fedmoe.train-mode' to 'full' and 'fedmoe.profile-train-mode' to 'full'") from e
+                raise ConfigError(f"LoRA on experts is not available for this model ({e}); for FedMoE set "
+                                  "fedmoe.train-mode and fedmoe.profile-train-mode to 'full'") from e
             if spec.targets:
                 lora.inject_lora(model, list(spec.targets), spec.rank, spec.alpha, spec.dropout, generator=generator)
         moe.install_recorder(model)

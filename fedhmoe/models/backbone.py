@@ -37,7 +37,7 @@ from fedhmoe.models.tiny import (
     tiny_switch_config,
 )
 
-__all__ = ["BUILTIN_MODELS", "auto_model_class", "backbone_shapes", "is_moe_backbone", "load_backbone",
+__all__ = ["BUILTIN_MODELS", "auto_model_class", "backbone_shapes", "is_moe_backbone", "load_backbone", "model_type",
            "resolve_model_path", "torch_dtype"]
 
 TINY_LLAMA = "tiny-llama"
@@ -221,6 +221,19 @@ def backbone_shapes(cfg: ModelConfig, seed: int = 0) -> nn.Module:
         model = auto_model_class(config).from_config(config, dtype=dtype)
     _no_router_losses(model)
     return _freeze(model)
+
+
+def model_type(cfg: ModelConfig) -> str:
+    """The configured backbone's ``model_type`` (``mixtral`` for an upcycled model); empty when its config cannot
+    be read here (loading the model reports that)."""
+    if cfg.upcycle_experts:
+        return "mixtral"
+    try:
+        path = resolve_model_path(cfg)
+        config = _TINY[path][1]() if path in _TINY else _load_config(path)
+    except (OSError, ValueError):
+        return ""
+    return str(getattr(config, "model_type", ""))
 
 
 def is_moe_backbone(cfg: ModelConfig) -> bool:

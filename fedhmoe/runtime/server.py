@@ -22,6 +22,7 @@ from fedhmoe.config import Config, config_to_toml
 from fedhmoe.evaluation.rundir import RunDirectory, read_metrics, summarize
 from fedhmoe.models import adapters
 from fedhmoe.models.backbone import backbone_shapes, load_backbone
+from fedhmoe.utils.seeding import torch_generator
 from fedhmoe.wire import CONFIG, make_content
 
 log = logging.getLogger("fedhmoe")
@@ -40,7 +41,7 @@ def initial_state(cfg: Config) -> dict[str, np.ndarray]:
         state = adapters.init_global_state(model, spec, cfg.run.seed)
         early = method.profiling_spec(cfg)
         if early is not None:  # FedMoE's LoRA profiling stage: its factors start in the global state too
-            adapters.inject(model, early)
+            adapters.inject(model, early, generator=torch_generator(cfg.run.seed, "lora-init"))
             state |= adapters.init_lora_factors(model, early, cfg.run.seed)
         return dict(sorted(state.items()))
     model = backbone_shapes(cfg.model, seed=cfg.run.seed)
