@@ -438,6 +438,32 @@ def test_upcycle_router_seed_and_generate() -> None:
     assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "switch"])
+def test_lora_on_experts_equals_its_merge_in_every_fused_family(family: str) -> None:
+    import copy
+
+    from fedhmoe.algorithms.fedmoe import merge_lora_factors
+    from fedhmoe.models.adapters import AdapterSpec, init_global_state, inject, load_state
+
+    spec = AdapterSpec("moe", (), 4, 8.0, 0.0, train_dense=False, expert_lora=True)
+    base = build(family).eval()
+    model = copy.deepcopy(base)
+    inject(model, spec)
+    rng = np.random.default_rng(3)
+    state = {k: (rng.normal(0, 0.05, v.shape).astype(np.float32) if k.endswith("lora_B") else v)
+             for k, v in init_global_state(model, spec, seed=0).items()}
+    load_state(model, spec, state)
+    # the server's merge (FedMoE after stage 1) into the full weights gives the same function
+    factors = {k: v for k, v in state.items() if ".lora_" in k}
+    assert factors and all(".experts." in k for k in factors)
+    load_submoe(base, merge_lora_factors(read_submoe(base) | factors, 8.0 / 4))
+    batch = make_batch(family)
+    with torch.no_grad():
+        got, want = model(**batch).logits, base(**batch).logits
+    assert (got - want).abs().max() < 1e-4
+    assert (got - build(family).eval()(**batch).logits).abs().max() > 1e-4  # the factors did change it
+
+
 # --------------------------------------------------------------------------------------------- recorder
 @pytest.mark.parametrize("family", FAMILIES)
 def test_balance_loss_backpropagates(family: str) -> None:
