@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from fedhmoe.algorithms.fedmoe import moe_adapter_spec
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.client.evaluate import generate
 from fedhmoe.config import Config, ConfigError, config_to_toml, load_config
@@ -62,6 +61,8 @@ class ClientModel:
         round: The checkpointed round whose evaluation this model reproduces.
         source: ``"global"`` (the client's keys of the server state) or ``"personal"`` (its own saved state).
         state: The tensors loaded into the backbone, by wire name.
+        stage: The round's config that decides the adapters (:meth:`FederatedStrategy.round_config`), e.g.
+            FedMoE's ``moe-train-mode``; empty for methods with one kind of adapter.
     """
 
     model: nn.Module
@@ -72,6 +73,7 @@ class ClientModel:
     round: int
     source: str
     state: dict[str, np.ndarray]
+    stage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -138,9 +140,9 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
         initial = adapters.init_global_state(w.model, spec, cfg.run.seed)
     strategy = method(cfg, initial, {c: c for c in range(n)}, toml_text, client_info=info)
     strategy.load_state_dict(tensors, meta.get("strategy", {}))
-    if spec.kind == "moe":  # FedMoE's stage 1 may train LoRA on the experts, stage 2 the weights
-        mode = strategy.round_config(r).get("moe-train-mode")
-        spec = moe_adapter_spec(cfg, mode) if mode else spec
+    stage = strategy.round_config(r)  # e.g. FedMoE's stage 1 trains LoRA on the experts, stage 2 the weights
+    if spec.kind == "moe":
+        spec = method.stage_spec(cfg, stage)
         w = build_worker(cfg, spec)
     try:
         keys = strategy.eval_keys(r, client)
@@ -168,7 +170,7 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
         state, source = dict(found), "personal"
     adapters.load_state(w.model, spec, state)
     w.model.eval()
-    return ClientModel(w.model, w.formatter, cfg, spec, client, r, source, dict(sorted(state.items())))
+    return ClientModel(w.model, w.formatter, cfg, spec, client, r, source, dict(sorted(state.items())), stage)
 
 
 def _run_folder(state_dir: Path, client: int, key: str) -> Path:
@@ -209,8 +211,8 @@ def export_client(run_dir: str | Path, client: int, out: str | Path, round: int 
     meta: dict[str, Any] = {"format": _FORMAT, "algorithm": cfg.algorithm.name, "client": client, "round": cm.round,
                             "source": cm.source, "adapter-kind": spec.kind, "merged": merge,
                             "base-model": cfg.model.name, "run": str(Path(run_dir).resolve())}
-    if cm.spec.kind == "moe":  # an exported FedMoE stage-1 round carries LoRA on the experts
-        meta["moe-train-mode"] = "lora" if cm.spec.expert_lora else "full"
+    if cm.stage:  # e.g. an exported FedMoE stage-1 round carries LoRA on the experts
+        meta["round-config"] = cm.stage
     tmp = out.parent / f".{out.name}.partial"  # written in full, then renamed: a failure leaves no half folder
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -267,10 +269,10 @@ def load_exported(folder: str | Path) -> ClientModel:
         raise ValueError(f"exported model {folder} is corrupt: {e}") from e
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this fedhmoe reads format {_FORMAT}")
-    spec = ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg)
-    if spec.kind == "moe" and meta.get("moe-train-mode"):
-        spec = moe_adapter_spec(cfg, str(meta["moe-train-mode"]))
-    common = dict(cfg=cfg, client=int(meta["client"]), round=int(meta["round"]), source=str(meta["source"]))
+    stage = dict(meta.get("round-config", {}))
+    spec = ALGORITHMS[cfg.algorithm.name].stage_spec(cfg, stage)
+    common = dict(cfg=cfg, client=int(meta["client"]), round=int(meta["round"]), source=str(meta["source"]),
+                  stage=stage)
     if meta.get("merged"):
         try:
             config = AutoConfig.from_pretrained(folder, local_files_only=True)

@@ -129,6 +129,12 @@ class FederatedStrategy(Strategy):
         return AdapterSpec("lora", tuple(m.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout)
 
     @classmethod
+    def stage_spec(cls, cfg: Config, round_config: Mapping[str, Any]) -> AdapterSpec:
+        """The adapters clients carry in a round whose :meth:`round_config` is ``round_config`` (default: always
+        :meth:`adapter_spec`'s; FedMoE's stages differ)."""
+        return cls.adapter_spec(cfg)
+
+    @classmethod
     def profiling_spec(cls, cfg: Config) -> AdapterSpec | None:
         """Adapters an early stage trains instead of :meth:`adapter_spec`'s (FedMoE's LoRA profiling stage), whose
         initial tensors join the initial global state; None for methods with one kind of adapter."""

@@ -4,9 +4,9 @@ Mei et al., "FedMoE: Personalized Federated Learning via Heterogeneous Mixture o
 
 * ``fedmoe``: stage 1 trains the full MoE for ``fedmoe.profile-rounds`` rounds with the clients whose memory
   budget fits it (LoRA on every expert, merged into the weights on the server afterwards, as the paper; or in
-  full: ``fedmoe.profile-train-mode``), then each of them uploads its activation profile; clients that cannot profile get the
-  data-size-weighted profile of profiled clients of their task; a search under each client's budget picks its
-  sub-MoE (spec section 3). Stage 2 trains the sub-MoEs: dense tensors are averaged over all sampled clients,
+  full: ``fedmoe.profile-train-mode``), then each of them uploads its activation profile; clients that cannot
+  profile get the data-size-weighted profile of profiled clients of their task; a search under each client's
+  budget picks its sub-MoE (spec section 3). Stage 2 trains the sub-MoEs: dense tensors are averaged over all sampled clients,
   each expert and its router row over the sampled clients that hold it (one holder: its copy, or a damped step
   with ``fedmoe.single-holder-lr``); clients whose validation score stalls get experts added or removed by
   global expert recommendation (spec sections 4 and 5).
@@ -59,10 +59,22 @@ def stage1_lora(cfg: Config) -> bool:
     return cfg.fedmoe.train_mode == "full" and cfg.fedmoe.profile_train_mode == "lora"
 
 
-def _merge_target(state: Mapping[str, np.ndarray], base: str) -> str | None:
-    """The weight a LoRA pair ``<base>.lora_A`` / ``lora_B`` adapts: an expert tensor ``<base>`` or a dense
-    linear's ``<base>.weight``; None when ``state`` holds neither."""
-    return base if base in state else f"{base}.weight" if f"{base}.weight" in state else None
+def _lora_targets(state: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """``<base>`` of every LoRA pair ``<base>.lora_A`` / ``lora_B`` in ``state`` -> the weight it adapts: an
+    expert tensor ``<base>`` or a dense linear's ``<base>.weight``.
+
+    Raises:
+        ValueError: A pair is incomplete or ``state`` holds neither weight.
+    """
+    out = {}
+    for base in sorted({k[: -len(".lora_A")] for k in state if k.endswith(_LORA)}):
+        if f"{base}.lora_A" not in state or f"{base}.lora_B" not in state:
+            raise ValueError(f"LoRA factors {base}.lora_A/B cannot be merged: one of the pair is missing")
+        target = base if base in state else f"{base}.weight"
+        if target not in state:
+            raise ValueError(f"LoRA factors {base}.lora_A/B cannot be merged: no weight {base} in the state")
+        out[base] = target
+    return out
 
 
 def merge_lora_factors(state: Mapping[str, np.ndarray], scaling: float) -> dict[str, np.ndarray]:
@@ -73,16 +85,8 @@ def merge_lora_factors(state: Mapping[str, np.ndarray], scaling: float) -> dict[
         ValueError: A LoRA pair is incomplete or ``state`` lacks the weight it adapts.
     """
     out = {k: v for k, v in state.items() if not k.endswith(_LORA)}
-    for k in state:
-        if k.endswith(".lora_B") and f"{k[: -len('.lora_B')]}.lora_A" not in state:
-            raise ValueError(f"LoRA factors {k[: -len('.lora_B')]}.lora_A/B cannot be merged: no lora_A")
-    for k in sorted(k for k in state if k.endswith(".lora_A")):
-        base = k[: -len(".lora_A")]
-        target = _merge_target(state, base)
-        if target is None or f"{base}.lora_B" not in state:
-            raise ValueError(f"LoRA factors {base}.lora_A/B cannot be merged: "
-                             f"{'no ' + base + '.lora_B' if target else 'no weight ' + base + ' in the state'}")
-        delta = state[f"{base}.lora_B"].astype(np.float64) @ state[k].astype(np.float64)
+    for base, target in _lora_targets(state).items():
+        delta = state[f"{base}.lora_B"].astype(np.float64) @ state[f"{base}.lora_A"].astype(np.float64)
         out[target] = (state[target].astype(np.float64) + scaling * delta).astype(np.float32)
     return out
 
@@ -103,9 +107,8 @@ def moe_memory_model(cfg: Config, state: Mapping[str, np.ndarray], num_blocks: i
     ``training``: float32 weights (4 B/parameter) of everything the client holds, plus the gradient and, with
     Adam or AdamW, the two moments (12 B; SGD without momentum: 4 B) for what it trains (full mode: the held
     experts with their router rows, and the dense parameters when ``fedmoe.train-dense``; ``lora``: the LoRA
-    factors and router rows), plus an activation
-    estimate for one step of ``train.batch-size`` x ``model.max-seq-len`` tokens: per token and layer about 16
-    hidden-size vectors (residual stream, norms, attention inputs and outputs) and each routed expert's
+    factors and router rows), plus an activation estimate for one step of ``train.batch-size`` x
+    ``model.max-seq-len`` tokens: per token and layer about 16 hidden-size vectors (residual stream, norms, attention inputs and outputs) and each routed expert's
     intermediate vectors, the attention scores, and the logits twice (float32 and their gradient). ``params``:
     parameter bytes only (the paper's Eq. 3).
 
@@ -186,6 +189,10 @@ class FedMoE(MoEMethod):
         return moe_adapter_spec(cfg, "lora") if stage1_lora(cfg) else None
 
     @classmethod
+    def stage_spec(cls, cfg: Config, round_config: Mapping[str, Any]) -> AdapterSpec:
+        return moe_adapter_spec(cfg, str(round_config.get("moe-train-mode") or cfg.fedmoe.train_mode))
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         super().check_config(cfg)
         fm = cfg.fedmoe
@@ -229,12 +236,15 @@ class FedMoE(MoEMethod):
         fm = self.cfg.fedmoe
         #: stage 1 trains LoRA factors (held in the global state until they are merged, after the last profiling
         #: round) while stage 2 trains the weights
-        self.lora_phase = stage1_lora(cfg) and any(k.endswith(_LORA) for k in self.global_state)
-        for k in self.global_state if self.lora_phase else ():
-            if k.endswith(".lora_A") and _merge_target(self.global_state, k[: -len(".lora_A")]) is None:
-                raise ConfigError(f"algorithm '{self.name}': stage-1 LoRA factors {k} adapt no weight of the model")
+        self.stage1_lora = stage1_lora(cfg)
+        self.lora_phase = self.stage1_lora and any(k.endswith(_LORA) for k in self.global_state)
+        if self.lora_phase:  # the factors must merge after stage 1: check now, before any round runs
+            try:
+                _lora_targets(self.global_state)
+            except ValueError as e:
+                raise ConfigError(f"algorithm '{self.name}': {e}") from e
         self.memory = moe_memory_model(cfg, self.global_state, len(self.blocks))
-        if stage1_lora(cfg):  # who can profile: the full MoE with LoRA (its factors and router rows train)
+        if self.stage1_lora:  # who can profile: the full MoE with LoRA (its factors and router rows train)
             lora_state = {k: v for k, v in self.global_state.items() if k.endswith(_LORA) or _ROUTER.match(k)}
             profile_memory = moe_memory_model(cfg, lora_state, len(self.blocks), mode="lora")
         else:
@@ -247,7 +257,7 @@ class FedMoE(MoEMethod):
             self.budget = {c: float(vals[i]) * _GIB for i, c in enumerate(self.clients)}
         full = profile_memory.bytes(len(self.blocks) * self.num_experts)
         self.profilers = [c for c in self.clients if self.budget[c] >= full]
-        how = " with LoRA (fedmoe.profile-train-mode)" if stage1_lora(cfg) else ""
+        how = " with LoRA (fedmoe.profile-train-mode)" if self.stage1_lora else ""
         if not self.profilers:
             raise ConfigError(
                 f"config key 'fedmoe.memory-budgets-gb': no client can profile the full MoE, which needs "
@@ -290,13 +300,12 @@ class FedMoE(MoEMethod):
         for b, ids in self.held[client].items():
             for g in ids:
                 keys += self.expert_keys[(b, g)]
-        if stage1_lora(self.cfg):  # LoRA factors and router rows in stage 1, the weights after the merge
-            keys = [k for k in keys if k in self.global_state
-                    and (not self.lora_phase or k.endswith(_LORA) or _ROUTER.match(k))]
+        if self.lora_phase:  # stage 1 trains LoRA factors and router rows (the merge drops the factors' keys)
+            keys = [k for k in keys if k.endswith(_LORA) or _ROUTER.match(k)]
         return sorted(keys)
 
     def round_config(self, server_round: int) -> dict[str, Any]:
-        if not stage1_lora(self.cfg):
+        if not self.stage1_lora:
             return {}
         return {"moe-train-mode": "lora" if self.lora_phase else self.cfg.fedmoe.train_mode}
 

@@ -111,6 +111,12 @@ def _load_config(path: str) -> PretrainedConfig:
         raise _not_available(path, err) from err
 
 
+def _model_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The configured backbone's own config (a built-in tiny model's, or read from its folder or the cache)."""
+    path = resolve_model_path(cfg)
+    return _TINY[path][1]() if path in _TINY else _load_config(path)
+
+
 def _is_encoder_decoder(config: PretrainedConfig) -> bool:
     """Whether a model config describes an encoder-decoder (sequence-to-sequence) model."""
     return bool(getattr(config, "is_encoder_decoder", False))
@@ -211,8 +217,7 @@ def backbone_shapes(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     """
     del seed
     dtype = torch_dtype(cfg.dtype)
-    path = resolve_model_path(cfg)
-    config = _TINY[path][1]() if path in _TINY else _load_config(path)
+    config = _model_config(cfg)
     if cfg.upcycle_experts:
         from fedhmoe.models.moe import upcycled_config
 
@@ -229,18 +234,15 @@ def model_type(cfg: ModelConfig) -> str:
     if cfg.upcycle_experts:
         return "mixtral"
     try:
-        path = resolve_model_path(cfg)
-        config = _TINY[path][1]() if path in _TINY else _load_config(path)
+        return str(getattr(_model_config(cfg), "model_type", ""))
     except (OSError, ValueError):
         return ""
-    return str(getattr(config, "model_type", ""))
 
 
 def is_moe_backbone(cfg: ModelConfig) -> bool:
     """Whether the configured backbone is a sparse MoE (a built-in MoE, an MoE config, or upcycling on)."""
     if cfg.upcycle_experts:
         return True
-    path = resolve_model_path(cfg)
-    config = _TINY[path][1]() if path in _TINY else _load_config(path)
+    config = _model_config(cfg)
     return any(isinstance(getattr(config, a, None), int) and getattr(config, a) > 0
                for a in ("num_local_experts", "num_experts"))

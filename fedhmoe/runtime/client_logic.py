@@ -3,7 +3,8 @@
 Every message's ``config`` record carries the resolved experiment config (``run-config``, TOML), so the
 same handlers serve the in-process engine, Flower's Simulation Engine and real SuperNodes. A client's
 personal state (its own adapter, for personalized methods) is a safetensors file per round under
-``<state-dir>/client-<id>/`` (a SuperNode's ``state-dir``: ``<state-dir>/<run name>/client-<id>/``); reading "the newest state strictly before round r" makes resume exact.
+``<state-dir>/client-<id>/`` (a SuperNode's ``state-dir``: ``<state-dir>/<run key>/client-<id>/``); reading
+"the newest state strictly before round r" makes resume exact.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from safetensors.numpy import load_file, save_file
 
-from fedhmoe.algorithms.fedmoe import moe_adapter_spec
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.client.evaluate import evaluate_examples
 from fedhmoe.client.stats import amole_embeddings, metric_dp_noise, moe_activation_profile
@@ -128,10 +128,7 @@ def handle_query(msg: Message, context: Context) -> Message:
 
 
 def _worker(cfg: Config, conf: dict[str, Any]) -> Worker:
-    spec = ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg)
-    if spec.kind == "moe" and conf.get("moe-train-mode"):  # FedMoE's stage 1 trains LoRA, stage 2 the weights
-        spec = moe_adapter_spec(cfg, str(conf["moe-train-mode"]))
-    return get_worker(cfg, spec)
+    return get_worker(cfg, ALGORITHMS[cfg.algorithm.name].stage_spec(cfg, conf))
 
 
 def _load_start(msg: Message, conf: dict[str, Any], worker: Worker, store: PersonalStore,
