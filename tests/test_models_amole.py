@@ -162,13 +162,13 @@ def test_balance_loss_hand_computation_and_padding() -> None:
     p_mean = [(1 / 8 + 6 / 9) / 2, (2 / 8 + 2 / 9) / 2, (5 / 8 + 1 / 9) / 2]
     frac = [1 / 4, 2 / 4, 1 / 4]
     want = 3 * sum(p * f for p, f in zip(p_mean, frac, strict=True))
-    assert math.isclose(float(mod.balance_loss.detach()), want, rel_tol=1e-6)
+    assert math.isclose(float(mod.balance_loss.detach()), want, rel_tol=1e-5)
 
     x2 = x.clone()
     x2[0, 2] = torch.tensor([-7.0, 11.0])
     with token_mask(mod, mask):
         mod(x2)
-    assert math.isclose(float(mod.balance_loss.detach()), want, rel_tol=1e-6)
+    assert math.isclose(float(mod.balance_loss.detach()), want, rel_tol=1e-5)
     mod(x)
     assert not math.isclose(float(mod.balance_loss.detach()), want, rel_tol=1e-3), "without the mask the pad counts"
     with token_mask(mod, torch.zeros(1, 3, dtype=torch.bool)):
@@ -191,10 +191,12 @@ def test_embedding_stats_hand_means_and_padding() -> None:
                              "router.client_embedding"]
     tokens = torch.cat([x[mask], x_extra.reshape(4, 12)]).double()  # (12, in)
     w_tau = mod.token_proj.detach().double()  # (r, in)
-    np.testing.assert_allclose(stats["router.client_embedding"], (tokens @ w_tau.T).mean(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(stats["router.client_embedding"], (tokens @ w_tau.T).mean(0).numpy(), rtol=1e-5,
+                               atol=1e-6)  # float32 against float64; atol for entries near 0
     for i, eid in enumerate([2, 5, 8]):
         a_e = mod.experts_A.detach()[i].double()  # (r, in)
-        np.testing.assert_allclose(stats[f"experts.{eid}.embedding"], (tokens @ a_e.T).mean(0).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(stats[f"experts.{eid}.embedding"], (tokens @ a_e.T).mean(0).numpy(), rtol=1e-5,
+                                   atol=1e-6)
     assert all(v.dtype == np.float32 and v.shape == (4,) for v in stats.values())
 
     x_pad = x.clone()

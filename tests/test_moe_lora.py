@@ -33,7 +33,8 @@ def test_zero_b_leaves_the_model_unchanged_and_merged_weights_match():
     load_state(model, SPEC, state)
     x = ids()
     with torch.no_grad():
-        np.testing.assert_allclose(model(input_ids=x).logits, base(input_ids=x).logits, atol=1e-6)
+        # logits of about 1 along two kernel paths: equal to a few float32 ulps (1.8e-7 with AVX2 kernels)
+        np.testing.assert_allclose(model(input_ids=x).logits, base(input_ids=x).logits, rtol=1e-5, atol=1e-5)
     # random B: the LoRA model equals the base model with W + (alpha/r) B A merged into every expert
     rng = np.random.default_rng(1)
     state = {k: (rng.normal(size=v.shape).astype(np.float32) * 0.05 if k.endswith("lora_B") else v)
@@ -53,7 +54,7 @@ def test_zero_b_leaves_the_model_unchanged_and_merged_weights_match():
                 a = torch.from_numpy(state[f"{path}.lora_A"])
                 bb = torch.from_numpy(state[f"{path}.lora_B"])
                 mod.weight += s * bb @ a
-        np.testing.assert_allclose(model(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-5)
+        np.testing.assert_allclose(model(input_ids=x).logits, merged(input_ids=x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_sub_moe_takes_frozen_experts_from_the_bank_and_only_lora_travels():
@@ -78,7 +79,8 @@ def test_sub_moe_takes_frozen_experts_from_the_bank_and_only_lora_travels():
     # growing back to every expert restores the full model's outputs (B is zero)
     load_state(model, SPEC, state)
     with torch.no_grad():
-        np.testing.assert_allclose(model(input_ids=ids()).logits, base(input_ids=ids()).logits, atol=1e-6)
+        np.testing.assert_allclose(model(input_ids=ids()).logits, base(input_ids=ids()).logits, rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_only_lora_factors_and_router_rows_train():

@@ -270,8 +270,9 @@ def test_activation_profile_counts_no_padding_in_either_stream(switch):
     single = np.stack(list(moe_activation_profile(model, f, EXAMPLES, batch_size=1, device=CPU,
                                                   num_experts=4).values()))  # no padding
     assert batched.shape == (2, 4)
-    np.testing.assert_allclose(batched.sum(1), 1.0, atol=1e-6)
-    np.testing.assert_allclose(batched, single, atol=1e-6)
+    # shares in [0, 1] from float32 counts: padded and unpadded batches agree to a few ulps
+    np.testing.assert_allclose(batched.sum(1), 1.0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(batched, single, rtol=1e-5, atol=1e-6)
     # the reference: top-1 routing of the real tokens of each stream, one example at a time
     want = np.zeros((2, 4))
     rec = moe.recorder(model)
@@ -282,7 +283,7 @@ def test_activation_profile_counts_no_padding_in_either_stream(switch):
         for i, path in enumerate(moe.moe_blocks(model)):
             for g, c in counts[path].items():
                 want[i, g] += c
-    np.testing.assert_allclose(batched, want / want.sum(1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(batched, want / want.sum(1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
 def test_local_training_lends_both_masks_to_the_routers():
