@@ -6,9 +6,8 @@ with ``PYTHONHASHSEED=0 .venv/bin/python -m tests.golden --write``.
 
 import copy
 
-import pytest
-
 import golden
+import pytest
 
 REGENERATE = "PYTHONHASHSEED=0 .venv/bin/python -m tests.golden --write"
 
@@ -58,7 +57,7 @@ def test_comparison_names_the_place_and_both_values():
 
 def test_assignments_compare_exactly():
     rec = golden.load("fedamole")
-    module = sorted(rec["assignments/round-2.json"])[0]
+    module = min(rec["assignments/round-2.json"])
     other = copy.deepcopy(rec)
     held = other["assignments/round-2.json"][module]["1"]
     held[0] += 1

@@ -69,7 +69,7 @@ FUSED = [f for f in FAMILIES if f != "switch"]
 # against its dense source): the logits are at most about 5 in magnitude and the paths agree to a few float32
 # ulps (measured: <= 4.8e-7 here with AVX-512 or AVX2 kernels; 1.19e-6 on an AMD EPYC), while a wrong or
 # missing expert moves them by 1e-2 or more (the masking alone: 0.019 to 2.6).
-PARITY = dict(rtol=1e-5, atol=1e-5)
+PARITY = {"rtol": 1e-5, "atol": 1e-5}
 
 # Held experts per MoE block, assigned to the blocks in layer order (cycled): different experts and counts per
 # block, one block keeping a single expert.
