@@ -1,7 +1,8 @@
 """What crosses the wire: numpy dicts <-> Flower records, transport dtypes, and byte counts.
 
-Every record in a message has a fixed name: ``arrays`` (trainable tensors), ``config``, ``metrics`` (at least
-``num-examples``), ``stats`` (method statistics). Communication cost is the sum of ``count_bytes()`` of these
+Every record in a message has a fixed name: ``arrays`` (trainable tensors), ``config`` (the round's
+:class:`~fedhmoe.protocol.Instructions`), ``metrics`` (at least ``num-examples``), ``stats`` (method statistics),
+``control`` (SCAFFOLD's control variates, keyed like ``arrays``). Communication cost is the sum of ``count_bytes()`` of these
 records. Only ``flwr.app`` is imported here, so strategies and the client runtime share it.
 """
 
@@ -16,7 +17,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 __all__ = [
     "ARRAYS",
     "CONFIG",
+    "CONTROL",
     "METRICS",
+    "SIDE_RECORDS",
     "STATS",
     "content_nbytes",
     "decode_arrays",
@@ -24,7 +27,9 @@ __all__ = [
     "make_content",
 ]
 
-ARRAYS, CONFIG, METRICS, STATS = "arrays", "config", "metrics", "stats"
+ARRAYS, CONFIG, METRICS, STATS, CONTROL = "arrays", "config", "metrics", "stats", "control"
+#: The array records beside ``arrays`` that a method may send and receive (validated like ``arrays``).
+SIDE_RECORDS = (CONTROL,)
 _BF16 = "bfloat16"
 
 
@@ -64,8 +69,9 @@ def make_content(
     config: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     stats: ArrayRecord | None = None,
+    side: Mapping[str, ArrayRecord] | None = None,
 ) -> RecordDict:
-    """A message's ``RecordDict`` with the fixed record names."""
+    """A message's ``RecordDict`` with the fixed record names (``side``: records named in :data:`SIDE_RECORDS`)."""
     records: dict[str, Any] = {}
     if arrays is not None:
         records[ARRAYS] = arrays
@@ -75,6 +81,10 @@ def make_content(
         records[METRICS] = MetricRecord(dict(metrics))
     if stats is not None:
         records[STATS] = stats
+    for name, rec in (side or {}).items():
+        if name not in SIDE_RECORDS:
+            raise ValueError(f"unknown side record {name!r}; known: {', '.join(SIDE_RECORDS)}")
+        records[name] = rec
     return RecordDict(records)
 
 

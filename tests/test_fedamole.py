@@ -16,7 +16,7 @@ FAST = ["train.num-threads=1", "data.examples-per-task=30", "data.max-test-examp
 
 
 def smoke(*overrides):
-    return load_config(SMOKE, [*FAST, "algorithm.name=fedamole", *overrides])
+    return validate(load_config(SMOKE, [*FAST, "algorithm.name=fedamole", *overrides]))
 
 
 def test_rsea_lets_each_expert_pick_the_clients_whose_data_match_it():

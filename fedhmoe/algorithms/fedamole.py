@@ -16,6 +16,7 @@ architecture kept fixed; ``fedmole-h`` fixed and homogeneous (every client the s
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -32,8 +33,8 @@ from fedhmoe.algorithms.assignment import (
     solve_assignment,
 )
 from fedhmoe.algorithms.base import ClientReply, FederatedStrategy
+from fedhmoe.algorithms.specs import AdapterSpec, ModelFacts, amole_spec
 from fedhmoe.config import Config, ConfigError
-from fedhmoe.models.adapters import AdapterSpec
 from fedhmoe.utils.seeding import numpy_rng
 
 __all__ = ["FedAMoLE", "FedAMoLENoShared", "FedAMoLERandom", "FedMoLE", "FedMoLEHomogeneous"]
@@ -58,13 +59,11 @@ class FedAMoLE(FederatedStrategy):
     use_shared = True
 
     @classmethod
-    def adapter_spec(cls, cfg: Config) -> AdapterSpec:
-        fa, m = cfg.fedamole, cfg.model
-        return AdapterSpec("amole", tuple(fa.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout,
-                           num_experts=fa.num_experts, top_k=fa.top_k, use_shared=cls.use_shared)
+    def adapter_spec(cls, cfg: Config, facts: ModelFacts | None = None) -> AdapterSpec:
+        return amole_spec(cfg, use_shared=cls.use_shared)
 
     @classmethod
-    def check_config(cls, cfg: Config) -> None:
+    def check_config(cls, cfg: Config, facts: ModelFacts) -> None:
         fa = cfg.fedamole
         if fa.top_k < 1:
             raise ConfigError("config key 'fedamole.top-k': must be at least 1")
@@ -81,9 +80,10 @@ class FedAMoLE(FederatedStrategy):
             raise ConfigError("config key 'data.aux-fraction': FedAMoLE's RSEA needs an aux (embedding) split; "
                               "set it above 0 (the paper uses 0.04)")
 
-    def __init__(self, cfg: Config, initial_state, node_of, run_config_text: str,  # type: ignore[no-untyped-def]
-                 client_info=None) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(cfg, initial_state, node_of, run_config_text, client_info)
+    def __init__(self, cfg: Config, initial_state: Mapping[str, np.ndarray], node_of: Mapping[int, int],
+                 run_config_text: str, client_info: Mapping[int, Mapping[str, Any]] | None = None,
+                 facts: ModelFacts | None = None) -> None:
+        super().__init__(cfg, initial_state, node_of, run_config_text, client_info, facts)
         fa = cfg.fedamole
         self.num_experts = fa.num_experts
         self.common_keys: dict[str, list[str]] = {}  # module -> shared expert and token projection keys
@@ -125,6 +125,21 @@ class FedAMoLE(FederatedStrategy):
         """Module -> client -> held expert ids (``assignments/round-<r>.json``)."""
         return {p: {str(c): ids for c, ids in per.items()} for p, per in self.assignment.items()}
 
+    def structure_errors(self) -> list[str]:
+        """Problem C.1's constraints: every expert held by ``clients-per-expert`` clients, every client between the
+        fewest and most experts (exactly ``E c / N`` when homogeneous), per module."""
+        fa, n = self.cfg.fedamole, len(self.clients)
+        errors = []
+        for path, per in self.assignment.items():
+            held = {e: sum(e in ids for ids in per.values()) for e in range(self.num_experts)}
+            errors += [f"{path}: expert {e} held by {h} clients" for e, h in held.items() if h != fa.clients_per_expert]
+            low, high = fa.min_held, fa.max_held
+            if self.homogeneous:
+                low = high = self.num_experts * fa.clients_per_expert // n
+            errors += [f"{path}: client {c} holds {len(ids)} experts" for c, ids in per.items()
+                       if not low <= len(ids) <= high or len(set(ids)) != len(ids)]
+        return errors
+
     def client_keys(self, server_round: int, client: int) -> list[str]:
         keys: list[str] = []
         for path in self.modules:
@@ -138,8 +153,8 @@ class FedAMoLE(FederatedStrategy):
         return [] if client in self.trained else self.client_keys(server_round, client)
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
-        return {"load-balance-coef": self.cfg.fedamole.load_balance_coef,
-                "collect-stats": self.scores == "rsea" and not self.static, "dp-eta": self.cfg.fedamole.dp_eta}
+        collect = self.scores == "rsea" and not self.static  # the embeddings RSEA scores with
+        return {"hooks": ("amole-stats",) if collect else (), "dp_eta": self.cfg.fedamole.dp_eta}
 
     def after_aggregate(self, server_round: int, replies: list[ClientReply]) -> None:
         """Keep the embeddings the clients uploaded, then reassign experts for the next round."""
@@ -177,7 +192,7 @@ class FedAMoLE(FederatedStrategy):
         meta |= {"assignment": self.structure(), "trained": sorted(self.trained)}
         return tensors, meta
 
-    def load_state_dict(self, tensors, meta) -> None:  # type: ignore[no-untyped-def]
+    def load_state_dict(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         super().load_state_dict({k: v for k, v in tensors.items() if not k.startswith("rsea-")}, meta)
         for key, value in tensors.items():
             if key.startswith("rsea-expert-emb:"):
