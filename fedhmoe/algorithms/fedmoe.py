@@ -132,41 +132,8 @@ class FedMoE(MoEMethod):
             except ValueError as e:
                 raise ConfigError(f"algorithm '{self.name}': {e}") from e
         self.memory = moe_memory_model(cfg, self.facts, self.global_state, len(self.blocks))
-        if self.stage1_lora:  # who can profile: the full MoE with LoRA (its factors and router rows train)
-            lora_state = {k: v for k, v in self.global_state.items() if is_lora_key(k) or _is_router_row(k)}
-            profile_memory = moe_memory_model(cfg, self.facts, lora_state, len(self.blocks), mode="lora")
-        else:
-            profile_memory = self.memory
-        budgets = fm.memory_budgets_gb
-        if not budgets:
-            self.budget = {c: float("inf") for c in self.clients}
-        else:
-            vals = budgets * len(self.clients) if len(budgets) == 1 else budgets
-            self.budget = {c: float(vals[i]) * _GIB for i, c in enumerate(self.clients)}
-        full = profile_memory.bytes(len(self.blocks) * self.num_experts)
-        self.profilers = [c for c in self.clients if self.budget[c] >= full]
-        how = " with LoRA (fedmoe.profile-train-mode)" if self.stage1_lora else ""
-        if not self.profilers:
-            raise ConfigError(
-                f"config key 'fedmoe.memory-budgets-gb': no client can profile the full MoE, which needs "
-                f"{full / _GIB:.4g} GiB to train{how} (largest budget {max(self.budget.values()) / _GIB:.4g} GiB)")
-        tasks = {c: self.client_task(c) for c in self.clients}
-        for c in self.clients:
-            if c not in self.profilers and not any(tasks[p] == tasks[c] for p in self.profilers):
-                raise ConfigError(
-                    f"config key 'fedmoe.memory-budgets-gb': client {c} (task {tasks[c]!r}, budget "
-                    f"{self.budget[c] / _GIB:.4g} GiB) cannot profile the full MoE ({full / _GIB:.4g} GiB{how}) and "
-                    f"no client of its task can")
-            need = self.memory.bytes(len(self.blocks) * fm.min_experts_per_layer)
-            if need > self.budget[c] * fm.memory_reserve:
-                raise ConfigError(
-                    f"config key 'fedmoe.memory-budgets-gb': client {c} cannot hold {fm.min_experts_per_layer} "
-                    f"expert(s) per layer: that needs {need / _GIB:.4g} GiB, the budget allows "
-                    f"{fm.memory_reserve * self.budget[c] / _GIB:.4g} GiB ({fm.memory_reserve} x "
-                    f"{self.budget[c] / _GIB:.4g} GiB)")
-        if fm.min_experts_per_layer > self.num_experts:
-            raise ConfigError(f"config key 'fedmoe.min-experts-per-layer': {fm.min_experts_per_layer} exceeds the "
-                              f"{self.num_experts} experts per layer of the model")
+        self.budget = self._budgets()
+        self.profilers = self._check_budgets()
         all_held = {b: list(range(self.num_experts)) for b in self.blocks}
         self.held: dict[int, dict[str, list[int]]] = {c: {b: list(v) for b, v in all_held.items()}
                                                      for c in self.clients}
@@ -177,6 +144,49 @@ class FedMoE(MoEMethod):
         self._dense_step = PLAIN
         self._expert_step = ServerStep(min_holders=fm.min_holders, single_holder_lr=fm.single_holder_lr)
         self._lora_step = ServerStep(min_holders=fm.min_holders)
+
+    def _budgets(self) -> dict[int, float]:
+        """Each client's training-memory budget in bytes (``fedmoe.memory-budgets-gb``; inf when unset)."""
+        budgets = self.cfg.fedmoe.memory_budgets_gb
+        if not budgets:
+            return {c: float("inf") for c in self.clients}
+        vals = budgets * len(self.clients) if len(budgets) == 1 else budgets
+        return {c: float(vals[i]) * _GIB for i, c in enumerate(self.clients)}
+
+    def _check_budgets(self) -> list[int]:
+        """The clients whose budget can train the full MoE in stage 1 (the profilers); raise ``ConfigError``
+        naming the budgets when a client has no profiler of its task or cannot hold the fewest experts."""
+        fm = self.cfg.fedmoe
+        if self.stage1_lora:  # who can profile: the full MoE with LoRA (its factors and router rows train)
+            lora_state = {k: v for k, v in self.global_state.items() if is_lora_key(k) or _is_router_row(k)}
+            profile_memory = moe_memory_model(self.cfg, self.facts, lora_state, len(self.blocks), mode="lora")
+        else:
+            profile_memory = self.memory
+        full = profile_memory.bytes(len(self.blocks) * self.num_experts)
+        profilers = [c for c in self.clients if self.budget[c] >= full]
+        how = " with LoRA (fedmoe.profile-train-mode)" if self.stage1_lora else ""
+        if not profilers:
+            raise ConfigError(
+                f"config key 'fedmoe.memory-budgets-gb': no client can profile the full MoE, which needs "
+                f"{full / _GIB:.4g} GiB to train{how} (largest budget {max(self.budget.values()) / _GIB:.4g} GiB)")
+        tasks = {c: self.client_task(c) for c in self.clients}
+        need = self.memory.bytes(len(self.blocks) * fm.min_experts_per_layer)
+        for c in self.clients:
+            if c not in profilers and not any(tasks[p] == tasks[c] for p in profilers):
+                raise ConfigError(
+                    f"config key 'fedmoe.memory-budgets-gb': client {c} (task {tasks[c]!r}, budget "
+                    f"{self.budget[c] / _GIB:.4g} GiB) cannot profile the full MoE ({full / _GIB:.4g} GiB{how}) and "
+                    f"no client of its task can")
+            if need > self.budget[c] * fm.memory_reserve:
+                raise ConfigError(
+                    f"config key 'fedmoe.memory-budgets-gb': client {c} cannot hold {fm.min_experts_per_layer} "
+                    f"expert(s) per layer: that needs {need / _GIB:.4g} GiB, the budget allows "
+                    f"{fm.memory_reserve * self.budget[c] / _GIB:.4g} GiB ({fm.memory_reserve} x "
+                    f"{self.budget[c] / _GIB:.4g} GiB)")
+        if fm.min_experts_per_layer > self.num_experts:
+            raise ConfigError(f"config key 'fedmoe.min-experts-per-layer': {fm.min_experts_per_layer} exceeds the "
+                              f"{self.num_experts} experts per layer of the model")
+        return profilers
 
     # ------------------------------------------------------------------ structure
     def in_stage1(self, server_round: int) -> bool:
