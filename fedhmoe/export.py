@@ -38,7 +38,8 @@ from fedhmoe.models.adapters import AdapterSpec
 from fedhmoe.models.backbone import auto_model_class
 from fedhmoe.models.lora import merge_lora
 from fedhmoe.runtime.backbone_cache import build_worker
-from fedhmoe.runtime.client_logic import SCAFFOLD_PREFIX, PersonalStore
+from fedhmoe.runtime.client_logic import SCAFFOLD_PREFIX
+from fedhmoe.store import PersonalStore
 from fedhmoe.wire import decode_arrays, encode_arrays
 
 __all__ = ["PACKAGE_FILE", "ClientModel", "export_client", "generate_text", "load_client_model", "load_exported"]
