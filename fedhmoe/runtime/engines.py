@@ -29,6 +29,32 @@ _RUN_ID = 1
 _SERVER_NODE = 1
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Flower internals. The in-process engine plays the part of the SuperLink, and Flower (checked: flwr 1.41.0 and
+# 1.42.0, the range pyproject allows) offers no public API for two things a SuperLink does, so both are written
+# here and nowhere else in fedhmoe:
+# - the process's task identity: ``Message(content, dst_node_id, message_type)`` fills the metadata's run id,
+#   source node and source task from ``flwr.supercore.task_identity.TaskIdentity`` and raises RuntimeError while
+#   it is unset; Flower's own runners (``run_simulation``, the ServerApp process) assign its class attributes, as
+#   ``_set_task_identity`` does;
+# - a message's id: ``Metadata.message_id`` is a read-only property and ``Message`` starts it empty ("set by the
+#   SuperLink"); Flower's own Grids (``InMemoryGrid``, ``HttpGrid``) write ``metadata.__dict__["_message_id"]``.
+#   The only other route, rebuilding the message as ``Message(content, metadata=Metadata(...))``, is marked
+#   internal in Flower's source as well. Replies carry this id back as ``reply_to_message_id``.
+# (``flwr.supercore.run.Run`` is imported only because the public ``Grid`` base class types ``run`` with it.)
+# ---------------------------------------------------------------------------------------------------------------
+def _set_task_identity(run_id: int = _RUN_ID, node_id: int = _SERVER_NODE, task_id: int = 1) -> None:
+    """Make this process the server task of run ``run_id``, so that ``Message(...)`` can be built."""
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = node_id
+    TaskIdentity.task_id = task_id
+
+
+def _set_message_id(msg: Message, message_id: str) -> None:
+    """Give a message the id a SuperLink would assign on delivery (replies refer to it)."""
+    msg.metadata.__dict__["_message_id"] = message_id
+
+
 class InProcessGrid(Grid):
     """A Grid that delivers each message by calling the ClientApp in this process, in node order.
 
@@ -64,7 +90,7 @@ class InProcessGrid(Grid):
 
     def _deliver(self, msg: Message) -> Message:
         self._next_id += 1
-        msg.metadata.__dict__["_message_id"] = f"m{self._next_id}"
+        _set_message_id(msg, f"m{self._next_id}")
         try:
             return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
         except Exception as e:  # a failing client must not stop the federation: reply with an error
@@ -85,12 +111,6 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return list(self.pull_messages(list(self.push_messages(messages))))
-
-
-def _set_task_identity() -> None:
-    TaskIdentity.run_id = _RUN_ID
-    TaskIdentity.node_id = _SERVER_NODE
-    TaskIdentity.task_id = 1
 
 
 def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: ClientApp | None = None) -> dict:
