@@ -39,7 +39,7 @@ from fedhmoe.models.backbone import auto_model_class
 from fedhmoe.models.facts import model_facts
 from fedhmoe.models.lora import merge_lora
 from fedhmoe.runtime.backbone_cache import Worker, build_worker
-from fedhmoe.runtime.client_logic import PersonalStore
+from fedhmoe.store import PersonalStore
 from fedhmoe.validate import validate
 from fedhmoe.wire import decode_arrays, encode_arrays
 

@@ -163,10 +163,10 @@ def test_full_moe_baselines_train_every_expert(algorithm, tmp_path):
     ("fedit", "tiny-mixtral", False)])
 def test_training_messages_carry_the_moe_settings_exactly_when_the_experts_are_trained(algorithm, model, on_moe):
     from fedhmoe.protocol import Instructions
-    from fedhmoe.runtime.engines import _set_task_identity
+    from fedhmoe.runtime.flower_compat import set_server_identity
     from fedhmoe.wire import CONFIG
 
-    _set_task_identity()
+    set_server_identity()
     cfg = smoke(f"algorithm.name={algorithm}", f"model.name={model}", "fedmoe.label-smoothing=0.125",
                 "fedmoe.load-balance-coef=0.25", "fedmoe.z-loss-coef=0.5")
     cls = ALGORITHMS[algorithm]
@@ -276,7 +276,8 @@ def test_fedmoe_with_lora_on_experts_sends_only_factors_and_router_rows(tmp_path
 def test_modular_aggregation_on_hand_computed_cases(single_lr, min_holders):
     from flwr.app import Message
 
-    from fedhmoe.runtime.engines import InProcessGrid, _set_task_identity
+    from fedhmoe.runtime.engines import InProcessGrid
+    from fedhmoe.runtime.flower_compat import set_server_identity
     from fedhmoe.wire import decode_arrays, encode_arrays, make_content
 
     cfg = smoke("algorithm.name=fedmoe", "federation.num-rounds=3", "fedmoe.memory-budgets-gb=[]",
@@ -298,7 +299,7 @@ def test_modular_aggregation_on_hand_computed_cases(single_lr, min_holders):
         return Message(make_content(arrays=encode_arrays(arrays), metrics={"num-examples": weights[c]}),
                        reply_to=msg)
 
-    _set_task_identity()
+    set_server_identity()
     grid = InProcessGrid(fake_client, 3)
     strat.aggregate_train(2, grid.send_and_receive(strat.configure_train(2)))
     assert len(strat.last_train.replies) == 3
@@ -318,7 +319,8 @@ def test_modular_aggregation_on_hand_computed_cases(single_lr, min_holders):
 def test_stage1_lora_aggregation_applies_the_holder_rules_then_merges(single_lr, min_holders):
     from flwr.app import Message
 
-    from fedhmoe.runtime.engines import InProcessGrid, _set_task_identity
+    from fedhmoe.runtime.engines import InProcessGrid
+    from fedhmoe.runtime.flower_compat import set_server_identity
     from fedhmoe.wire import decode_arrays, encode_arrays, make_content
 
     cfg = smoke("algorithm.name=fedmoe", "federation.num-rounds=3", "fedmoe.memory-budgets-gb=[]",
@@ -344,7 +346,7 @@ def test_stage1_lora_aggregation_applies_the_holder_rules_then_merges(single_lr,
         return Message(make_content(arrays=encode_arrays(arrays), metrics={"num-examples": 10}, stats=stats),
                        reply_to=msg)
 
-    _set_task_identity()
+    set_server_identity()
     grid = InProcessGrid(fake_client, 3)
     strat.aggregate_train(1, grid.send_and_receive(strat.configure_train(1)))  # the last profiling round
     g, s = strat.global_state, cfg.model.lora_alpha / cfg.model.lora_rank

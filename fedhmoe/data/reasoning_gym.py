@@ -2,7 +2,8 @@
 
 Each entry is stored whole in :attr:`Example.meta` as JSON so the family's scorer can be called later
 in any process. Tuples are written as ``{"__tuple__": [...]}`` so that scorers comparing against tuples
-(e.g. ARC boards) see the same values after a round trip; :func:`decode_meta` restores them.
+(e.g. ARC boards) see the same values after a round trip; :func:`decode_meta` (kept in
+:mod:`fedhmoe.data.types`, beside :class:`Example`, and re-exported here) restores them.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import sys
 from functools import lru_cache
 from typing import Any, Callable
 
-from fedhmoe.data.types import Example
+from fedhmoe.data.types import META_TUPLE_KEY, Example, decode_meta
 from fedhmoe.utils.seeding import derive_seed
 
 __all__ = ["decode_meta", "encode_meta", "family_seed", "known_families", "load_reasoning_gym", "score_reasoning_gym"]
 
-_TUPLE_KEY = "__tuple__"
 _RESERVED_OPTIONS = ("seed", "size")
 
 
@@ -46,7 +46,7 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, tuple):
-        return {_TUPLE_KEY: [_json_safe(v) for v in obj]}
+        return {META_TUPLE_KEY: [_json_safe(v) for v in obj]}
     if isinstance(obj, list):
         return [_json_safe(v) for v in obj]
     if isinstance(obj, (set, frozenset)):
@@ -64,12 +64,6 @@ def _json_safe(obj: Any) -> Any:
     return str(obj)
 
 
-def _restore_tuples(d: dict[str, Any]) -> Any:
-    if len(d) == 1 and _TUPLE_KEY in d and isinstance(d[_TUPLE_KEY], list):
-        return tuple(d[_TUPLE_KEY])
-    return d
-
-
 def encode_meta(entry: dict[str, Any]) -> str:
     """Serialise a reasoning-gym entry (question, answer, metadata) as JSON text.
 
@@ -81,21 +75,6 @@ def encode_meta(entry: dict[str, Any]) -> str:
     """
     body = {"question": entry.get("question"), "answer": entry.get("answer"), "metadata": entry.get("metadata", {})}
     return json.dumps(_json_safe(body), ensure_ascii=False)
-
-
-def decode_meta(meta: str) -> dict[str, Any]:
-    """Parse :attr:`Example.meta` back into a dict (tagged tuples become tuples again).
-
-    Args:
-        meta: JSON text, possibly empty.
-
-    Returns:
-        The decoded dict; ``{}`` for empty text.
-    """
-    if not meta:
-        return {}
-    out = json.loads(meta, object_hook=_restore_tuples)
-    return out if isinstance(out, dict) else {"value": out}
 
 
 def family_seed(seed: int, family: str) -> int:
@@ -237,7 +216,7 @@ def score_reasoning_gym(prediction: str, example: Example) -> float:
     Returns:
         The score in ``[0, 1]``; 0.0 if the scorer fails on this prediction.
     """
-    entry = decode_meta(example.meta)
+    entry = example.meta_fields()
     if not entry:
         raise ValueError(f"example {example.uid or example.task!r} has no reasoning-gym entry in meta")
     metadata = entry.get("metadata") or {}

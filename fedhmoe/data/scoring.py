@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import string
 
@@ -21,14 +20,7 @@ def normalize(text: str) -> str:
 
 def is_reasoning_gym(example: Example) -> bool:
     """Whether the example carries a reasoning-gym entry its family scorer can judge."""
-    if not example.meta:
-        return False
-    try:
-        meta = json.loads(example.meta)
-    except json.JSONDecodeError:
-        return False
-    if not isinstance(meta, dict):
-        return False
+    meta = example.meta_fields()
     metadata = meta.get("metadata")
     if "source_dataset" in meta or (isinstance(metadata, dict) and "source_dataset" in metadata):
         return True
@@ -99,10 +91,7 @@ def generated_score(prediction: str, example: Example) -> float:
     if is_reasoning_gym(example):
         return score_answer(prediction, example)
     if example.task == "squad":
-        try:
-            refs = json.loads(example.meta).get("answers") if example.meta else None
-        except (json.JSONDecodeError, AttributeError):
-            refs = None
+        refs = example.meta_fields().get("answers")
         return token_f1(prediction, [str(r) for r in refs] if isinstance(refs, list) and refs else example.answer)
     if example.task == "xsum":
         return rouge_2(prediction, example.answer)

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from safetensors.numpy import load_file, save_file
 
 from fedhmoe.client.evaluate import evaluate_examples
 from fedhmoe.client.hooks import HookContext, make_hooks
@@ -32,11 +31,12 @@ from fedhmoe.data.types import ClientData
 from fedhmoe.models.adapters import AdapterKind, kind_of
 from fedhmoe.protocol import Instructions
 from fedhmoe.runtime.backbone_cache import Worker, get_worker
+from fedhmoe.store import PersonalStore
 from fedhmoe.utils.seeding import derive_seed, numpy_rng
 from fedhmoe.validate import validate
 from fedhmoe.wire import ARRAYS, CONFIG, SIDE_RECORDS, decode_arrays, encode_arrays, make_content
 
-__all__ = ["PersonalStore", "handle_evaluate", "handle_query", "handle_train", "read_message"]
+__all__ = ["handle_evaluate", "handle_query", "handle_train", "read_message"]
 
 
 @lru_cache(maxsize=4)
@@ -59,40 +59,6 @@ def client_id(context: Context, instructions: Instructions) -> int:
     if instructions.client != int(pid):
         raise ValueError(f"message addressed to client {instructions.client} reached partition {pid}")
     return int(pid)
-
-
-class PersonalStore:
-    """A client's personal tensors, one safetensors file per round it trained."""
-
-    def __init__(self, root: str | Path, client: int | str, keep_last: int = 0) -> None:
-        self.dir = Path(root) / f"client-{client}"
-        self.keep_last = keep_last
-
-    def rounds(self) -> list[int]:
-        if not self.dir.is_dir():
-            return []
-        found = (re.fullmatch(r"round-(\d+)\.safetensors", p.name) for p in self.dir.iterdir())
-        return sorted(int(m.group(1)) for m in found if m)
-
-    def load_before(self, server_round: int) -> dict[str, np.ndarray] | None:
-        """The newest state saved in a round strictly before ``server_round``, or None."""
-        older = [r for r in self.rounds() if r < server_round]
-        if not older:
-            return None
-        path = self.dir / f"round-{older[-1]}.safetensors"
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"personal state {path} is corrupt: {e}") from e
-
-    def save(self, server_round: int, state: dict[str, np.ndarray]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".round-{server_round}.tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
-        tmp.rename(self.dir / f"round-{server_round}.safetensors")
-        if self.keep_last > 0:
-            for r in self.rounds()[: -self.keep_last]:
-                (self.dir / f"round-{r}.safetensors").unlink(missing_ok=True)
 
 
 def _store(context: Context, instructions: Instructions, cfg: Config, client: int | str) -> PersonalStore:

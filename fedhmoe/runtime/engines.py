@@ -13,20 +13,24 @@ from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.run import Run
+from flwr.supercore.run import Run  # only because the public Grid base class types `run` with it
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedhmoe.config import Config
 from fedhmoe.evaluation.rundir import RunDirectory
+from fedhmoe.runtime.flower_compat import RUN_ID, SERVER_NODE, set_message_id, set_server_identity
 from fedhmoe.runtime.server import run_federation
 
 log = logging.getLogger("fedhmoe")
 
 __all__ = ["InProcessGrid", "run_inprocess", "run_simulation_engine"]
 
-_RUN_ID = 1
-_SERVER_NODE = 1
+_RUN_ID, _SERVER_NODE = RUN_ID, SERVER_NODE
+
+
+def _set_task_identity() -> None:
+    """This process is the in-process engine's server task (see :mod:`fedhmoe.runtime.flower_compat`)."""
+    set_server_identity(_RUN_ID, _SERVER_NODE)
 
 
 class InProcessGrid(Grid):
@@ -64,7 +68,7 @@ class InProcessGrid(Grid):
 
     def _deliver(self, msg: Message) -> Message:
         self._next_id += 1
-        msg.metadata.__dict__["_message_id"] = f"m{self._next_id}"
+        set_message_id(msg, f"m{self._next_id}")
         try:
             return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
         except Exception as e:  # a failing client must not stop the federation: reply with an error
@@ -85,12 +89,6 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return list(self.pull_messages(list(self.push_messages(messages))))
-
-
-def _set_task_identity() -> None:
-    TaskIdentity.run_id = _RUN_ID
-    TaskIdentity.node_id = _SERVER_NODE
-    TaskIdentity.task_id = 1
 
 
 def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: ClientApp | None = None) -> dict:
