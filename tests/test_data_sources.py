@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedhmoe.data import Example, match_choice, score_answer
+from fedhmoe.data.scoring import match_choice, score_answer
+from fedhmoe.data.types import Example
 from fedhmoe.data.hub import HUB_SOURCES, load_hub
 from fedhmoe.data.jsonl import jsonl_client_id, load_jsonl
 from fedhmoe.data.reasoning_gym import (

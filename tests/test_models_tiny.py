@@ -136,7 +136,8 @@ def test_unavailable_models_raise_clearly(tmp_path) -> None:
 def test_loss_runs_the_head_only_at_answer_positions_and_matches_the_full_logits(family, monkeypatch) -> None:
     from fedhmoe.client import train as train_mod
     from fedhmoe.client.evaluate import token_losses
-    from fedhmoe.data import Example, PromptFormatter
+    from fedhmoe.data.format import PromptFormatter
+    from fedhmoe.data.types import Example
     from fedhmoe.models.tiny import build_tiny_mixtral
 
     model = build_tiny_llama(0) if family == "llama" else build_tiny_mixtral(0)

@@ -26,8 +26,8 @@ from fedhmoe.client.evaluate import generate, token_losses
 from fedhmoe.client.stats import moe_activation_profile
 from fedhmoe.client.train import causal_lm_loss, train_local
 from fedhmoe.config import EvalConfig, ModelConfig, TrainConfig, load_config
-from fedhmoe.data import Example, PromptFormatter
-from fedhmoe.data.format import IGNORE_INDEX
+from fedhmoe.data.format import IGNORE_INDEX, PromptFormatter
+from fedhmoe.data.types import Example
 from fedhmoe.evaluation.rundir import read_metrics
 from fedhmoe.models import adapters, moe
 from fedhmoe.models.backbone import BUILTIN_MODELS, backbone_shapes, is_moe_backbone, load_backbone
