@@ -153,7 +153,7 @@ def load_reasoning_gym(
 
 def _generate(families: list[str], n: int, task_options: dict[str, dict], seed: int) -> list[dict[str, str]]:
     """Generate entries in this process (rows of family, uid, question, answer, meta)."""
-    import reasoning_gym
+    import reasoning_gym  # slow to import (every generator): loaded only when tasks are generated or scored
 
     rows = []
     for family in families:
@@ -198,7 +198,7 @@ def _generate_deterministic(
 
 @lru_cache(maxsize=None)
 def _score_fn(family: str) -> Callable[[str, dict[str, Any]], float]:
-    import reasoning_gym
+    import reasoning_gym  # slow to import (every generator): loaded only when tasks are generated or scored
 
     return reasoning_gym.get_score_answer_fn(family)
 

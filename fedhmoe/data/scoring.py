@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 import string
 
+from fedhmoe.data.reasoning_gym import known_families, score_reasoning_gym
 from fedhmoe.data.types import Example
+from fedhmoe.evaluation.metrics import rouge_2, rouge_l, token_f1
 
 __all__ = ["generated_score", "is_reasoning_gym", "match_choice", "normalize", "score_answer"]
 
@@ -25,8 +27,6 @@ def is_reasoning_gym(example: Example) -> bool:
     if "source_dataset" in meta or (isinstance(metadata, dict) and "source_dataset" in metadata):
         return True
     if "question" in meta and "answer" in meta:
-        from fedhmoe.data.reasoning_gym import known_families
-
         return example.task in known_families()
     return False
 
@@ -74,8 +74,6 @@ def score_answer(prediction: str, example: Example) -> float:
         The score.
     """
     if is_reasoning_gym(example):
-        from fedhmoe.data.reasoning_gym import score_reasoning_gym
-
         return score_reasoning_gym(prediction, example)
     if example.choices:
         idx = match_choice(prediction, example.choices)
@@ -86,8 +84,6 @@ def score_answer(prediction: str, example: Example) -> float:
 def generated_score(prediction: str, example: Example) -> float:
     """The primary score of a generated answer: the family's scorer for reasoning-gym, the FedMoE paper's metrics
     for its Hub tasks (SQuAD: token F1 against every reference answer; XSum: ROUGE-2 F1), ROUGE-L F1 otherwise."""
-    from fedhmoe.evaluation.metrics import rouge_2, rouge_l, token_f1
-
     if is_reasoning_gym(example):
         return score_answer(prediction, example)
     if example.task == "squad":
