@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+
 import pytest
 
 from fedhmoe import keys as K
@@ -156,9 +159,6 @@ def test_lora_factor_keys() -> None:
 
 
 def test_keys_module_imports_nothing_heavy() -> None:
-    import ast
-    import inspect
-
     tree = ast.parse(inspect.getsource(K))
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
