@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedhmoe.arrays import check_array
+
 __all__ = ["ServerStep", "aggregate_by_key", "validate_update"]
 
 
@@ -112,10 +114,8 @@ def validate_update(
         if missing:
             return f"missing keys {missing[:3]}{' ...' if len(missing) > 3 else ''}"
     for key, value in received.items():
-        if tuple(value.shape) != tuple(sent[key]):
-            return f"key '{key}' has shape {tuple(value.shape)}, expected {tuple(sent[key])}"
-        if not np.issubdtype(value.dtype, np.floating):
-            return f"key '{key}' has dtype {value.dtype}, expected a float dtype"
-        if not np.all(np.isfinite(value)):
-            return f"key '{key}' holds NaN or Inf"
+        try:
+            check_array(key, value, tuple(sent[key]), what="key")
+        except ValueError as err:
+            return str(err)
     return None
