@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from fedhmoe.config import ModelConfig
-from fedhmoe.models import backbone_shapes, build_tiny_llama, inject_lora, kaiming_uniform_a, load_backbone
+from fedhmoe.models.backbone import backbone_shapes, load_backbone
+from fedhmoe.models.lora import inject_lora, kaiming_uniform_a
+from fedhmoe.models.tiny import build_tiny_llama
 from fedhmoe.models.amole import (
     AMoLELinear,
     AMoLEStateError,

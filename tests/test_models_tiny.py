@@ -10,15 +10,8 @@ import pytest
 import torch
 
 from fedhmoe.config import ModelConfig
-from fedhmoe.models import (
-    BUILTIN_MODELS,
-    backbone_shapes,
-    build_tiny_llama,
-    byte_tokenizer,
-    load_backbone,
-    resolve_model_path,
-    tiny_llama_config,
-)
+from fedhmoe.models.backbone import BUILTIN_MODELS, backbone_shapes, load_backbone, resolve_model_path
+from fedhmoe.models.tiny import build_tiny_llama, byte_tokenizer, tiny_llama_config
 
 TEXTS = [
     "",

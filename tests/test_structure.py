@@ -18,29 +18,28 @@ def module_name(path: Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the package modules it imports anywhere in its body (functions included)."""
+    """Module -> the package modules it imports anywhere in its body (functions included).
+
+    ``from a.b import c`` imports the module ``a.b.c`` when there is one, else ``a.b`` (whose ``__init__`` defines
+    ``c``). The packages above an imported module, which Python initialises first, are not counted: a package's
+    ``__init__`` may gather its own submodules without that being a cycle.
+    """
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for mod, path in modules.items():
         package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
+                targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:  # a relative import: resolve it against the importing package
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*anchor, base] if base else anchor)
-                names = [base] + [f"{base}.{a.name}" for a in node.names]
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             else:
                 continue
-            for name in names:
-                # a dotted import also imports every package above it
-                parts = name.split(".")
-                for i in range(1, len(parts) + 1):
-                    target = ".".join(parts[:i])
-                    if target in modules and target != mod:
-                        graph[mod].add(target)
+            graph[mod] |= {t for t in targets if t in modules and t != mod}
     return graph
 
 

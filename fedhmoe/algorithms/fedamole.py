@@ -15,12 +15,12 @@ architecture kept fixed; ``fedmole-h`` fixed and homogeneous (every client the s
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from fedhmoe import keys
 from fedhmoe.algorithms.assignment import (
     InfeasibleAssignment,
     assignment_to_lists,
@@ -39,10 +39,6 @@ from fedhmoe.utils.seeding import numpy_rng
 
 __all__ = ["FedAMoLE", "FedAMoLENoShared", "FedAMoLERandom", "FedMoLE", "FedMoLEHomogeneous"]
 
-_EXPERT = re.compile(r"^(?P<path>.+)\.experts\.(?P<eid>\d+)\.lora_[AB]$")
-_SHARED = re.compile(r"^(?P<path>.+)\.(shared\.lora_[AB]|router\.token_proj)$")
-_EXPERT_EMB = re.compile(r"^(?P<path>.+)\.experts\.(?P<eid>\d+)\.embedding$")
-_CLIENT_EMB = ".router.client_embedding"
 
 
 class FedAMoLE(FederatedStrategy):
@@ -89,12 +85,13 @@ class FedAMoLE(FederatedStrategy):
         self.common_keys: dict[str, list[str]] = {}  # module -> shared expert and token projection keys
         self.expert_keys: dict[str, dict[int, list[str]]] = {}  # module -> expert id -> its A and B keys
         for key in sorted(self.global_state):
-            if m := _EXPERT.match(key):
-                self.expert_keys.setdefault(m["path"], {}).setdefault(int(m["eid"]), []).append(key)
-            elif m := _SHARED.match(key):
-                self.common_keys.setdefault(m["path"], []).append(key)
-            else:
+            parsed = keys.parse_amole_key(key)
+            if parsed is None:
                 raise ValueError(f"FedAMoLE does not know the global tensor {key!r}")
+            if parsed.expert is not None:
+                self.expert_keys.setdefault(parsed.path, {}).setdefault(parsed.expert, []).append(key)
+            else:  # the shared expert and the token projection
+                self.common_keys.setdefault(parsed.path, []).append(key)
         self.modules = sorted(self.expert_keys)
         self.client_emb: dict[str, dict[int, np.ndarray]] = {p: {} for p in self.modules}
         self.expert_emb: dict[str, np.ndarray | None] = {p: None for p in self.modules}
@@ -141,12 +138,12 @@ class FedAMoLE(FederatedStrategy):
         return errors
 
     def client_keys(self, server_round: int, client: int) -> list[str]:
-        keys: list[str] = []
+        held: list[str] = []
         for path in self.modules:
-            keys += self.common_keys.get(path, [])
+            held += self.common_keys.get(path, [])
             for eid in self.assignment[path][client]:
-                keys += self.expert_keys[path][eid]
-        return sorted(keys)
+                held += self.expert_keys[path][eid]
+        return sorted(held)
 
     def eval_keys(self, server_round: int, client: int) -> list[str]:
         # A client that has not trained yet holds no personal model: send it its current architecture.
@@ -167,12 +164,14 @@ class FedAMoLE(FederatedStrategy):
         uploads: dict[str, dict[int, dict[int, np.ndarray]]] = {p: {} for p in self.modules}
         for rep in replies:
             for key, value in rep.stats.items():
-                if key.endswith(_CLIENT_EMB):
-                    path = key[: -len(_CLIENT_EMB)]
-                    if path in self.client_emb:
-                        self.client_emb[path][rep.client] = np.asarray(value, np.float64)
-                elif (m := _EXPERT_EMB.match(key)) and m["path"] in uploads:
-                    uploads[m["path"]].setdefault(rep.client, {})[int(m["eid"])] = value
+                stat = keys.parse_amole_stat_key(key)
+                if stat is None:
+                    continue
+                if stat.expert is None:  # the client's mean token projection
+                    if stat.path in self.client_emb:
+                        self.client_emb[stat.path][rep.client] = np.asarray(value, np.float64)
+                elif stat.path in uploads:
+                    uploads[stat.path].setdefault(rep.client, {})[stat.expert] = value
         if not any(uploads.values()):
             return  # nobody uploaded statistics: keep the architecture
         for path in self.modules:

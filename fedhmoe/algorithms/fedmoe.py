@@ -33,17 +33,18 @@ from fedhmoe.algorithms.recommend import RecommendConfig, RecommendState, recomm
 from fedhmoe.algorithms.specs import AdapterSpec, ModelFacts, moe_spec, stage1_lora
 from fedhmoe.algorithms.submoe_search import SearchError, estimate_profiles, search_submoe
 from fedhmoe.config import Config, ConfigError
+from fedhmoe.keys import parse_moe_key, profile_key
 from fedhmoe.utils.seeding import numpy_rng
 
 __all__ = ["FedMoE", "MoEMethod", "RandomMoE"]
 
 _GIB = float(1 << 30)
-_ROUTER_ROW = re.compile(r"^.+\.router\.\d+$")
 log = logging.getLogger("fedhmoe")
 
 
 def _is_router_row(key: str) -> bool:
-    return bool(_ROUTER_ROW.match(key))
+    parsed = parse_moe_key(key)
+    return parsed is not None and parsed.is_router
 
 
 def _natural(path: str) -> tuple:
@@ -272,7 +273,7 @@ class FedMoE(MoEMethod):
     def _profile_of(self, reply: ClientReply) -> np.ndarray | None:
         """The reply's activation profile ``(L, E)`` in the server's block order (rows travel keyed by block
         path, so encoder and decoder blocks cannot be confused), or None when absent or misshapen."""
-        rows = [reply.stats.get(f"profile:{b}") for b in self.blocks]
+        rows = [reply.stats.get(profile_key(b)) for b in self.blocks]
         if any(r is None or r.shape != (self.num_experts,) for r in rows):
             return None
         return np.stack(rows).astype(np.float32)

@@ -7,25 +7,22 @@ FedMoE searches each client's sub-MoE under its memory budget (spec section 3, E
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import numpy as np
 
 from fedhmoe.algorithms.specs import ModelFacts
+from fedhmoe.keys import parse_moe_key
 from fedhmoe.algorithms.submoe_search import MemoryModel
 from fedhmoe.config import Config
 
 __all__ = ["expert_block", "moe_memory_model"]
 
-_EXPERT = re.compile(r"^(?P<block>.+?)\.experts\.(?P<gid>\d+)\.[\w.]+$")
-_ROUTER = re.compile(r"^(?P<block>.+)\.router\.(?P<gid>\d+)$")
-
 
 def expert_block(key: str) -> tuple[str, int] | None:
     """``(MoE block path, global expert id)`` of an expert tensor or router row key; None for a dense key."""
-    m = _EXPERT.match(key) or _ROUTER.match(key)
-    return (m.group("block"), int(m.group("gid"))) if m else None
+    parsed = parse_moe_key(key)
+    return None if parsed is None else (parsed.block, parsed.expert)
 
 
 def _largest_expert(state: Mapping[str, np.ndarray], default: int) -> int:

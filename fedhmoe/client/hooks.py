@@ -23,6 +23,7 @@ from fedhmoe.client.train import TrainResult
 from fedhmoe.config import Config
 from fedhmoe.data.format import PromptFormatter
 from fedhmoe.data.types import ClientData
+from fedhmoe.keys import profile_key
 from fedhmoe.models.adapters import AdapterKind
 from fedhmoe.protocol import Instructions
 from fedhmoe.utils.seeding import numpy_rng
@@ -130,7 +131,7 @@ class MoEProfileHook(ClientHook):
         data, cfg = ctx.data, ctx.cfg
         prof = moe_activation_profile(ctx.model, ctx.formatter, data.val or data.train, cfg.eval.batch_size,
                                       ctx.device, ctx.instructions.num_experts)
-        ctx.stats |= {f"profile:{path}": row for path, row in prof.items()}
+        ctx.stats |= {profile_key(path): row for path, row in prof.items()}
         if ctx.instructions.validate and data.val:
             ev = evaluate_examples(ctx.model, ctx.formatter, data.val, cfg.eval, ctx.device)
             ctx.metrics["val-score"] = float(-ev["eval-loss"] if cfg.eval.select_metric == "eval-loss" else ev["score"])

@@ -15,7 +15,7 @@ from torch import nn
 from fedhmoe.arrays import check_array
 from fedhmoe.keys import lora_key
 from fedhmoe.models.lora import LoRALinear, kaiming_uniform_a, lora_draw_order
-from fedhmoe.utils.seeding import torch_generator
+from fedhmoe.utils.torch_seeding import torch_generator
 
 __all__ = [
     "AdapterStateError",

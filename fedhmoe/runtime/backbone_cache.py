@@ -18,7 +18,7 @@ from fedhmoe.config import Config
 from fedhmoe.data.format import PromptFormatter
 from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import load_backbone
-from fedhmoe.utils.seeding import torch_generator
+from fedhmoe.utils.torch_seeding import torch_generator
 
 __all__ = ["Worker", "build_worker", "get_worker"]
 

@@ -24,7 +24,7 @@ from fedhmoe.evaluation.rundir import RunDirectory, read_metrics, summarize
 from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import backbone_shapes, load_backbone
 from fedhmoe.models.facts import model_facts
-from fedhmoe.utils.seeding import torch_generator
+from fedhmoe.utils.torch_seeding import torch_generator
 from fedhmoe.validate import validate
 from fedhmoe.wire import CONFIG, make_content
 

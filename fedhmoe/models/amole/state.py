@@ -23,7 +23,7 @@ from fedhmoe.keys import expert_key, is_canonical, join, parse_amole_key, shared
 from fedhmoe.models.amole.layer import AMoLELinear
 from fedhmoe.models.amole.model import AMoLEStateError, require_modules
 from fedhmoe.models.lora import kaiming_uniform_a
-from fedhmoe.utils.seeding import torch_generator
+from fedhmoe.utils.torch_seeding import torch_generator
 
 __all__ = ["AMOLE_INIT_PURPOSE", "amole_state", "init_amole_state", "load_amole_state"]
 

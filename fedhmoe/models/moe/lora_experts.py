@@ -15,7 +15,7 @@ from torch import nn
 from fedhmoe.keys import expert_key
 from fedhmoe.models.lora import kaiming_uniform_a
 from fedhmoe.models.moe.families import block_family, block_ids, moe_blocks, param_like
-from fedhmoe.utils.seeding import torch_generator
+from fedhmoe.utils.torch_seeding import torch_generator
 
 __all__ = ["LoRAExperts", "add_expert_lora", "init_expert_lora_state"]
 
