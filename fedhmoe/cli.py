@@ -145,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # unknown client or round, corrupt files, backbone not available
         raise ConfigError(str(e)) from e
     prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    for prompt, answer in zip(prompts, generate_text(cm, prompts, args.max_new_tokens)):
+    for prompt, answer in zip(prompts, generate_text(cm, prompts, args.max_new_tokens), strict=True):
         print(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False))
     return 0
 

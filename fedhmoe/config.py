@@ -2,8 +2,9 @@
 
 An experiment is one TOML file with dotted tables (``[run]``, ``[federation]``, ``[model]``, ``[data]``,
 ``[train]``, ``[eval]``, ``[algorithm]``, ``[checkpoint]``, ``[fedamole]``, ``[fedmoe]``). Keys are kebab-case in
-TOML and snake_case here. Every field has a default and a docstring (the ``doc`` metadata). Unknown keys, wrong types and
-combinations of this config's own fields raise :class:`ConfigError` naming the key when a ``Config`` is built.
+TOML and snake_case here. Every field has a default and a docstring (the ``doc`` metadata). Unknown keys, wrong
+types and infeasible combinations of this config's own fields raise :class:`ConfigError` naming the key when a
+``Config`` is built.
 Whether the method and the data source can run it is asked by :func:`fedhmoe.validate.validate`, which every entry
 point calls before any work starts. This module imports neither torch nor Flower.
 """

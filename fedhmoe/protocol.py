@@ -4,7 +4,8 @@ The client runtime only executes :class:`Instructions`: which adapters to carry,
 which client hooks to run (statistics to collect, gradient corrections), where its personal state lives and how
 tensors travel. The config record holds ``protocol-version``, the experiment TOML (``run-config``) and every other
 field as one JSON object (``instructions``, kebab-case keys); reading a record with a missing or unknown field, or
-another version, raises :class:`ProtocolError` naming it, so a typo can never silently become a default. Imports neither torch nor Flower.
+another version, raises :class:`ProtocolError` naming it, so a typo can never silently become a default. Imports
+neither torch nor Flower.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Every record in a message has a fixed name: ``arrays`` (trainable tensors), ``config`` (the round's
 :class:`~fedhmoe.protocol.Instructions`), ``metrics`` (at least ``num-examples``), ``stats`` (method statistics),
-``control`` (SCAFFOLD's control variates, keyed like ``arrays``). Communication cost is the sum of ``count_bytes()`` of these
-records. Only ``flwr.app`` is imported here, so strategies and the client runtime share it.
+``control`` (SCAFFOLD's control variates, keyed like ``arrays``). Communication cost is the sum of
+``count_bytes()`` of these records. Only ``flwr.app`` is imported here, so strategies and the client runtime share it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "decode_arrays",
     "encode_arrays",
     "make_content",
+    "read_arrays",
 ]
 
 ARRAYS, CONFIG, METRICS, STATS, CONTROL = "arrays", "config", "metrics", "stats", "control"
@@ -62,6 +63,20 @@ def decode_arrays(record: ArrayRecord | None, dtype: str = "float32") -> dict[st
         v = record[k].numpy()
         out[k] = _from_bf16_bits(v) if dtype == _BF16 and v.dtype == np.uint16 else v
     return out
+
+
+def read_arrays(content: RecordDict, name: str, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The array record ``name`` of a message's content, decoded (empty when the message has none).
+
+    Raises:
+        ValueError: The record under ``name`` is not an ``ArrayRecord``.
+    """
+    if name not in content:
+        return {}
+    record = content[name]
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"record '{name}' is a {type(record).__name__}, not an ArrayRecord")
+    return decode_arrays(record, dtype)
 
 
 def make_content(

@@ -33,7 +33,7 @@ from fedhmoe.models.amole import (
     token_mask,
 )
 from fedhmoe.models.payload import AdapterStateError
-from fedhmoe.utils.seeding import torch_generator
+from fedhmoe.utils.torch_seeding import torch_generator
 
 TARGETS = ["q_proj", "v_proj"]
 PATHS = [f"model.layers.{i}.self_attn.{n}" for i in range(2) for n in ("q_proj", "v_proj")]

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedhmoe.algorithms.aggregate import PLAIN, ServerStep, aggregate_by_key, validate_update
 from fedhmoe.algorithms.specs import AdapterSpec, ModelFacts, lora_spec, moe_spec
+from fedhmoe.arrays import check_array
 from fedhmoe.config import Config, ConfigError
 from fedhmoe.protocol import Instructions
 from fedhmoe.utils.seeding import numpy_rng
@@ -32,9 +33,9 @@ from fedhmoe.wire import (
     SIDE_RECORDS,
     STATS,
     content_nbytes,
-    decode_arrays,
     encode_arrays,
     make_content,
+    read_arrays,
 )
 
 log = logging.getLogger("fedhmoe")
@@ -71,6 +72,16 @@ class RoundLog:
     bytes_up: dict[int, int] = field(default_factory=dict)
     replies: list[ClientReply] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+
+
+def _check_stats(stats: Mapping[str, np.ndarray]) -> str | None:
+    """Why a reply's statistics must be rejected (not float, or not finite), or None."""
+    try:
+        for key, value in stats.items():
+            check_array(key, value, what="statistic")
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 class FederatedStrategy(Strategy):
@@ -268,36 +279,44 @@ class FederatedStrategy(Strategy):
 
     def _decode(self, replies: Iterable[Message], log_: RoundLog,
                 shapes: Mapping[int, Mapping[str, Mapping[str, tuple]]] | None) -> list[ClientReply]:
+        """The well-formed replies, sorted by client; the others are logged in ``log_.rejected``."""
         out = []
         for msg in replies:
             client = self.client_of.get(msg.metadata.src_node_id, -1)
             if msg.has_error():
                 log_.rejected.append(Rejection(client, f"client error: {msg.error.reason}"))
                 continue
-            content = msg.content
-            log_.bytes_up[client] = content_nbytes(content)
-            metrics = dict(content[METRICS]) if METRICS in content else {}
-            arrays = decode_arrays(content[ARRAYS], self.wire_dtype) if ARRAYS in content else {}
-            stats = decode_arrays(content[STATS]) if STATS in content else {}
-            side = {name: decode_arrays(content[name], self.wire_dtype) for name in SIDE_RECORDS if name in content}
-            reason = None
-            if client < 0:
-                reason = f"reply from unknown node {msg.metadata.src_node_id}"
-            elif shapes is not None:
-                reason = self._check_reply(shapes.get(client, {}), arrays, side)
-            if reason is None and not all(np.all(np.isfinite(v)) for v in stats.values()):
-                reason = "statistics hold NaN or Inf"
-            if reason is None and not all(np.isfinite(float(v)) for v in metrics.values()
-                                          if isinstance(v, (int, float))):
-                reason = "metrics hold NaN or Inf"
-            if reason is not None:
+            log_.bytes_up[client] = content_nbytes(msg.content)
+            reply, reason = self._read_reply(client, msg, shapes)
+            if reply is None or reason is not None:
+                reason = reason or "unreadable reply"
                 log.warning("round reply of client %s rejected: %s", client, reason)
                 log_.rejected.append(Rejection(client, reason))
                 continue
-            out.append(ClientReply(client, arrays, metrics, stats, log_.bytes_up[client], side))
+            out.append(reply)
         out.sort(key=lambda r: r.client)
         log_.replies = out
         return out
+
+    def _read_reply(self, client: int, msg: Message, shapes: Mapping[int, Mapping[str, Mapping[str, tuple]]] | None
+                    ) -> tuple[ClientReply | None, str | None]:
+        """A reply's records, and why it must be rejected (None when it is well formed)."""
+        if client < 0:
+            return None, f"reply from unknown node {msg.metadata.src_node_id}"
+        content = msg.content
+        try:
+            arrays = read_arrays(content, ARRAYS, self.wire_dtype)
+            stats = read_arrays(content, STATS)
+            side = {name: read_arrays(content, name, self.wire_dtype) for name in SIDE_RECORDS if name in content}
+        except ValueError as e:
+            return None, str(e)
+        metrics = dict(content[METRICS]) if METRICS in content else {}
+        reason = self._check_reply(shapes.get(client, {}), arrays, side) if shapes is not None else None
+        if reason is None:
+            reason = _check_stats(stats)
+        if reason is None and not all(np.isfinite(float(v)) for v in metrics.values() if isinstance(v, (int, float))):
+            reason = "metrics hold NaN or Inf"
+        return ClientReply(client, arrays, metrics, stats, content_nbytes(content), side), reason
 
     def _check_reply(self, sent: Mapping[str, Mapping[str, tuple]], arrays: Mapping[str, np.ndarray],
                      side: Mapping[str, Mapping[str, np.ndarray]]) -> str | None:
@@ -344,7 +363,8 @@ class FederatedStrategy(Strategy):
         """Per-client metrics stay per client (see ``last_eval``); returns their example-weighted means."""
         good = self._decode(replies, self.last_eval, None)
         keys = sorted({k for r in good for k, v in r.metrics.items() if isinstance(v, float)})
-        means = {k: float(np.mean([r.metrics[k] for r in good if k in r.metrics])) for k in keys}
+        means: dict[str, int | float | list[int] | list[float]] = {
+            k: float(np.mean([r.metrics[k] for r in good if k in r.metrics])) for k in keys}
         return MetricRecord(means)
 
     def summary(self) -> None:
@@ -362,7 +382,8 @@ class FederatedStrategy(Strategy):
         missing = set(self.global_state) - set(tensors)
         if missing:
             raise ValueError(f"checkpoint lacks tensors {sorted(missing)[:3]}")
-        for k, v in tensors.items():
-            if k not in self.global_state or self.global_state[k].shape != v.shape:
-                raise ValueError(f"checkpoint tensor '{k}' does not match the model (shape {v.shape})")
-        self.global_state = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+        unknown = sorted(set(tensors) - set(self.global_state))
+        if unknown:
+            raise ValueError(f"checkpoint tensor '{unknown[0]}' does not match the model (no such tensor)")
+        self.global_state = {k: check_array(k, v, self.global_state[k].shape, what="checkpoint tensor",
+                                            float32=True) for k, v in tensors.items()}

@@ -105,7 +105,8 @@ class FedAMoLE(FederatedStrategy):
         out: dict[str, dict[int, list[int]]] = {}
         for j, path in enumerate(self.modules):
             if random:
-                scores = random_scores(self.num_experts, n, numpy_rng(self.cfg.run.seed, "rsea-random", server_round, j))
+                rng = numpy_rng(self.cfg.run.seed, "rsea-random", server_round, j)
+                scores = random_scores(self.num_experts, n, rng)
             else:
                 means = self.expert_emb[path]
                 assert means is not None
@@ -184,8 +185,9 @@ class FedAMoLE(FederatedStrategy):
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         tensors, meta = super().state_dict()
         for path in self.modules:
-            if self.expert_emb[path] is not None:
-                tensors[f"rsea-expert-emb:{path}"] = self.expert_emb[path].astype(np.float32)
+            emb = self.expert_emb[path]
+            if emb is not None:
+                tensors[f"rsea-expert-emb:{path}"] = emb.astype(np.float32)
             for c, v in self.client_emb[path].items():
                 tensors[f"rsea-client-emb:{c}:{path}"] = v.astype(np.float32)
         meta |= {"assignment": self.structure(), "trained": sorted(self.trained)}

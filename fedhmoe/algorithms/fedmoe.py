@@ -6,9 +6,9 @@ Mei et al., "FedMoE: Personalized Federated Learning via Heterogeneous Mixture o
   budget fits it (LoRA on every expert, merged into the weights on the server afterwards, as the paper; or in
   full: ``fedmoe.profile-train-mode``), then each of them uploads its activation profile; clients that cannot
   profile get the data-size-weighted profile of profiled clients of their task; a search under each client's
-  budget picks its sub-MoE (spec section 3). Stage 2 trains the sub-MoEs: dense tensors are averaged over all sampled clients,
-  each expert and its router row over the sampled clients that hold it (one holder: its copy, or a damped step
-  with ``fedmoe.single-holder-lr``); clients whose validation score stalls get experts added or removed by
+  budget picks its sub-MoE (spec section 3). Stage 2 trains the sub-MoEs: dense tensors are averaged over all
+  sampled clients, each expert and its router row over the sampled clients that hold it (one holder: its copy, or a
+  damped step with ``fedmoe.single-holder-lr``); clients whose validation score stalls get experts added or removed by
   global expert recommendation (spec sections 4 and 5).
 * ``random-moe``: the same stage 1 and sub-MoE sizes per layer, but the experts are drawn at random.
 
@@ -273,8 +273,8 @@ class FedMoE(MoEMethod):
     def _profile_of(self, reply: ClientReply) -> np.ndarray | None:
         """The reply's activation profile ``(L, E)`` in the server's block order (rows travel keyed by block
         path, so encoder and decoder blocks cannot be confused), or None when absent or misshapen."""
-        rows = [reply.stats.get(profile_key(b)) for b in self.blocks]
-        if any(r is None or r.shape != (self.num_experts,) for r in rows):
+        rows = [reply.stats[profile_key(b)] for b in self.blocks if profile_key(b) in reply.stats]
+        if len(rows) != len(self.blocks) or any(r.shape != (self.num_experts,) for r in rows):
             return None
         return np.stack(rows).astype(np.float32)
 
@@ -356,7 +356,7 @@ class FedMoE(MoEMethod):
         }
         return tensors, meta
 
-    def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    def load_state_dict(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         has_lora = any(is_lora_key(k) for k in tensors)
         phase = bool(meta.get("lora-phase", has_lora))  # (checkpoints before the key: from the tensors)
         if phase != has_lora or (phase and not self.lora_phase):

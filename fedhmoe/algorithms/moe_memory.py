@@ -12,9 +12,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedhmoe.algorithms.specs import ModelFacts
-from fedhmoe.keys import parse_moe_key
 from fedhmoe.algorithms.submoe_search import MemoryModel
 from fedhmoe.config import Config
+from fedhmoe.keys import parse_moe_key
 
 __all__ = ["expert_block", "moe_memory_model"]
 

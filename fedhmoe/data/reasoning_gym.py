@@ -15,8 +15,9 @@ import math
 import os
 import subprocess
 import sys
-from functools import lru_cache
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import cache, lru_cache
+from typing import Any
 
 from fedhmoe.data.types import META_TUPLE_KEY, Example, decode_meta
 from fedhmoe.utils.seeding import derive_seed
@@ -196,7 +197,7 @@ def _generate_deterministic(
     return json.loads(proc.stdout)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _score_fn(family: str) -> Callable[[str, dict[str, Any]], float]:
     import reasoning_gym  # slow to import (every generator): loaded only when tasks are generated or scored
 

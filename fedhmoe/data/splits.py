@@ -7,8 +7,8 @@ import json
 import math
 import warnings
 from collections import OrderedDict
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np

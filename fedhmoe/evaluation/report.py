@@ -339,7 +339,8 @@ def write_run_report(run_dir: str | Path) -> Path:
     table = assignment_table(run_dir)
     if table:
         text += ["## Experts held per client (mean over modules) and assignment changes", "", table, ""]
-        text += ["## Experts two clients share, against the average pair (mean over modules)", "", sharing_table(run_dir), ""]
+        text += ["## Experts two clients share, against the average pair (mean over modules)", "",
+                 sharing_table(run_dir), ""]
     rec = recommendation_table(run_dir)
     if rec:
         text += ["## Global expert recommendation: actions per round", "", rec, ""]

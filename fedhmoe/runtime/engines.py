@@ -13,8 +13,8 @@ from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.run import Run  # only because the public Grid base class types `run` with it
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run  # only because the public Grid base class types `run` with it
 
 from fedhmoe.config import Config
 from fedhmoe.evaluation.rundir import RunDirectory
