@@ -27,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
+from fedhmoe.algorithms.base import FederatedStrategy
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.algorithms.specs import AdapterSpec, moe_spec
 from fedhmoe.client.evaluate import generate
@@ -109,38 +110,11 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
     if not 0 <= client < n:
         raise ValueError(f"client {client} is not in this run (clients 0..{n - 1})")
     run = RunDirectory(run_dir)
-    done = run.checkpoint_rounds()
-    if not done:
-        raise ValueError(f"{run_dir} has no checkpoint (checkpoint.every-n-rounds = 0?)")
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise ValueError(f"{run_dir} has no metrics.jsonl (needed to know which clients trained)")
-    rows = read_metrics(run_dir)
-    scored = {int(x["round"]) for x in rows if x.get("split") == "test"}
-    if round is None:  # the newest checkpointed round whose models were scored (else the newest checkpoint)
-        r = max(scored & set(done), default=done[-1])
-    else:
-        r = int(round)
-    if r not in done:
-        raise ValueError(f"round {r} has no checkpoint in {run_dir}; checkpointed rounds: {done}")
-    method = ALGORITHMS[cfg.algorithm.name]
-    facts = model_facts(cfg.model)
-    spec = method.adapter_spec(cfg, facts)
+    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else None
+    r = _checkpointed_round(run, rows, round)
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
-    # clients' tasks, for methods that group by task (no data is loaded)
-    info = {int(c): {"tasks": v.get("tasks", [])} for c, v in summary.get("clients", {}).items()} or None
-    tensors, meta = run.load_checkpoint(r)
-    # the strategy starts from the checkpoint's model tensors when they are the backbone's weights (for an MoE,
-    # reading the model's own weights would hold a third copy of them), or from the adapters' initial values; the
-    # kind's load_state below checks the client's tensors against the model
-    w: Worker | None = None
-    if kind_of(spec).needs_weights:
-        initial = method.global_tensors(tensors)
-    else:
-        w = build_worker(cfg, spec)
-        initial = kind_of(spec).init_global_state(w.model, spec, cfg.run.seed)
-    strategy = method(cfg, initial, {c: c for c in range(n)}, toml_text, client_info=info, facts=facts)
-    strategy.load_state_dict(tensors, meta.get("strategy", {}))
+    strategy, w = _restore_strategy(cfg, toml_text, run, r, summary)
     spec = strategy.round_spec(r)  # e.g. FedMoE's stage 1 trains LoRA on the experts, stage 2 the weights
     if w is None or w.spec != spec:
         w = build_worker(cfg, spec)
@@ -156,21 +130,67 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
     else:
         key = summary.get("run-key") or run_dir.resolve().name
         root = run.client_state_dir if state_dir is None else _run_folder(Path(state_dir), client, key)
-        store = PersonalStore(root, client)
-        found = store.load_before(r + 1)
-        if found is None:
-            trained = any(x.get("split") == "train" and x.get("client") == client and x["round"] <= r for x in rows)
-            if trained or w.initial_state is None:
-                later = store.rounds()
-                why = (f"only rounds {later} are kept (checkpoint.keep-last pruned older ones)" if later else
-                       "on the Deployment Engine personal states stay in each SuperNode's state-dir: pass it as "
-                       "state_dir (--state-dir)")
-                raise ValueError(f"client {client} has no personal state up to round {r} under {root}; {why}")
-            found = w.initial_state  # a LoRA client that never trained is scored with the initial adapter
-        state, source = dict(found), "personal"
+        state, source = _personal_state(root, client, r, rows or [], w.initial_state), "personal"
     kind_of(spec).load_state(w.model, spec, state)
     w.model.eval()
     return ClientModel(w.model, w.formatter, cfg, spec, client, r, source, dict(sorted(state.items())))
+
+
+def _checkpointed_round(run: RunDirectory, rows: list[dict[str, Any]] | None, round: int | None) -> int:
+    """``round``, or the newest checkpointed round whose models were scored (else the newest checkpoint)."""
+    done = run.checkpoint_rounds()
+    if not done:
+        raise ValueError(f"{run.path} has no checkpoint (checkpoint.every-n-rounds = 0?)")
+    if rows is None:
+        raise ValueError(f"{run.path} has no metrics.jsonl (needed to know which clients trained)")
+    scored = {int(x["round"]) for x in rows if x.get("split") == "test"}
+    r = max(scored & set(done), default=done[-1]) if round is None else int(round)
+    if r not in done:
+        raise ValueError(f"round {r} has no checkpoint in {run.path}; checkpointed rounds: {done}")
+    return r
+
+
+def _restore_strategy(cfg: Config, toml_text: str, run: RunDirectory, r: int,
+                      summary: dict[str, Any]) -> tuple[FederatedStrategy, Worker | None]:
+    """The run's strategy as checkpointed after round ``r`` (and the worker built on the way, if any).
+
+    The strategy starts from the checkpoint's model tensors when they are the backbone's weights (for an MoE,
+    reading the model's own weights would hold a third copy of them), or from the adapters' initial values; the
+    kind's ``load_state`` later checks the client's tensors against the model.
+    """
+    method = ALGORITHMS[cfg.algorithm.name]
+    facts = model_facts(cfg.model)
+    spec = method.adapter_spec(cfg, facts)
+    # clients' tasks, for methods that group by task (no data is loaded)
+    info = {int(c): {"tasks": v.get("tasks", [])} for c, v in summary.get("clients", {}).items()} or None
+    tensors, meta = run.load_checkpoint(r)
+    w: Worker | None = None
+    if kind_of(spec).needs_weights:
+        initial = method.global_tensors(tensors)
+    else:
+        w = build_worker(cfg, spec)
+        initial = kind_of(spec).init_global_state(w.model, spec, cfg.run.seed)
+    n = cfg.federation.num_clients
+    strategy = method(cfg, initial, {c: c for c in range(n)}, toml_text, client_info=info, facts=facts)
+    strategy.load_state_dict(tensors, meta.get("strategy", {}))
+    return strategy, w
+
+
+def _personal_state(root: Path, client: int, r: int, rows: list[dict[str, Any]],
+                    initial: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The client's personal state after round ``r``, or the kind's initial state when it never trained."""
+    store = PersonalStore(root, client)
+    found = store.load_before(r + 1)
+    if found is not None:
+        return dict(found)
+    trained = any(x.get("split") == "train" and x.get("client") == client and x["round"] <= r for x in rows)
+    if trained or initial is None:
+        later = store.rounds()
+        why = (f"only rounds {later} are kept (checkpoint.keep-last pruned older ones)" if later else
+               "on the Deployment Engine personal states stay in each SuperNode's state-dir: pass it as "
+               "state_dir (--state-dir)")
+        raise ValueError(f"client {client} has no personal state up to round {r} under {root}; {why}")
+    return dict(initial)  # a LoRA client that never trained is scored with the initial adapter
 
 
 def _run_folder(state_dir: Path, client: int, key: str) -> Path:

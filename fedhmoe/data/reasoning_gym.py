@@ -29,7 +29,7 @@ _RESERVED_OPTIONS = ("seed", "size")
 
 @lru_cache(maxsize=1)
 def _known_families() -> tuple[str, ...]:
-    from reasoning_gym.factory import DATASETS
+    from reasoning_gym.factory import DATASETS  # imports every generator (seconds): only when asked
 
     return tuple(sorted(DATASETS))
 
@@ -84,7 +84,7 @@ def family_seed(seed: int, family: str) -> int:
 
 
 def _config_fields(family: str) -> set[str]:
-    from reasoning_gym.factory import DATASETS
+    from reasoning_gym.factory import DATASETS  # imports every generator (seconds): only when asked
 
     _, config_cls = DATASETS[family]
     return {f.name for f in dataclasses.fields(config_cls)}

@@ -5,6 +5,7 @@ Engine (Ray). The Deployment Engine needs no code here: ``flower-superlink``, ``
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import traceback
@@ -18,8 +19,10 @@ from flwr.supercore.run import Run  # only because the public Grid base class ty
 
 from fedhmoe.config import Config
 from fedhmoe.evaluation.rundir import RunDirectory
+from fedhmoe.runtime.client_app import app as default_client_app
 from fedhmoe.runtime.flower_compat import RUN_ID, SERVER_NODE, set_message_id, set_server_identity
 from fedhmoe.runtime.server import run_federation
+from fedhmoe.runtime.server_app import make_server_app
 
 log = logging.getLogger("fedhmoe")
 
@@ -93,8 +96,6 @@ class InProcessGrid(Grid):
 
 def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: ClientApp | None = None) -> dict:
     """Run the experiment in this process (no Ray) and return its summary."""
-    from fedhmoe.runtime.client_app import app as default_client_app
-
     _set_task_identity()
     grid = InProcessGrid(client_app or default_client_app, cfg.federation.num_clients)
     return run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine="inprocess")
@@ -102,12 +103,7 @@ def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: 
 
 def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     """Run the experiment on Flower's Simulation Engine (Ray): one virtual SuperNode per client."""
-    import json
-
-    from flwr.simulation import run_simulation
-
-    from fedhmoe.runtime.client_app import app as client_app
-    from fedhmoe.runtime.server_app import make_server_app
+    from flwr.simulation import run_simulation  # loads Ray (seconds): only when this engine runs
 
     fed = cfg.federation
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -116,7 +112,7 @@ def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False) -> d
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
                       "logging_level": logging.WARNING, "log_to_driver": True},
     }
-    run_simulation(server_app=make_server_app(cfg, run_dir, resume, engine="simulation"), client_app=client_app,
+    run_simulation(server_app=make_server_app(cfg, run_dir, resume, engine="simulation"), client_app=default_client_app,
                    num_supernodes=fed.num_clients, backend_config=backend)
     summary_path = Path(run_dir) / "summary.json"
     if not summary_path.is_file():

@@ -127,6 +127,19 @@ def _evaluate(grid: Grid, strategy: FederatedStrategy, r: int, run: RunDirectory
              len(strategy.last_eval.replies))
 
 
+def _resume(run: RunDirectory, strategy: FederatedStrategy) -> int:
+    """Restore the strategy from the run's newest checkpoint and drop the metrics of later rounds; returns the
+    first round to run."""
+    done = run.checkpoint_rounds()
+    if not done:
+        raise ValueError(f"{run.path} has no checkpoint to resume from")
+    tensors, meta = run.load_checkpoint(done[-1])
+    strategy.load_state_dict(tensors, meta.get("strategy", {}))
+    run.truncate_metrics(done[-1])
+    log.info("resuming after round %d", done[-1])
+    return done[-1] + 1
+
+
 def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = False,
                    engine: str = "flower-app") -> dict[str, Any]:
     """Run (or resume) one experiment on ``grid`` and return its summary (which records ``engine``: ``inprocess``,
@@ -147,17 +160,9 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
     first = 1
     run.write_config(toml_text)
     if resume:
-        done = run.checkpoint_rounds()
-        if not done:
-            raise ValueError(f"{run.path} has no checkpoint to resume from")
-        tensors, meta = run.load_checkpoint(done[-1])
-        strategy.load_state_dict(tensors, meta.get("strategy", {}))
-        run.truncate_metrics(done[-1])
-        first = done[-1] + 1
-        log.info("resuming after round %d", done[-1])
-    else:
-        if cfg.eval.before_training:
-            _evaluate(grid, strategy, 0, run, base, timeout)
+        first = _resume(run, strategy)
+    elif cfg.eval.before_training:
+        _evaluate(grid, strategy, 0, run, base, timeout)
     last = cfg.federation.num_rounds
     for r in range(first, last + 1):
         t_round = time.perf_counter()
