@@ -36,6 +36,8 @@ demo: prepare-model
 	$(VENV)/bin/fedhmoe run configs/demo.toml
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check fedhmoe
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -m "not slow" tests
 	$(PY) -m pytest -q -m slow tests
 

@@ -47,7 +47,7 @@ from fedhmoe.models.amole import (
     token_mask,
 )
 from fedhmoe.models.lora import LoRALinear, inject_lora
-from fedhmoe.utils.seeding import torch_generator
+from fedhmoe.utils.torch_seeding import torch_generator
 from common import emit
 
 TARGETS = ["q_proj", "v_proj"]

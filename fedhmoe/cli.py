@@ -1,4 +1,8 @@
-"""Command line: ``fedhmoe run``, ``report``, ``export``, ``generate``, ``show-config``, ``prepare-model``."""
+"""Command line: ``fedhmoe run``, ``report``, ``export``, ``generate``, ``show-config``, ``prepare-model``.
+
+Each subcommand imports the layers it uses when it runs (torch, transformers, Flower, Ray take seconds to load),
+so ``fedhmoe --help`` and ``fedhmoe show-config`` start at once; no import here stands in for a cycle.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedhmoe.config import load_config
     from fedhmoe.evaluation.report import client_table, write_run_report
     from fedhmoe.evaluation.rundir import new_run_dir
+    from fedhmoe.validate import validate
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -52,6 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--out {run_dir} exists and is not empty (use --resume to continue a run)")
             run_dir.mkdir(parents=True, exist_ok=True)
     engine = args.engine or cfg.federation.engine
+    validate(cfg)
     _check_data(cfg)
     _prepare_model(cfg)
     log.info("run %s: %s on %d clients, %d rounds, engine %s", run_dir, cfg.algorithm.name,
@@ -139,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # unknown client or round, corrupt files, backbone not available
         raise ConfigError(str(e)) from e
     prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    for prompt, answer in zip(prompts, generate_text(cm, prompts, args.max_new_tokens)):
+    for prompt, answer in zip(prompts, generate_text(cm, prompts, args.max_new_tokens), strict=True):
         print(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False))
     return 0
 

@@ -2,8 +2,11 @@
 
 An experiment is one TOML file with dotted tables (``[run]``, ``[federation]``, ``[model]``, ``[data]``,
 ``[train]``, ``[eval]``, ``[algorithm]``, ``[checkpoint]``, ``[fedamole]``, ``[fedmoe]``). Keys are kebab-case in
-TOML and snake_case here. Every field has a default and a docstring (the ``doc`` metadata). Unknown keys, wrong types and
-infeasible combinations raise :class:`ConfigError` naming the key, before any work starts.
+TOML and snake_case here. Every field has a default and a docstring (the ``doc`` metadata). Unknown keys, wrong
+types and infeasible combinations of this config's own fields raise :class:`ConfigError` naming the key when a
+``Config`` is built.
+Whether the method and the data source can run it is asked by :func:`fedhmoe.validate.validate`, which every entry
+point calls before any work starts. This module imports neither torch nor Flower.
 """
 
 from __future__ import annotations
@@ -469,12 +472,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # feasibility
 
 
-def _check_feasible(cfg: Config) -> None:
-    def need(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"config key '{key}': {msg}")
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
 
-    fed, data, tr, ev, mo = cfg.federation, cfg.data, cfg.train, cfg.eval, cfg.model
+
+def _check_feasible(cfg: Config) -> None:
+    """Checks of the config's own fields, section by section (the method's and the data source's are asked by
+    :func:`fedhmoe.validate.validate`)."""
+    _check_federation_and_data(cfg)
+    _check_training(cfg)
+    _check_fedmoe(cfg)
+
+
+def _check_federation_and_data(cfg: Config) -> None:
+    need, fed, data = _need, cfg.federation, cfg.data
     need(fed.num_clients >= 1, "federation.num-clients", "must be at least 1")
     need(fed.num_rounds >= 1, "federation.num-rounds", "must be at least 1")
     need(0 <= fed.clients_per_round <= fed.num_clients, "federation.clients-per-round",
@@ -503,13 +515,12 @@ def _check_feasible(cfg: Config) -> None:
              f"exceeds the {pool} examples generated (data.tasks x data.examples-per-task)")
     if data.source == "jsonl":
         need(bool(data.path), "data.path", "the jsonl source needs a file path")
-    if data.source == "hub-mix":
-        from fedhmoe.data.hub import HUB_SOURCES
-
-        need(bool(data.tasks) and all(t in HUB_SOURCES for t in data.tasks), "data.tasks",
-             f"hub-mix needs Hub source names ({', '.join(HUB_SOURCES)}), got {data.tasks}")
     unknown_opts = set(data.task_options) - set(data.tasks)
     need(not unknown_opts, "data.task-options", f"options for tasks not in data.tasks: {sorted(unknown_opts)}")
+
+
+def _check_training(cfg: Config) -> None:
+    need, tr, ev, mo = _need, cfg.train, cfg.eval, cfg.model
     need(tr.local_steps >= 1, "train.local-steps", "must be at least 1")
     need(tr.batch_size >= 1, "train.batch-size", "must be at least 1")
     need(tr.learning_rate > 0, "train.learning-rate", "must be positive")
@@ -528,7 +539,10 @@ def _check_feasible(cfg: Config) -> None:
     if mo.upcycle_experts:
         need(1 <= mo.upcycle_top_k <= mo.upcycle_experts, "model.upcycle-top-k",
              f"must be between 1 and model.upcycle-experts ({mo.upcycle_experts}), got {mo.upcycle_top_k}")
-    fm = cfg.fedmoe
+
+
+def _check_fedmoe(cfg: Config) -> None:
+    need, fed, fm = _need, cfg.federation, cfg.fedmoe
     need(fm.profile_rounds >= 0, "fedmoe.profile-rounds", "must be non-negative")
     need(len(fm.memory_budgets_gb) in (0, 1, fed.num_clients), "fedmoe.memory-budgets-gb",
          f"needs one value per client ({fed.num_clients}) or a single value, got {len(fm.memory_budgets_gb)}")
@@ -547,21 +561,6 @@ def _check_feasible(cfg: Config) -> None:
     need(0.0 < fm.single_holder_lr <= 1.0, "fedmoe.single-holder-lr", "must be in (0, 1]")
     need(fm.min_holders >= 1, "fedmoe.min-holders", "must be at least 1")
     need(0.0 <= fm.profile_ema < 1.0, "fedmoe.profile-ema", f"must be in [0, 1), got {fm.profile_ema}")
-
-    from fedhmoe.algorithms.registry import ALGORITHMS  # late import: the registry imports config types
-
-    need(cfg.algorithm.name in ALGORITHMS, "algorithm.name",
-         f"unknown algorithm {cfg.algorithm.name!r}; known: {', '.join(sorted(ALGORITHMS))}")
-    ALGORITHMS[cfg.algorithm.name].check_config(cfg)
-    if data.source == "reasoning-gym":
-        from fedhmoe.data.reasoning_gym import known_families
-
-        fams = known_families()
-        for t in data.tasks:
-            if t not in fams:
-                close = difflib.get_close_matches(t, fams, n=3)
-                hint = f" Did you mean: {', '.join(close)}?" if close else ""
-                raise ConfigError(f"config key 'data.tasks': reasoning-gym has no task family {t!r}.{hint}")
 
 
 def replace(cfg: Config, **sections: Any) -> Config:

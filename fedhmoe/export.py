@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,21 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
+from fedhmoe.algorithms.base import FederatedStrategy
 from fedhmoe.algorithms.registry import ALGORITHMS
+from fedhmoe.algorithms.specs import AdapterSpec, moe_spec
 from fedhmoe.client.evaluate import generate
 from fedhmoe.config import Config, ConfigError, config_to_toml, load_config
 from fedhmoe.data.format import PromptFormatter
 from fedhmoe.data.types import Example
 from fedhmoe.evaluation.rundir import RunDirectory, read_metrics
-from fedhmoe.models import adapters
-from fedhmoe.models.adapters import AdapterSpec
+from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import auto_model_class
+from fedhmoe.models.facts import model_facts
 from fedhmoe.models.lora import merge_lora
-from fedhmoe.runtime.backbone_cache import build_worker
-from fedhmoe.runtime.client_logic import SCAFFOLD_PREFIX, PersonalStore
+from fedhmoe.runtime.backbone_cache import Worker, build_worker
+from fedhmoe.store import PersonalStore
+from fedhmoe.validate import validate
 from fedhmoe.wire import decode_arrays, encode_arrays
 
 __all__ = ["PACKAGE_FILE", "ClientModel", "export_client", "generate_text", "load_client_model", "load_exported"]
@@ -56,13 +59,11 @@ class ClientModel:
         model: The backbone with the client's tensors loaded (a sub-MoE holds only its experts).
         formatter: Prompt formatting and the tokenizer (``formatter.tokenizer``).
         cfg: The run's resolved config.
-        spec: The adapter kind of the method.
+        spec: The adapters the client's model carried in that round (e.g. FedMoE's stage 1: LoRA on the experts).
         client: Client id.
         round: The checkpointed round whose evaluation this model reproduces.
         source: ``"global"`` (the client's keys of the server state) or ``"personal"`` (its own saved state).
         state: The tensors loaded into the backbone, by wire name.
-        stage: The round's config that decides the adapters (:meth:`FederatedStrategy.round_config`), e.g.
-            FedMoE's ``moe-train-mode``; empty for methods with one kind of adapter.
     """
 
     model: nn.Module
@@ -73,7 +74,6 @@ class ClientModel:
     round: int
     source: str
     state: dict[str, np.ndarray]
-    stage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -84,7 +84,7 @@ def _run_config(run_dir: Path) -> tuple[Config, str]:
     path = run_dir / "config.toml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.toml)")
-    cfg = load_config(path)
+    cfg = validate(load_config(path))
     return cfg, config_to_toml(cfg)
 
 
@@ -110,39 +110,13 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
     if not 0 <= client < n:
         raise ValueError(f"client {client} is not in this run (clients 0..{n - 1})")
     run = RunDirectory(run_dir)
-    done = run.checkpoint_rounds()
-    if not done:
-        raise ValueError(f"{run_dir} has no checkpoint (checkpoint.every-n-rounds = 0?)")
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise ValueError(f"{run_dir} has no metrics.jsonl (needed to know which clients trained)")
-    rows = read_metrics(run_dir)
-    scored = {int(x["round"]) for x in rows if x.get("split") == "test"}
-    if round is None:  # the newest checkpointed round whose models were scored (else the newest checkpoint)
-        r = max(scored & set(done), default=done[-1])
-    else:
-        r = int(round)
-    if r not in done:
-        raise ValueError(f"round {r} has no checkpoint in {run_dir}; checkpointed rounds: {done}")
-    method = ALGORITHMS[cfg.algorithm.name]
-    spec = method.adapter_spec(cfg)
+    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else None
+    r = _checkpointed_round(run, rows, round)
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
-    # clients' tasks, for methods that group by task (no data is loaded)
-    info = {int(c): {"tasks": v.get("tasks", [])} for c, v in summary.get("clients", {}).items()} or None
-    tensors, meta = run.load_checkpoint(r)
-    # the strategy starts from the checkpoint's model tensors (for an MoE, reading the model's own weights would
-    # hold a third copy of them), or from the adapters' initial values; adapters.load_state below checks the
-    # client's tensors against the model
-    if spec.kind == "moe":
-        initial = {k: v for k, v in tensors.items() if not k.startswith(SCAFFOLD_PREFIX)}
-    else:
-        w = build_worker(cfg, spec)
-        initial = adapters.init_global_state(w.model, spec, cfg.run.seed)
-    strategy = method(cfg, initial, {c: c for c in range(n)}, toml_text, client_info=info)
-    strategy.load_state_dict(tensors, meta.get("strategy", {}))
-    stage = strategy.round_config(r)  # e.g. FedMoE's stage 1 trains LoRA on the experts, stage 2 the weights
-    if spec.kind == "moe":
-        spec = method.stage_spec(cfg, stage)
+    strategy, w = _restore_strategy(cfg, toml_text, run, r, summary)
+    spec = strategy.round_spec(r)  # e.g. FedMoE's stage 1 trains LoRA on the experts, stage 2 the weights
+    if w is None or w.spec != spec:
         w = build_worker(cfg, spec)
     try:
         keys = strategy.eval_keys(r, client)
@@ -156,21 +130,67 @@ def load_client_model(run_dir: str | Path, client: int, round: int | None = None
     else:
         key = summary.get("run-key") or run_dir.resolve().name
         root = run.client_state_dir if state_dir is None else _run_folder(Path(state_dir), client, key)
-        store = PersonalStore(root, client)
-        found = store.load_before(r + 1)
-        if found is None:
-            trained = any(x.get("split") == "train" and x.get("client") == client and x["round"] <= r for x in rows)
-            if trained or w.initial_state is None:
-                later = store.rounds()
-                why = (f"only rounds {later} are kept (checkpoint.keep-last pruned older ones)" if later else
-                       "on the Deployment Engine personal states stay in each SuperNode's state-dir: pass it as "
-                       "state_dir (--state-dir)")
-                raise ValueError(f"client {client} has no personal state up to round {r} under {root}; {why}")
-            found = w.initial_state  # a LoRA client that never trained is scored with the initial adapter
-        state, source = dict(found), "personal"
-    adapters.load_state(w.model, spec, state)
+        state, source = _personal_state(root, client, r, rows or [], w.initial_state), "personal"
+    kind_of(spec).load_state(w.model, spec, state)
     w.model.eval()
-    return ClientModel(w.model, w.formatter, cfg, spec, client, r, source, dict(sorted(state.items())), stage)
+    return ClientModel(w.model, w.formatter, cfg, spec, client, r, source, dict(sorted(state.items())))
+
+
+def _checkpointed_round(run: RunDirectory, rows: list[dict[str, Any]] | None, round: int | None) -> int:
+    """``round``, or the newest checkpointed round whose models were scored (else the newest checkpoint)."""
+    done = run.checkpoint_rounds()
+    if not done:
+        raise ValueError(f"{run.path} has no checkpoint (checkpoint.every-n-rounds = 0?)")
+    if rows is None:
+        raise ValueError(f"{run.path} has no metrics.jsonl (needed to know which clients trained)")
+    scored = {int(x["round"]) for x in rows if x.get("split") == "test"}
+    r = max(scored & set(done), default=done[-1]) if round is None else int(round)
+    if r not in done:
+        raise ValueError(f"round {r} has no checkpoint in {run.path}; checkpointed rounds: {done}")
+    return r
+
+
+def _restore_strategy(cfg: Config, toml_text: str, run: RunDirectory, r: int,
+                      summary: dict[str, Any]) -> tuple[FederatedStrategy, Worker | None]:
+    """The run's strategy as checkpointed after round ``r`` (and the worker built on the way, if any).
+
+    The strategy starts from the checkpoint's model tensors when they are the backbone's weights (for an MoE,
+    reading the model's own weights would hold a third copy of them), or from the adapters' initial values; the
+    kind's ``load_state`` later checks the client's tensors against the model.
+    """
+    method = ALGORITHMS[cfg.algorithm.name]
+    facts = model_facts(cfg.model)
+    spec = method.adapter_spec(cfg, facts)
+    # clients' tasks, for methods that group by task (no data is loaded)
+    info = {int(c): {"tasks": v.get("tasks", [])} for c, v in summary.get("clients", {}).items()} or None
+    tensors, meta = run.load_checkpoint(r)
+    w: Worker | None = None
+    if kind_of(spec).needs_weights:
+        initial = method.global_tensors(tensors)
+    else:
+        w = build_worker(cfg, spec)
+        initial = kind_of(spec).init_global_state(w.model, spec, cfg.run.seed)
+    n = cfg.federation.num_clients
+    strategy = method(cfg, initial, {c: c for c in range(n)}, toml_text, client_info=info, facts=facts)
+    strategy.load_state_dict(tensors, meta.get("strategy", {}))
+    return strategy, w
+
+
+def _personal_state(root: Path, client: int, r: int, rows: list[dict[str, Any]],
+                    initial: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The client's personal state after round ``r``, or the kind's initial state when it never trained."""
+    store = PersonalStore(root, client)
+    found = store.load_before(r + 1)
+    if found is not None:
+        return dict(found)
+    trained = any(x.get("split") == "train" and x.get("client") == client and x["round"] <= r for x in rows)
+    if trained or initial is None:
+        later = store.rounds()
+        why = (f"only rounds {later} are kept (checkpoint.keep-last pruned older ones)" if later else
+               "on the Deployment Engine personal states stay in each SuperNode's state-dir: pass it as "
+               "state_dir (--state-dir)")
+        raise ValueError(f"client {client} has no personal state up to round {r} under {root}; {why}")
+    return dict(initial)  # a LoRA client that never trained is scored with the initial adapter
 
 
 def _run_folder(state_dir: Path, client: int, key: str) -> Path:
@@ -203,16 +223,15 @@ def export_client(run_dir: str | Path, client: int, out: str | Path, round: int 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"export folder {out} exists and is not empty")
     cfg, _ = _run_config(Path(run_dir))
-    spec = ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg)
-    if merge and spec.kind != "lora":
+    spec = ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg, model_facts(cfg.model))
+    if merge and not kind_of(spec).mergeable:
         raise ValueError(f"{cfg.algorithm.name} trains {spec.kind!r} adapters, which cannot be merged into a plain "
                          "Hugging Face model; export without merge and load it with fedhmoe.export.load_exported")
     cm = load_client_model(run_dir, client, round, state_dir)
     meta: dict[str, Any] = {"format": _FORMAT, "algorithm": cfg.algorithm.name, "client": client, "round": cm.round,
                             "source": cm.source, "adapter-kind": spec.kind, "merged": merge,
-                            "base-model": cfg.model.name, "run": str(Path(run_dir).resolve())}
-    if cm.stage:  # e.g. an exported FedMoE stage-1 round carries LoRA on the experts
-        meta["round-config"] = cm.stage
+                            "base-model": cfg.model.name, "run": str(Path(run_dir).resolve()),
+                            "adapter": json.loads(cm.spec.to_json())}
     tmp = out.parent / f".{out.name}.partial"  # written in full, then renamed: a failure leaves no half folder
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -269,10 +288,8 @@ def load_exported(folder: str | Path) -> ClientModel:
         raise ValueError(f"exported model {folder} is corrupt: {e}") from e
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this fedhmoe reads format {_FORMAT}")
-    stage = dict(meta.get("round-config", {}))
-    spec = ALGORITHMS[cfg.algorithm.name].stage_spec(cfg, stage)
-    common = dict(cfg=cfg, client=int(meta["client"]), round=int(meta["round"]), source=str(meta["source"]),
-                  stage=stage)
+    spec = _exported_spec(cfg, meta)
+    common = dict(cfg=cfg, client=int(meta["client"]), round=int(meta["round"]), source=str(meta["source"]))
     if meta.get("merged"):
         try:
             config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -290,9 +307,23 @@ def load_exported(folder: str | Path) -> ClientModel:
     except Exception as e:  # safetensors raises several types for truncated files
         raise ValueError(f"{folder / 'adapter.safetensors'} is missing or corrupt: {e}") from e
     w = build_worker(cfg, spec)
-    adapters.load_state(w.model, spec, state)
+    kind_of(spec).load_state(w.model, spec, state)
     w.model.eval()
     return ClientModel(w.model, w.formatter, spec=spec, state=dict(sorted(state.items())), **common)
+
+
+def _exported_spec(cfg: Config, meta: dict[str, Any]) -> AdapterSpec:
+    """The adapters an exported model carries: recorded in its metadata (folders written before the record name
+    the method, and FedMoE's stage in ``round-config``)."""
+    if "adapter" in meta:
+        try:
+            return AdapterSpec.from_json(json.dumps(meta["adapter"]))
+        except ValueError as e:
+            raise ValueError(f"exported model's adapter record is corrupt: {e}") from e
+    mode = dict(meta.get("round-config", {})).get("moe-train-mode")
+    if mode:
+        return moe_spec(cfg, str(mode))
+    return ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg, model_facts(cfg.model))
 
 
 def generate_text(cm: ClientModel, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:

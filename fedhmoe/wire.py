@@ -1,8 +1,9 @@
 """What crosses the wire: numpy dicts <-> Flower records, transport dtypes, and byte counts.
 
-Every record in a message has a fixed name: ``arrays`` (trainable tensors), ``config``, ``metrics`` (at least
-``num-examples``), ``stats`` (method statistics). Communication cost is the sum of ``count_bytes()`` of these
-records. Only ``flwr.app`` is imported here, so strategies and the client runtime share it.
+Every record in a message has a fixed name: ``arrays`` (trainable tensors), ``config`` (the round's
+:class:`~fedhmoe.protocol.Instructions`), ``metrics`` (at least ``num-examples``), ``stats`` (method statistics),
+``control`` (SCAFFOLD's control variates, keyed like ``arrays``). Communication cost is the sum of
+``count_bytes()`` of these records. Only ``flwr.app`` is imported here, so strategies and the client runtime share it.
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 __all__ = [
     "ARRAYS",
     "CONFIG",
+    "CONTROL",
     "METRICS",
+    "SIDE_RECORDS",
     "STATS",
     "content_nbytes",
     "decode_arrays",
     "encode_arrays",
     "make_content",
+    "read_arrays",
 ]
 
-ARRAYS, CONFIG, METRICS, STATS = "arrays", "config", "metrics", "stats"
+ARRAYS, CONFIG, METRICS, STATS, CONTROL = "arrays", "config", "metrics", "stats", "control"
+#: The array records beside ``arrays`` that a method may send and receive (validated like ``arrays``).
+SIDE_RECORDS = (CONTROL,)
 _BF16 = "bfloat16"
 
 
@@ -59,13 +65,28 @@ def decode_arrays(record: ArrayRecord | None, dtype: str = "float32") -> dict[st
     return out
 
 
+def read_arrays(content: RecordDict, name: str, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The array record ``name`` of a message's content, decoded (empty when the message has none).
+
+    Raises:
+        ValueError: The record under ``name`` is not an ``ArrayRecord``.
+    """
+    if name not in content:
+        return {}
+    record = content[name]
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"record '{name}' is a {type(record).__name__}, not an ArrayRecord")
+    return decode_arrays(record, dtype)
+
+
 def make_content(
     arrays: ArrayRecord | None = None,
     config: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     stats: ArrayRecord | None = None,
+    side: Mapping[str, ArrayRecord] | None = None,
 ) -> RecordDict:
-    """A message's ``RecordDict`` with the fixed record names."""
+    """A message's ``RecordDict`` with the fixed record names (``side``: records named in :data:`SIDE_RECORDS`)."""
     records: dict[str, Any] = {}
     if arrays is not None:
         records[ARRAYS] = arrays
@@ -75,6 +96,10 @@ def make_content(
         records[METRICS] = MetricRecord(dict(metrics))
     if stats is not None:
         records[STATS] = stats
+    for name, rec in (side or {}).items():
+        if name not in SIDE_RECORDS:
+            raise ValueError(f"unknown side record {name!r}; known: {', '.join(SIDE_RECORDS)}")
+        records[name] = rec
     return RecordDict(records)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from fedhmoe.algorithms import assignment as asg
+from fedhmoe.algorithms import bmatching as asg
 from fedhmoe.algorithms.assignment import (
     InfeasibleAssignment,
     assignment_to_lists,

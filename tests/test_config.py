@@ -13,6 +13,7 @@ from fedhmoe.config import (
     load_config,
     parse_override,
 )
+from fedhmoe.validate import validate
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("**/*.toml"))
 
@@ -72,7 +73,7 @@ def test_wrong_types_and_choices(text, match):
 )
 def test_infeasible_values_fail_before_training(text, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(text=text)
+        validate(load_config(text=text))
 
 
 def test_overrides_parse_toml_values_and_apply():
@@ -102,5 +103,5 @@ def test_config_is_frozen():
 def test_every_shipped_config_loads(path):
     text = path.read_text()
     assert text.lstrip().startswith("#"), f"{path.name} needs a comment header saying what it runs"
-    cfg = load_config(path)
+    cfg = validate(load_config(path))
     assert isinstance(cfg, Config)

@@ -7,8 +7,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from fedhmoe.data import Example, PromptFormatter
-from fedhmoe.data.format import IGNORE_INDEX
+from fedhmoe.data.format import IGNORE_INDEX, PromptFormatter
+from fedhmoe.data.types import Example
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedhmoe.data import Example, match_choice, score_answer
+from fedhmoe.data.scoring import match_choice, score_answer
+from fedhmoe.data.types import Example
 from fedhmoe.data.hub import HUB_SOURCES, load_hub
 from fedhmoe.data.jsonl import jsonl_client_id, load_jsonl
 from fedhmoe.data.reasoning_gym import (
@@ -62,6 +63,29 @@ def test_meta_round_trip_keeps_tuples() -> None:
     assert back["metadata"]["grid"] == ((1, 2), (3, 4))
     assert back["metadata"]["s"] == [1, 2]
     assert isinstance(back["metadata"]["x"], str)
+    ex = Example(prompt="q", answer="a", task="t", meta=encode_meta(entry))
+    assert ex.meta_fields() == back
+    ex.meta_fields()["metadata"]["grid"] = "changed"  # each call parses anew: callers cannot spoil the example
+    assert ex.meta_fields()["metadata"]["grid"] == ((1, 2), (3, 4))
+
+
+@pytest.mark.parametrize("meta, fields", [("", {}), ("{not json", {}), ("[1, 2]", {"value": [1, 2]}),
+                                          ('"text"', {"value": "text"}), ('{"client_id": 2}', {"client_id": 2})])
+def test_example_meta_fields(meta: str, fields: dict) -> None:
+    from fedhmoe.data.scoring import generated_score, is_reasoning_gym
+
+    ex = Example(prompt="q", answer="Denver Broncos", task="squad", meta=meta)
+    assert ex.meta_fields() == fields
+    # every reader of meta goes through meta_fields: text without fields means "no fields", never an error
+    assert not is_reasoning_gym(ex)
+    assert jsonl_client_id(ex) == fields.get("client_id")
+    assert generated_score("Denver Broncos", ex) == pytest.approx(1.0)  # no answers list: the reference answer
+    if not fields:
+        with pytest.raises(ValueError, match="no reasoning-gym entry"):
+            score_reasoning_gym("x", Example(prompt="q", answer="a", task="basic_arithmetic", meta=meta))
+    if meta.startswith("{n"):
+        with pytest.raises(json.JSONDecodeError):
+            decode_meta(meta)  # the text decoder itself is strict
 
 
 def test_reasoning_gym_unknown_option_and_family() -> None:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fedhmoe.config import load_config
-from fedhmoe.data import ClientData, Example, build_federated_data, client_data
-from fedhmoe.data.splits import clear_cache, split_pool
+from fedhmoe.data.splits import build_federated_data, clear_cache, client_data, split_pool
+from fedhmoe.data.types import ClientData, Example
 
 FRACTIONS = {"train": 0.7, "aux": 0.0, "val": 0.1, "test": 0.2}
 HUB = Path(__file__).parent / "assets" / "hub"

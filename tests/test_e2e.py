@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.config import load_config
+from fedhmoe.validate import validate
 from fedhmoe.evaluation.rundir import read_metrics
 from fedhmoe.runtime.client_logic import handle_evaluate, handle_query, handle_train
 from fedhmoe.runtime.engines import run_inprocess
@@ -22,7 +23,7 @@ FAST = ["train.num-threads=1", "data.examples-per-task=30", "data.max-test-examp
 
 
 def smoke(*overrides):
-    return load_config(SMOKE, [*FAST, *overrides])
+    return validate(load_config(SMOKE, [*FAST, *overrides]))
 
 
 def server_tensors(run_dir, r):

@@ -4,10 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedhmoe.config import load_config
 from fedhmoe.evaluation.rundir import read_metrics
-from fedhmoe.runtime.engines import run_inprocess, run_simulation_engine
+from fedhmoe.runtime.engines import InProcessGrid, run_inprocess, run_simulation_engine
+from fedhmoe.runtime.flower_compat import set_server_identity
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 # what may differ between engines: timings, the engine's own name, the run folder's name
@@ -41,3 +43,25 @@ def test_simulation_engine_matches_inprocess(tmp_path):
     assert (tmp_path / "b" / "clients" / "client-2" / "round-2.safetensors").is_file()
     # each summary names the engine that ran it
     assert (a["engine"], b["engine"]) == ("inprocess", "simulation")
+
+
+def test_inprocess_grid_numbers_messages_and_routes_replies():
+    """The in-process grid stands in for the SuperLink: it numbers each message it delivers, every reply refers
+    to its instruction, and a client that raises answers with an error instead of stopping the federation."""
+    def client(msg: Message, context: Context) -> Message:
+        pid = context.node_config["partition-id"]
+        if pid == 1:
+            raise RuntimeError("client 1 broke")
+        return Message(RecordDict({"config": ConfigRecord({"pid": pid})}), reply_to=msg)
+
+    set_server_identity()
+    grid = InProcessGrid(client, 3)
+    sent = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
+    assert [m.metadata.message_id for m in sent] == ["", "", ""]  # Flower leaves the id to the SuperLink
+    assert {m.metadata.run_id for m in sent} == {grid.run.run_id}
+    replies = grid.send_and_receive(sent)
+    assert [m.metadata.message_id for m in sent] == ["m1", "m2", "m3"]
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m1", "m2", "m3"]
+    assert [r.metadata.src_node_id for r in replies] == [1000, 1001, 1002]
+    assert replies[0].content["config"]["pid"] == 0 and replies[2].content["config"]["pid"] == 2
+    assert replies[1].has_error() and "client 1 broke" in replies[1].error.reason

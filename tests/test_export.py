@@ -249,18 +249,26 @@ def test_merge_lora_refuses_weights_sharing_storage_with_another_module():
 def test_supernode_state_dirs_keep_one_folder_per_run(tmp_path):
     from types import SimpleNamespace
 
+    from fedhmoe.algorithms.specs import lora_spec
+    from fedhmoe.protocol import Instructions
     from fedhmoe.runtime.client_logic import _store
 
     cfg = load_config(SMOKE)
     node = SimpleNamespace(node_config={"state-dir": str(tmp_path), "partition-id": 0})
     key = "smoke-20261122-101500"
-    assert _store(node, {"run-key": key}, cfg, 0).dir == tmp_path / key / "client-0"
-    for bad in ("../elsewhere", "/tmp/x", "..", ""):
+
+    def told(**fields):
+        return Instructions(client=0, server_round=1, algorithm="fedit", run_config="", adapter=lora_spec(cfg),
+                            **fields)
+
+    assert _store(node, told(run_key=key), cfg, 0).dir == tmp_path / key / "client-0"
+    assert _store(node, told(), cfg, 0).dir == tmp_path / "run" / "client-0"  # no key sent: one default folder
+    for bad in ("../elsewhere", "/tmp/x", ".."):
         with pytest.raises(ValueError, match="not a plain folder name"):
-            _store(node, {"run-key": bad}, cfg, 0)
+            _store(node, told(run_key=bad), cfg, 0)
     # without a node state-dir the server's folder is used (in-process and simulation engines)
     local = SimpleNamespace(node_config={"partition-id": 0})
-    assert _store(local, {"state-dir": str(tmp_path / "run" / "clients"), "run-key": "run"}, cfg, 0).dir == (
+    assert _store(local, told(state_dir=str(tmp_path / "run" / "clients"), run_key="run"), cfg, 0).dir == (
         tmp_path / "run" / "clients" / "client-0")
 
 

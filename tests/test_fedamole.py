@@ -10,13 +10,14 @@ from fedhmoe.algorithms.fedamole import FedAMoLE
 from fedhmoe.config import ConfigError, load_config
 from fedhmoe.runtime.engines import run_inprocess
 from fedhmoe.runtime.server import initial_state
+from fedhmoe.validate import validate
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 FAST = ["train.num-threads=1", "data.examples-per-task=30", "data.max-test-examples=3", "data.max-val-examples=2"]
 
 
 def smoke(*overrides):
-    return load_config(SMOKE, [*FAST, "algorithm.name=fedamole", *overrides])
+    return validate(load_config(SMOKE, [*FAST, "algorithm.name=fedamole", *overrides]))
 
 
 def test_rsea_lets_each_expert_pick_the_clients_whose_data_match_it():

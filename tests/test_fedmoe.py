@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedhmoe.algorithms.fedmoe import FedMoE, moe_memory_model
+from fedhmoe.algorithms.fedmoe import FedMoE
+from fedhmoe.algorithms.moe_memory import moe_memory_model
 from fedhmoe.algorithms.registry import ALGORITHMS
+from fedhmoe.algorithms.specs import moe_spec
 from fedhmoe.config import ConfigError, load_config
 from fedhmoe.evaluation.rundir import read_metrics
+from fedhmoe.models.facts import model_facts
 from fedhmoe.runtime.engines import run_inprocess
 from fedhmoe.runtime.server import initial_state
+from fedhmoe.validate import validate
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 FAST = ["train.num-threads=1", "data.examples-per-task=30", "data.max-test-examples=4", "data.max-val-examples=3",
@@ -23,7 +27,7 @@ FAST = ["train.num-threads=1", "data.examples-per-task=30", "data.max-test-examp
 
 
 def smoke(*overrides):
-    return load_config(SMOKE, [*FAST, *overrides])
+    return validate(load_config(SMOKE, [*FAST, *overrides]))
 
 
 def train_rows(run_dir):
@@ -47,7 +51,7 @@ def test_fedmoe_shrinks_each_client_to_a_sub_moe_within_its_budget(fedmoe_run):
     rows = train_rows(out)
     full = {r["client"]: r for r in rows if r["round"] == 1}
     state = initial_state(cfg)
-    memory = moe_memory_model(cfg, state, num_blocks=2)
+    memory = moe_memory_model(cfg, model_facts(cfg.model), state, num_blocks=2)
     budget = cfg.fedmoe.memory_budgets_gb[0] * 2**30
     full_bytes = sum(v.nbytes for k, v in state.items() if not k.endswith((".lora_A", ".lora_B")))  # the full MoE
     # round 1 (profiling) holds every expert; from round 2 each client holds the searched sub-MoE
@@ -137,7 +141,7 @@ def test_random_moe_keeps_the_sizes_but_not_the_experts(fedmoe_run, tmp_path):
 @pytest.mark.parametrize("algorithm", ["fedprox", "scaffold"])
 def test_full_moe_baselines_train_every_expert(algorithm, tmp_path):
     cfg = smoke(f"algorithm.name={algorithm}")
-    assert ALGORITHMS[algorithm].adapter_spec(cfg).kind == "moe"
+    assert ALGORITHMS[algorithm].adapter_spec(cfg, model_facts(cfg.model)).kind == "moe"
     run_inprocess(cfg, tmp_path)
     init = initial_state(cfg)
     full_bytes = sum(v.nbytes for v in init.values())
@@ -158,27 +162,27 @@ def test_full_moe_baselines_train_every_expert(algorithm, tmp_path):
     ("scaffold", "tiny-mixtral", True), ("fedprox", "tiny-llama", False), ("scaffold", "tiny-llama", False),
     ("fedit", "tiny-mixtral", False)])
 def test_training_messages_carry_the_moe_settings_exactly_when_the_experts_are_trained(algorithm, model, on_moe):
-    from fedhmoe.runtime.engines import _set_task_identity
+    from fedhmoe.protocol import Instructions
+    from fedhmoe.runtime.flower_compat import set_server_identity
     from fedhmoe.wire import CONFIG
 
-    _set_task_identity()
+    set_server_identity()
     cfg = smoke(f"algorithm.name={algorithm}", f"model.name={model}", "fedmoe.label-smoothing=0.125",
                 "fedmoe.load-balance-coef=0.25", "fedmoe.z-loss-coef=0.5")
     cls = ALGORITHMS[algorithm]
-    assert (cls.adapter_spec(cfg).kind == "moe") == on_moe
+    assert (cls.adapter_spec(cfg, model_facts(cfg.model)).kind == "moe") == on_moe
     f32 = np.float32
     state = {"dense": np.zeros(2, f32), "b.experts.0.w": np.zeros(2, f32), "b.router.0": np.zeros(3, f32)}
-    strat = cls(cfg, state, {c: 1000 + c for c in range(3)}, "run-config",
+    strat = cls(cfg, state, {c: 1000 + c for c in range(3)}, "run-config", facts=model_facts(cfg.model),
                 client_info={c: {"tasks": [f"t{c}"], "num-train": 10} for c in range(3)})
     for msg in strat.configure_train(1):
-        conf = dict(msg.content[CONFIG])
+        ins = Instructions.from_config(dict(msg.content[CONFIG]))
         if on_moe:
-            assert conf["label-smoothing"] == 0.125 and conf["load-balance-coef"] == 0.25
-            assert conf["z-loss-coef"] == 0.5
+            assert ins.adapter.label_smoothing == 0.125
+            assert ins.adapter.aux_losses == (("load-balance", 0.25), ("z-loss", 0.5))
         else:
-            assert "label-smoothing" not in conf and "load-balance-coef" not in conf and "z-loss-coef" not in conf
-        if algorithm == "fedprox":
-            assert conf["proximal-mu"] == cfg.algorithm.proximal_mu
+            assert ins.adapter.label_smoothing == 0 and ins.adapter.aux_losses == ()
+        assert ins.proximal_mu == (cfg.algorithm.proximal_mu if algorithm == "fedprox" else 0.0)
 
 
 def test_scaffold_control_variates_follow_the_server_rule(tmp_path):
@@ -228,27 +232,30 @@ def test_enforced_sampling_takes_one_client_per_task(tmp_path):
 
 def test_fedmoe_rejects_dense_backbones_and_infeasible_budgets(tmp_path):
     with pytest.raises(ConfigError, match="needs an MoE backbone"):
-        load_config(SMOKE, ["algorithm.name=fedmoe"])
+        validate(load_config(SMOKE, ["algorithm.name=fedmoe"]))
     with pytest.raises(ConfigError, match="profiling rounds leave no sub-MoE round"):
         smoke("algorithm.name=fedmoe", "fedmoe.profile-rounds=2")
     # a budget below one expert per layer fails before round 1, with the numbers
     cfg = smoke("algorithm.name=fedmoe", "fedmoe.memory-budgets-gb=[0.0135, 0.0135, 0.005]")
     state = initial_state(cfg)
     with pytest.raises(ConfigError, match=r"client 2 .* GiB"):
-        FedMoE(cfg, state, {0: 10, 1: 11, 2: 12}, "", client_info={c: {"tasks": [f"t{c}"]} for c in range(3)})
+        FedMoE(cfg, state, {0: 10, 1: 11, 2: 12}, "", facts=model_facts(cfg.model),
+               client_info={c: {"tasks": [f"t{c}"]} for c in range(3)})
     # a client that cannot profile needs a profiled client of its task (profiling in full: with LoRA, 0.011 GiB
     # would be enough)
     cfg = smoke("algorithm.name=fedmoe", "fedmoe.memory-budgets-gb=[0.0135, 0.0135, 0.011]",
                 "fedmoe.memory-reserve=1.0", "fedmoe.profile-train-mode=full")
     state = initial_state(cfg)
     with pytest.raises(ConfigError, match="no client of its task"):
-        FedMoE(cfg, state, {0: 10, 1: 11, 2: 12}, "", client_info={c: {"tasks": [f"t{c}"]} for c in range(3)})
-    FedMoE(cfg, state, {0: 10, 1: 11, 2: 12}, "", client_info={c: {"tasks": ["same"]} for c in range(3)})
+        FedMoE(cfg, state, {0: 10, 1: 11, 2: 12}, "", facts=model_facts(cfg.model),
+               client_info={c: {"tasks": [f"t{c}"]} for c in range(3)})
+    FedMoE(cfg, state, {0: 10, 1: 11, 2: 12}, "", facts=model_facts(cfg.model),
+           client_info={c: {"tasks": ["same"]} for c in range(3)})
 
 
 def test_fedmoe_with_lora_on_experts_sends_only_factors_and_router_rows(tmp_path):
     probe = smoke("algorithm.name=fedmoe", "fedmoe.train-mode=lora")
-    memory = moe_memory_model(probe, initial_state(probe), num_blocks=2)
+    memory = moe_memory_model(probe, model_facts(probe.model), initial_state(probe), num_blocks=2)
     budget = memory.bytes(8) / 2**30 * 1.0001  # just fits the full MoE for profiling; the search keeps fewer
     cfg = smoke("algorithm.name=fedmoe", "fedmoe.train-mode=lora", f"fedmoe.memory-budgets-gb=[{budget}]",
                 "fedmoe.memory-reserve=0.95", "federation.num-rounds=3")
@@ -269,7 +276,8 @@ def test_fedmoe_with_lora_on_experts_sends_only_factors_and_router_rows(tmp_path
 def test_modular_aggregation_on_hand_computed_cases(single_lr, min_holders):
     from flwr.app import Message
 
-    from fedhmoe.runtime.engines import InProcessGrid, _set_task_identity
+    from fedhmoe.runtime.engines import InProcessGrid
+    from fedhmoe.runtime.flower_compat import set_server_identity
     from fedhmoe.wire import decode_arrays, encode_arrays, make_content
 
     cfg = smoke("algorithm.name=fedmoe", "federation.num-rounds=3", "fedmoe.memory-budgets-gb=[]",
@@ -278,7 +286,7 @@ def test_modular_aggregation_on_hand_computed_cases(single_lr, min_holders):
     f32 = np.float32
     state = {"dense": np.zeros(2, f32), **{f"b.experts.{g}.w": np.full(2, 10.0 * g, f32) for g in range(3)},
              **{f"b.router.{g}": np.full(3, float(g), f32) for g in range(3)}}
-    strat = FedMoE(cfg, state, {c: 1000 + c for c in range(3)}, "run-config",
+    strat = FedMoE(cfg, state, {c: 1000 + c for c in range(3)}, "run-config", facts=model_facts(cfg.model),
                    client_info={c: {"tasks": ["t"]} for c in range(3)})
     # expert 0: one holder (client 0); expert 1: all three; expert 2: nobody
     strat.held = {0: {"b": [0, 1]}, 1: {"b": [1]}, 2: {"b": [1]}}
@@ -291,7 +299,7 @@ def test_modular_aggregation_on_hand_computed_cases(single_lr, min_holders):
         return Message(make_content(arrays=encode_arrays(arrays), metrics={"num-examples": weights[c]}),
                        reply_to=msg)
 
-    _set_task_identity()
+    set_server_identity()
     grid = InProcessGrid(fake_client, 3)
     strat.aggregate_train(2, grid.send_and_receive(strat.configure_train(2)))
     assert len(strat.last_train.replies) == 3
@@ -311,7 +319,8 @@ def test_modular_aggregation_on_hand_computed_cases(single_lr, min_holders):
 def test_stage1_lora_aggregation_applies_the_holder_rules_then_merges(single_lr, min_holders):
     from flwr.app import Message
 
-    from fedhmoe.runtime.engines import InProcessGrid, _set_task_identity
+    from fedhmoe.runtime.engines import InProcessGrid
+    from fedhmoe.runtime.flower_compat import set_server_identity
     from fedhmoe.wire import decode_arrays, encode_arrays, make_content
 
     cfg = smoke("algorithm.name=fedmoe", "federation.num-rounds=3", "fedmoe.memory-budgets-gb=[]",
@@ -322,9 +331,9 @@ def test_stage1_lora_aggregation_applies_the_holder_rules_then_merges(single_lr,
              **{f"b.experts.{g}.w.lora_A": np.full((1, 2), 0.5, f32) for g in range(2)},
              **{f"b.experts.{g}.w.lora_B": np.zeros((2, 1), f32) for g in range(2)},
              **{f"b.router.{g}": np.full(3, float(g), f32) for g in range(2)}}
-    strat = FedMoE(cfg, state, {c: 1000 + c for c in range(3)}, "run-config",
+    strat = FedMoE(cfg, state, {c: 1000 + c for c in range(3)}, "run-config", facts=model_facts(cfg.model),
                    client_info={c: {"tasks": ["t"], "num-train": 10} for c in range(3)})
-    assert strat.lora_phase and strat.round_config(1) == {"moe-train-mode": "lora"}
+    assert strat.lora_phase and strat.round_spec(1) == moe_spec(cfg, "lora")
     strat.held = {0: {"b": [0, 1]}, 1: {"b": [1]}, 2: {"b": [1]}}  # expert 0: one holder
     assert strat.client_keys(1, 0) == sorted(k for k in state if k != "dense" and k.startswith("b.")
                                              and (".lora_" in k or ".router." in k))
@@ -337,12 +346,12 @@ def test_stage1_lora_aggregation_applies_the_holder_rules_then_merges(single_lr,
         return Message(make_content(arrays=encode_arrays(arrays), metrics={"num-examples": 10}, stats=stats),
                        reply_to=msg)
 
-    _set_task_identity()
+    set_server_identity()
     grid = InProcessGrid(fake_client, 3)
     strat.aggregate_train(1, grid.send_and_receive(strat.configure_train(1)))  # the last profiling round
     g, s = strat.global_state, cfg.model.lora_alpha / cfg.model.lora_rank
     assert not strat.lora_phase and not any(".lora_" in k for k in g)
-    assert strat.round_config(2) == {"moe-train-mode": "full"}
+    assert strat.round_spec(2) == moe_spec(cfg, "full")
     np.testing.assert_allclose(g["b.experts.1.w"], 10.0 + s * 2.0 * 2.0)  # three holders: A = B = mean 2
     # one holder: its factors as they are (B A would not be damped by damping A and B), or no update at all
     want0 = 0.0 if min_holders > 1 else s * 1.0 * 1.0
@@ -358,7 +367,7 @@ def _fake_strategy(**over):
     cfg = smoke("algorithm.name=fedmoe", "federation.num-rounds=3", "fedmoe.memory-budgets-gb=[]",
                 *[f"{k}={v}" for k, v in over.items()])
     tasks = {0: "a", 1: "a", 2: "b"}
-    return FedMoE(cfg, state, {c: 1000 + c for c in range(3)}, "run-config",
+    return FedMoE(cfg, state, {c: 1000 + c for c in range(3)}, "run-config", facts=model_facts(cfg.model),
                   client_info={c: {"tasks": [tasks[c]], "num-train": 10} for c in range(3)})
 
 
@@ -397,7 +406,7 @@ def test_lost_profiling_replies_fall_back_to_every_profiled_client():
 def test_enforced_sampling_needs_clients_with_different_tasks_and_bad_fedmoe_keys_fail_early():
     cfg = smoke("algorithm.name=fedmoe", "federation.sampling=enforced")  # valid: the refusal needs the clients
     with pytest.raises(ConfigError, match="federation.sampling"):
-        FedMoE(cfg, initial_state(cfg), {c: 1000 + c for c in range(3)}, "run-config",
+        FedMoE(cfg, initial_state(cfg), {c: 1000 + c for c in range(3)}, "run-config", facts=model_facts(cfg.model),
                client_info={c: {"tasks": ["same"]} for c in range(3)})
     with pytest.raises(ConfigError, match="fedmoe.min-delta"):
         smoke("algorithm.name=fedmoe", "fedmoe.min-delta=-1")
@@ -410,9 +419,9 @@ def test_enforced_sampling_needs_clients_with_different_tasks_and_bad_fedmoe_key
     with pytest.raises(ConfigError, match="min-experts-per-layer"):
         _fake_strategy(**{"fedmoe.min-experts-per-layer": 4})
     with pytest.raises(ConfigError, match="config key 'fedmoe.train-mode'.*Switch"):
-        load_config(SMOKE, [*FAST, "model.name=tiny-switch", "algorithm.name=fedmoe", "fedmoe.train-mode=lora"])
+        smoke("model.name=tiny-switch", "algorithm.name=fedmoe", "fedmoe.train-mode=lora")
     with pytest.raises(ConfigError, match="config key 'fedmoe.profile-train-mode'.*Switch"):  # LoRA stage 1: default
-        load_config(SMOKE, [*FAST, "model.name=tiny-switch", "algorithm.name=fedmoe"])
+        smoke("model.name=tiny-switch", "algorithm.name=fedmoe")
     with pytest.raises(ConfigError, match="config key 'fedmoe.profile-train-mode'"):
         smoke("algorithm.name=fedmoe", "fedmoe.train-mode=lora", "fedmoe.profile-train-mode=full")
     # stage-1 LoRA on dense layers is merged into the dense weights: without them trained, only the experts get it
@@ -441,7 +450,7 @@ def test_recommendation_adds_removes_reverts_and_freezes_within_budgets(tmp_path
     budgets = [0.0125, 0.0135, 0.0148]
     cfg = smoke("algorithm.name=fedmoe", "federation.num-rounds=5", f"fedmoe.memory-budgets-gb={budgets}")
     run_inprocess(cfg, tmp_path)
-    memory = moe_memory_model(cfg, initial_state(cfg), num_blocks=2)
+    memory = moe_memory_model(cfg, model_facts(cfg.model), initial_state(cfg), num_blocks=2)
     history = [json.loads((tmp_path / "experts" / f"round-{r}.json").read_text()) for r in range(2, 6)]
     actions = [a for h in history for a in h["actions"].values()]
     assert {"add", "remove", "revert", "frozen"} <= set(actions)
@@ -467,7 +476,7 @@ def test_worker_cache_rebuilds_when_only_the_upcycling_changes():
     for k in (1, 2):
         cfg = smoke("algorithm.name=fedmoe", "model.name=tiny-llama", "model.upcycle-experts=3",
                     f"model.upcycle-top-k={k}")
-        w = get_worker(cfg, FedMoE.adapter_spec(cfg))
+        w = get_worker(cfg, FedMoE.adapter_spec(cfg, model_facts(cfg.model)))
         assert (w.model.config.num_experts_per_tok, w.model.config.num_local_experts) == (k, 3)
 
 
@@ -475,8 +484,8 @@ def test_worker_cache_rebuilds_when_only_the_upcycling_changes():
 def test_memory_model_counts_the_optimizer_state_of_the_configured_optimizer(mode):
     adam = smoke("algorithm.name=fedmoe", f"fedmoe.train-mode={mode}")
     sgd = smoke("algorithm.name=fedmoe", f"fedmoe.train-mode={mode}", "train.optimizer=sgd")
-    a = moe_memory_model(adam, initial_state(adam), num_blocks=2)
-    s = moe_memory_model(sgd, initial_state(sgd), num_blocks=2)
+    a = moe_memory_model(adam, model_facts(adam.model), initial_state(adam), num_blocks=2)
+    s = moe_memory_model(sgd, model_facts(sgd.model), initial_state(sgd), num_blocks=2)
     # a trained parameter: 4 B weight + 4 B gradient (+ 8 B of Adam moments); a frozen weight: 4 B either way
     assert (a.trainable_state_bytes, s.trainable_state_bytes) == (12.0, 4.0)
     if mode == "full":  # every expert weight is trained: SGD halves the bytes per expert
@@ -507,7 +516,7 @@ def test_stage1_lora_merges_into_the_weights_stage2_trains(fedmoe_run):
 def test_merged_stage1_lora_computes_what_the_lora_model_computes():
     import torch
 
-    from fedhmoe.algorithms.fedmoe import merge_lora_factors, moe_adapter_spec
+    from fedhmoe.algorithms.lora_merge import merge_lora_factors
     from fedhmoe.models import adapters
     from fedhmoe.runtime.backbone_cache import build_worker
 
@@ -516,7 +525,7 @@ def test_merged_stage1_lora_computes_what_the_lora_model_computes():
     rng = np.random.default_rng(0)
     state = {k: (rng.normal(0, 0.05, v.shape).astype(np.float32) if k.endswith(".lora_B") else v)
              for k, v in state.items()}  # B starts at zero: give every pair a real update
-    lora_spec, full_spec = moe_adapter_spec(cfg, "lora"), moe_adapter_spec(cfg, "full")
+    lora_spec, full_spec = moe_spec(cfg, "lora"), moe_spec(cfg, "full")
     ids = torch.tensor([[5, 9, 14, 3, 7, 11]])
     logits = []
     for spec, tensors in ((lora_spec, {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))

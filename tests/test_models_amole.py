@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from fedhmoe.config import ModelConfig
-from fedhmoe.models import backbone_shapes, build_tiny_llama, inject_lora, kaiming_uniform_a, load_backbone
+from fedhmoe.models.backbone import backbone_shapes, load_backbone
+from fedhmoe.models.lora import inject_lora, kaiming_uniform_a
+from fedhmoe.models.tiny import build_tiny_llama
 from fedhmoe.models.amole import (
     AMoLELinear,
     AMoLEStateError,
@@ -31,7 +33,7 @@ from fedhmoe.models.amole import (
     token_mask,
 )
 from fedhmoe.models.payload import AdapterStateError
-from fedhmoe.utils.seeding import torch_generator
+from fedhmoe.utils.torch_seeding import torch_generator
 
 TARGETS = ["q_proj", "v_proj"]
 PATHS = [f"model.layers.{i}.self_attn.{n}" for i in range(2) for n in ("q_proj", "v_proj")]

@@ -13,21 +13,18 @@ import torch
 from torch import nn
 
 from fedhmoe.config import ModelConfig
-from fedhmoe.models import (
+from fedhmoe.models.backbone import backbone_shapes, load_backbone
+from fedhmoe.models.lora import LoRALinear, inject_lora, kaiming_uniform_a
+from fedhmoe.models.payload import (
     AdapterStateError,
-    LoRALinear,
     adapter_parameters,
     adapter_state,
-    backbone_shapes,
-    build_tiny_llama,
     init_adapter_state,
-    inject_lora,
-    kaiming_uniform_a,
     load_adapter_state,
-    load_backbone,
     state_nbytes,
 )
-from fedhmoe.utils.seeding import torch_generator
+from fedhmoe.models.tiny import build_tiny_llama
+from fedhmoe.utils.torch_seeding import torch_generator
 
 TARGETS = ["q_proj", "v_proj"]
 EXPECTED_PATHS = [f"model.layers.{i}.self_attn.{n}" for i in range(2) for n in ("q_proj", "v_proj")]

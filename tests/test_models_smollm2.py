@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from fedhmoe.config import ModelConfig
-from fedhmoe.models import backbone_shapes, inject_lora, load_backbone, prepare_smollm2, resolve_model_path
+from fedhmoe.models.backbone import backbone_shapes, load_backbone, resolve_model_path
+from fedhmoe.models.lora import inject_lora
+from fedhmoe.models.smollm2 import prepare_smollm2
 from fedhmoe.models import smollm2 as sm
 
 

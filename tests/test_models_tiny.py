@@ -10,15 +10,8 @@ import pytest
 import torch
 
 from fedhmoe.config import ModelConfig
-from fedhmoe.models import (
-    BUILTIN_MODELS,
-    backbone_shapes,
-    build_tiny_llama,
-    byte_tokenizer,
-    load_backbone,
-    resolve_model_path,
-    tiny_llama_config,
-)
+from fedhmoe.models.backbone import BUILTIN_MODELS, backbone_shapes, load_backbone, resolve_model_path
+from fedhmoe.models.tiny import build_tiny_llama, byte_tokenizer, tiny_llama_config
 
 TEXTS = [
     "",
@@ -136,7 +129,8 @@ def test_unavailable_models_raise_clearly(tmp_path) -> None:
 def test_loss_runs_the_head_only_at_answer_positions_and_matches_the_full_logits(family, monkeypatch) -> None:
     from fedhmoe.client import train as train_mod
     from fedhmoe.client.evaluate import token_losses
-    from fedhmoe.data import Example, PromptFormatter
+    from fedhmoe.data.format import PromptFormatter
+    from fedhmoe.data.types import Example
     from fedhmoe.models.tiny import build_tiny_mixtral
 
     model = build_tiny_llama(0) if family == "llama" else build_tiny_mixtral(0)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedhmoe.keys import parse_moe_key
 from fedhmoe.models import moe
 from fedhmoe.models.adapters import AdapterSpec, init_global_state, inject, load_state, read_state, trainable
 from fedhmoe.models.tiny import build_tiny_mixtral
@@ -63,8 +64,7 @@ def test_sub_moe_takes_frozen_experts_from_the_bank_and_only_lora_travels():
     # no frozen weight is part of the state: experts travel as LoRA factors, routers as rows
     assert all(k.endswith((".lora_A", ".lora_B")) or ".router." in k for k in state)
     keep = {"model.layers.0.mlp": [1, 3], "model.layers.1.mlp": [2]}
-    sub = {k: v for k, v in state.items()
-           if not (m := moe._KEY_RE.match(k)) or int(m.group("eid") or m.group("rid")) in keep[m.group("block")]}
+    sub = {k: v for k, v in state.items() if (p := parse_moe_key(k)) is None or p.expert in keep[p.block]}
     load_state(model, SPEC, sub)
     assert moe.held_experts(model) == keep
     for path, b in moe.moe_blocks(model).items():

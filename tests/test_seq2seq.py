@@ -19,14 +19,15 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, SwitchTransformersForConditionalGeneration
 
-from fedhmoe.algorithms.fedmoe import moe_memory_model
+from fedhmoe.algorithms.moe_memory import moe_memory_model
+from fedhmoe.models.facts import model_facts
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.client.evaluate import generate, token_losses
 from fedhmoe.client.stats import moe_activation_profile
 from fedhmoe.client.train import causal_lm_loss, train_local
 from fedhmoe.config import EvalConfig, ModelConfig, TrainConfig, load_config
-from fedhmoe.data import Example, PromptFormatter
-from fedhmoe.data.format import IGNORE_INDEX
+from fedhmoe.data.format import IGNORE_INDEX, PromptFormatter
+from fedhmoe.data.types import Example
 from fedhmoe.evaluation.rundir import read_metrics
 from fedhmoe.models import adapters, moe
 from fedhmoe.models.backbone import BUILTIN_MODELS, backbone_shapes, is_moe_backbone, load_backbone
@@ -302,9 +303,10 @@ def test_local_training_lends_both_masks_to_the_routers():
     f = fmt()
     params = adapters.trainable(model, spec)
     before = {k: p.detach().clone() for k, p in params.items()}
+    kind = adapters.kind_of(spec)
     result = train_local(model, params, f, EXAMPLES, TrainConfig(local_steps=2, batch_size=4), 1e-3,
-                         np.random.default_rng(0), CPU, extra_loss=lambda: 0.01 * adapters.balance_loss(model, spec),
-                         forward_context=lambda batch: adapters.token_mask(  # as the client handler lends them
+                         np.random.default_rng(0), CPU, extra_loss=lambda: 0.01 * kind.aux_loss(model, spec, "load-balance"),
+                         forward_context=lambda batch: kind.token_mask(  # as the client handler lends them
                              model, spec, batch["attention_mask"], batch.get("decoder_attention_mask")),
                          label_smoothing=0.1)
     handle.remove()
@@ -331,7 +333,7 @@ def switch_budget_gb() -> float:
     """A budget that fits the full tiny Switch (so every client profiles) but whose search reserve holds about
     5 of its 8 experts (2 MoE layers of 4)."""
     cfg = load_config(SMOKE, [*FAST, "algorithm.name=fedmoe", "federation.num-rounds=3"])
-    memory = moe_memory_model(cfg, initial_state(cfg), num_blocks=2)
+    memory = moe_memory_model(cfg, model_facts(cfg.model), initial_state(cfg), num_blocks=2)
     budget = (memory.bytes(5) + memory.bytes(6)) / 2 / cfg.fedmoe.memory_reserve
     assert memory.bytes(8) <= budget
     return budget / 2**30
@@ -377,7 +379,7 @@ def test_fedmoe_on_switch_shrinks_each_client(fedmoe_switch_run):
 @pytest.mark.parametrize("algorithm", ["fedprox", "scaffold"])
 def test_full_moe_baselines_run_on_switch(algorithm, tmp_path):
     cfg = load_config(SMOKE, [*FAST, f"algorithm.name={algorithm}"])
-    assert ALGORITHMS[algorithm].adapter_spec(cfg).kind == "moe"
+    assert ALGORITHMS[algorithm].adapter_spec(cfg, model_facts(cfg.model)).kind == "moe"
     run_inprocess(cfg, tmp_path)
     rows = train_rows(tmp_path)
     assert len(rows) == 6 and all(math.isfinite(r["train-loss"]) for r in rows)

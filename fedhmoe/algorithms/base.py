@@ -3,8 +3,10 @@
 A strategy holds the global state (every trainable tensor, keyed by name) and per-client structure. It builds
 **one message per sampled client** holding only the tensors that client holds, checks every reply (unknown
 keys, wrong shapes, NaN or Inf are rejected and reported, the round goes on), and aggregates with the one
-keyed rule of :mod:`fedhmoe.algorithms.aggregate`. Subclasses override the hooks ``client_keys``,
-``train_config`` and ``after_aggregate``; the math lives in pure functions.
+keyed rule of :mod:`fedhmoe.algorithms.aggregate`. What a client is told is one
+:class:`~fedhmoe.protocol.Instructions` per message. Subclasses override the hooks ``client_keys``,
+``train_config``, ``server_step`` and ``after_aggregate``; the math lives in pure functions. Strategies load no
+model: what they know of it comes in as :class:`~fedhmoe.algorithms.specs.ModelFacts`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,22 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedhmoe.algorithms.aggregate import aggregate_by_key, validate_update
+from fedhmoe.algorithms.aggregate import PLAIN, ServerStep, aggregate_by_key, validate_update
+from fedhmoe.algorithms.specs import AdapterSpec, ModelFacts, lora_spec, moe_spec
+from fedhmoe.arrays import check_array
 from fedhmoe.config import Config, ConfigError
-from fedhmoe.models.adapters import AdapterSpec
+from fedhmoe.protocol import Instructions
 from fedhmoe.utils.seeding import numpy_rng
-from fedhmoe.wire import ARRAYS, CONFIG, METRICS, STATS, content_nbytes, decode_arrays, encode_arrays, make_content
+from fedhmoe.wire import (
+    ARRAYS,
+    METRICS,
+    SIDE_RECORDS,
+    STATS,
+    content_nbytes,
+    encode_arrays,
+    make_content,
+    read_arrays,
+)
 
 log = logging.getLogger("fedhmoe")
 
@@ -39,6 +52,8 @@ class ClientReply:
     metrics: dict[str, Any]
     stats: dict[str, np.ndarray]
     nbytes: int
+    #: array records beside ``arrays`` (e.g. SCAFFOLD's ``control``), by record name
+    side: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,6 +74,16 @@ class RoundLog:
     rejected: list[Rejection] = field(default_factory=list)
 
 
+def _check_stats(stats: Mapping[str, np.ndarray]) -> str | None:
+    """Why a reply's statistics must be rejected (not float, or not finite), or None."""
+    try:
+        for key, value in stats.items():
+            check_array(key, value, what="statistic")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 class FederatedStrategy(Strategy):
     """Keyed-tensor strategy with per-client messages.
 
@@ -69,6 +94,8 @@ class FederatedStrategy(Strategy):
         run_config_text: The resolved config as TOML, shipped to clients in every message's config.
         client_info: What each client reported when discovered (its ``tasks`` and split sizes ``num-train``,
             ...); needed by enforced sampling and by methods that use task labels.
+        facts: What the method may know of the backbone (read by the runtime; needed by methods that depend on
+            it: MoE methods size sub-MoEs with it, FedProx and SCAFFOLD train an MoE backbone's experts).
     """
 
     #: Registry name, set by each subclass.
@@ -85,8 +112,10 @@ class FederatedStrategy(Strategy):
         node_of: Mapping[int, int],
         run_config_text: str,
         client_info: Mapping[int, Mapping[str, Any]] | None = None,
+        facts: ModelFacts | None = None,
     ) -> None:
         self.cfg = cfg
+        self.facts = facts or ModelFacts()
         self.client_info = {int(c): dict(v) for c, v in (client_info or {}).items()}
         if cfg.federation.sampling == "enforced" and self.client_info:
             labels = {"+".join(v.get("tasks", [])) for v in self.client_info.values()}
@@ -95,11 +124,7 @@ class FederatedStrategy(Strategy):
                                   f"every client holds the same tasks ({sorted(labels)}); use data.partition = "
                                   "'task' (or 'task-dirichlet'), or standard sampling")
         self.global_state: dict[str, np.ndarray] = {k: np.asarray(v, np.float32) for k, v in initial_state.items()}
-        self.spec = self.adapter_spec(cfg)
-        #: sent with every training message: what a client needs to train an MoE backbone's experts
-        self.adapter_train_config: dict[str, Any] = {} if self.spec.kind != "moe" else {
-            "label-smoothing": cfg.fedmoe.label_smoothing, "load-balance-coef": cfg.fedmoe.load_balance_coef,
-            **({"z-loss-coef": cfg.fedmoe.z_loss_coef} if cfg.fedmoe.z_loss_coef > 0 else {})}
+        self.spec = self.adapter_spec(cfg, self.facts)
         self.node_of = dict(node_of)
         self.client_of = {n: c for c, n in self.node_of.items()}
         self.clients = sorted(self.node_of)
@@ -107,32 +132,21 @@ class FederatedStrategy(Strategy):
         self.wire_dtype = cfg.algorithm.transport_dtype
         self.last_train = RoundLog()
         self.last_eval = RoundLog()
-        self._sent_shapes: dict[int, dict[str, tuple[int, ...]]] = {}
+        #: per client, the shapes of what it was sent: ``arrays`` and each side record
+        self._sent_shapes: dict[int, dict[str, dict[str, tuple[int, ...]]]] = {}
 
     # ------------------------------------------------------------------ hooks for subclasses
-    #: Whether the method trains a sparse MoE backbone's experts (FedMoE's ``moe`` adapters) instead of LoRA
+    #: Whether the method trains a sparse MoE backbone's experts (the ``moe`` adapter kind) instead of LoRA
     #: when the backbone is one (the MoE baselines FedProx and SCAFFOLD).
     trains_moe_backbones = False
 
     @classmethod
-    def adapter_spec(cls, cfg: Config) -> AdapterSpec:
+    def adapter_spec(cls, cfg: Config, facts: ModelFacts | None = None) -> AdapterSpec:
         """What clients inject into the backbone for this method (default: one LoRA per target, or the MoE's
-        experts on an MoE backbone when :attr:`trains_moe_backbones`)."""
-        if cls.trains_moe_backbones:
-            from fedhmoe.models.backbone import is_moe_backbone
-
-            if is_moe_backbone(cfg.model):
-                from fedhmoe.algorithms.fedmoe import moe_adapter_spec
-
-                return moe_adapter_spec(cfg)
-        m = cfg.model
-        return AdapterSpec("lora", tuple(m.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout)
-
-    @classmethod
-    def stage_spec(cls, cfg: Config, round_config: Mapping[str, Any]) -> AdapterSpec:
-        """The adapters clients carry in a round whose :meth:`round_config` is ``round_config`` (default: always
-        :meth:`adapter_spec`'s; FedMoE's stages differ)."""
-        return cls.adapter_spec(cfg)
+        experts when :attr:`trains_moe_backbones` and ``facts`` say the backbone is a sparse MoE)."""
+        if cls.trains_moe_backbones and facts is not None and facts.is_moe:
+            return moe_spec(cfg)
+        return lora_spec(cfg)
 
     @classmethod
     def profiling_spec(cls, cfg: Config) -> AdapterSpec | None:
@@ -141,8 +155,18 @@ class FederatedStrategy(Strategy):
         return None
 
     @classmethod
-    def check_config(cls, cfg: Config) -> None:
+    def check_config(cls, cfg: Config, facts: ModelFacts) -> None:
         """Raise ``ConfigError`` naming the key when ``cfg`` cannot run this method (default: no checks)."""
+
+    @classmethod
+    def global_tensors(cls, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The global state's part of a checkpoint's tensors (:meth:`state_dict` may add method state)."""
+        return dict(tensors)
+
+    def round_spec(self, server_round: int) -> AdapterSpec:
+        """The adapters clients carry in ``server_round`` (default: always :attr:`spec`; FedMoE's stages
+        differ)."""
+        return self.spec
 
     def eval_keys(self, server_round: int, client: int) -> list[str]:
         """Keys sent for evaluation: the client's keys when scored with the global model; none when it is
@@ -153,6 +177,10 @@ class FederatedStrategy(Strategy):
         """Per-client structure to record each round (e.g. expert assignments), or None."""
         return None
 
+    def structure_errors(self) -> list[str]:
+        """How the current per-client structure breaks the method's constraints (empty when it holds them)."""
+        return []
+
     def artifacts(self, server_round: int) -> dict[str, Any]:
         """JSON files to write into the run directory after a round's aggregation (relative path -> object)."""
         return {}
@@ -162,13 +190,18 @@ class FederatedStrategy(Strategy):
         return sorted(self.global_state)
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
-        """Extra per-client training config (method knobs)."""
+        """Method fields of a client's training :class:`~fedhmoe.protocol.Instructions` (e.g. ``hooks``,
+        ``proximal_mu``); an unknown field name fails at once on the server."""
         return {}
 
-    def round_config(self, server_round: int) -> dict[str, Any]:
-        """Config sent with every training and evaluation message of the round (e.g. which adapters the
-        clients' models carry now)."""
+    def side_records(self, server_round: int, client: int) -> dict[str, dict[str, np.ndarray]]:
+        """Array records sent beside ``arrays`` in a training message, by name (SCAFFOLD's ``control``); a reply
+        must return each with the same keys and shapes."""
         return {}
+
+    def server_step(self, key: str) -> ServerStep:
+        """How the average of ``key`` over its holders becomes its new value (default: the average)."""
+        return PLAIN
 
     def aggregation_weight(self, reply: ClientReply) -> float:
         """Weight of one client's update: its training examples, or 1 (``algorithm.weighting``)."""
@@ -205,11 +238,19 @@ class FederatedStrategy(Strategy):
         return sorted(int(c) for c in rng.choice(self.clients, size=m, replace=False))
 
     # ------------------------------------------------------------------ Flower Strategy API
-    def _message(self, client: int, arrays: ArrayRecord | None, config: dict[str, Any], mtype: str) -> Message:
-        config = {**config, "client": client, "algorithm": self.name, "wire-dtype": self.wire_dtype,
-                  "run-config": self.run_config_text}
-        return Message(make_content(arrays=arrays, config=config), dst_node_id=self.node_of[client],
-                       message_type=mtype)
+    def _instructions(self, server_round: int, client: int, base: Mapping[str, Any], **fields: Any) -> Instructions:
+        """A client's instructions for ``server_round``; ``base`` carries the run's ``state-dir`` and ``run-key``."""
+        return Instructions(client=client, server_round=server_round, algorithm=self.name,
+                            run_config=self.run_config_text, adapter=self.round_spec(server_round),
+                            wire_dtype=self.wire_dtype, state_dir=str(base.get("state-dir", "")),
+                            run_key=str(base.get("run-key", "")), **fields)
+
+    def _message(self, client: int, state: Mapping[str, np.ndarray], instructions: Instructions, mtype: str,
+                 side: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> Message:
+        arrays = encode_arrays(state, self.wire_dtype) if state else None
+        records = {name: encode_arrays(rec, self.wire_dtype) for name, rec in (side or {}).items()}
+        content = make_content(arrays=arrays, config=instructions.to_config(), side=records)
+        return Message(content, dst_node_id=self.node_of[client], message_type=mtype)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord | None = None, config: ConfigRecord | None = None,
@@ -224,59 +265,80 @@ class FederatedStrategy(Strategy):
         self.last_train = RoundLog()
         for client in self.sample_clients(server_round):
             keys = self.client_keys(server_round, client) if self.returns_arrays else []
-            self._sent_shapes[client] = {k: self.global_state[k].shape for k in keys}
-            rec = encode_arrays({k: self.global_state[k] for k in keys}, self.wire_dtype) if keys else None
-            cfg = {**base, "server-round": server_round, "learning-rate": lr,
-                   "return-arrays": self.returns_arrays,
-                   "save-personal": self.eval_mode == "personal", **self.adapter_train_config,
-                   **self.round_config(server_round), **self.train_config(server_round, client)}
-            msg = self._message(client, rec, cfg, MessageType.TRAIN)
+            state = {k: self.global_state[k] for k in keys}
+            side = self.side_records(server_round, client)
+            self._sent_shapes[client] = {name: {k: v.shape for k, v in rec.items()}
+                                         for name, rec in ((ARRAYS, state), *side.items())}
+            instructions = self._instructions(
+                server_round, client, base, learning_rate=lr, return_arrays=self.returns_arrays,
+                save_personal=self.eval_mode == "personal", **self.train_config(server_round, client))
+            msg = self._message(client, state, instructions, MessageType.TRAIN, side)
             self.last_train.bytes_down[client] = content_nbytes(msg.content)
             messages.append(msg)
         return messages
 
-    def _decode(self, replies: Iterable[Message], log_: RoundLog, shapes: Mapping[int, Mapping[str, tuple]]
-                | None) -> list[ClientReply]:
+    def _decode(self, replies: Iterable[Message], log_: RoundLog,
+                shapes: Mapping[int, Mapping[str, Mapping[str, tuple]]] | None) -> list[ClientReply]:
+        """The well-formed replies, sorted by client; the others are logged in ``log_.rejected``."""
         out = []
         for msg in replies:
             client = self.client_of.get(msg.metadata.src_node_id, -1)
             if msg.has_error():
                 log_.rejected.append(Rejection(client, f"client error: {msg.error.reason}"))
                 continue
-            content = msg.content
-            log_.bytes_up[client] = content_nbytes(content)
-            metrics = dict(content[METRICS]) if METRICS in content else {}
-            arrays = decode_arrays(content[ARRAYS], self.wire_dtype) if ARRAYS in content else {}
-            stats = decode_arrays(content[STATS]) if STATS in content else {}
-            reason = None
-            if client < 0:
-                reason = f"reply from unknown node {msg.metadata.src_node_id}"
-            elif shapes is not None:
-                reason = validate_update(shapes.get(client, {}), arrays, require_all=self.returns_arrays)
-            if reason is None and not all(np.all(np.isfinite(v)) for v in stats.values()):
-                reason = "statistics hold NaN or Inf"
-            if reason is None and not all(np.isfinite(float(v)) for v in metrics.values()
-                                          if isinstance(v, (int, float))):
-                reason = "metrics hold NaN or Inf"
-            if reason is not None:
+            log_.bytes_up[client] = content_nbytes(msg.content)
+            reply, reason = self._read_reply(client, msg, shapes)
+            if reply is None or reason is not None:
+                reason = reason or "unreadable reply"
                 log.warning("round reply of client %s rejected: %s", client, reason)
                 log_.rejected.append(Rejection(client, reason))
                 continue
-            out.append(ClientReply(client, arrays, metrics, stats, log_.bytes_up[client]))
+            out.append(reply)
         out.sort(key=lambda r: r.client)
         log_.replies = out
         return out
 
+    def _read_reply(self, client: int, msg: Message, shapes: Mapping[int, Mapping[str, Mapping[str, tuple]]] | None
+                    ) -> tuple[ClientReply | None, str | None]:
+        """A reply's records, and why it must be rejected (None when it is well formed)."""
+        if client < 0:
+            return None, f"reply from unknown node {msg.metadata.src_node_id}"
+        content = msg.content
+        try:
+            arrays = read_arrays(content, ARRAYS, self.wire_dtype)
+            stats = read_arrays(content, STATS)
+            side = {name: read_arrays(content, name, self.wire_dtype) for name in SIDE_RECORDS if name in content}
+        except ValueError as e:
+            return None, str(e)
+        metrics = dict(content[METRICS]) if METRICS in content else {}
+        reason = self._check_reply(shapes.get(client, {}), arrays, side) if shapes is not None else None
+        if reason is None:
+            reason = _check_stats(stats)
+        if reason is None and not all(np.isfinite(float(v)) for v in metrics.values() if isinstance(v, (int, float))):
+            reason = "metrics hold NaN or Inf"
+        return ClientReply(client, arrays, metrics, stats, content_nbytes(content), side), reason
+
+    def _check_reply(self, sent: Mapping[str, Mapping[str, tuple]], arrays: Mapping[str, np.ndarray],
+                     side: Mapping[str, Mapping[str, np.ndarray]]) -> str | None:
+        """Why a training reply must be rejected (keys, shapes, dtypes, values of every array record), or None."""
+        reason = validate_update(sent.get(ARRAYS, {}), arrays, require_all=self.returns_arrays)
+        for name in SIDE_RECORDS:
+            if reason is None and (name in sent or name in side):
+                why = validate_update(sent.get(name, {}), side.get(name, {}), require_all=True)
+                reason = None if why is None else f"record '{name}': {why}"
+        return reason
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check replies, then average every key over the clients that returned it."""
+        """Check replies, then average every key over the clients that returned it (each key's
+        :meth:`server_step` applied)."""
         good = self._decode(replies, self.last_train, self._sent_shapes)
         if self.returns_arrays and good:
             updates = [(self.aggregation_weight(r), r.arrays) for r in good]
             if sum(w for w, _ in updates) <= 0:  # every client reported zero examples: fall back to uniform
                 updates = [(1.0, a) for _, a in updates]
-            self.global_state = aggregate_by_key(self.global_state, updates)
+            self.global_state = aggregate_by_key(self.global_state, updates, self.server_step)
         self.after_aggregate(server_round, good)
         n = sum(int(r.metrics.get("num-examples", 0)) for r in good)
         return ArrayRecord(), MetricRecord({"num-replies": len(good), "num-examples": n})
@@ -288,12 +350,11 @@ class FederatedStrategy(Strategy):
         """Every client scores its own validation and test splits, with the global or its personal model."""
         self.last_eval = RoundLog()
         messages = []
+        base = dict(config or {})
         for client in self.clients:
-            keys = self.eval_keys(server_round, client)
-            rec = encode_arrays({k: self.global_state[k] for k in keys}, self.wire_dtype) if keys else None
-            cfg = {**dict(config or {}), "server-round": server_round, "use-personal": self.eval_mode == "personal",
-                   **self.round_config(server_round)}
-            msg = self._message(client, rec, cfg, MessageType.EVALUATE)
+            state = {k: self.global_state[k] for k in self.eval_keys(server_round, client)}
+            instructions = self._instructions(server_round, client, base, use_personal=self.eval_mode == "personal")
+            msg = self._message(client, state, instructions, MessageType.EVALUATE)
             self.last_eval.bytes_down[client] = content_nbytes(msg.content)
             messages.append(msg)
         return messages
@@ -302,7 +363,8 @@ class FederatedStrategy(Strategy):
         """Per-client metrics stay per client (see ``last_eval``); returns their example-weighted means."""
         good = self._decode(replies, self.last_eval, None)
         keys = sorted({k for r in good for k, v in r.metrics.items() if isinstance(v, float)})
-        means = {k: float(np.mean([r.metrics[k] for r in good if k in r.metrics])) for k in keys}
+        means: dict[str, int | float | list[int] | list[float]] = {
+            k: float(np.mean([r.metrics[k] for r in good if k in r.metrics])) for k in keys}
         return MetricRecord(means)
 
     def summary(self) -> None:
@@ -320,7 +382,8 @@ class FederatedStrategy(Strategy):
         missing = set(self.global_state) - set(tensors)
         if missing:
             raise ValueError(f"checkpoint lacks tensors {sorted(missing)[:3]}")
-        for k, v in tensors.items():
-            if k not in self.global_state or self.global_state[k].shape != v.shape:
-                raise ValueError(f"checkpoint tensor '{k}' does not match the model (shape {v.shape})")
-        self.global_state = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+        unknown = sorted(set(tensors) - set(self.global_state))
+        if unknown:
+            raise ValueError(f"checkpoint tensor '{unknown[0]}' does not match the model (no such tensor)")
+        self.global_state = {k: check_array(k, v, self.global_state[k].shape, what="checkpoint tensor",
+                                            float32=True) for k, v in tensors.items()}

@@ -15,11 +15,12 @@ architecture kept fixed; ``fedmole-h`` fixed and homogeneous (every client the s
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from fedhmoe import keys
 from fedhmoe.algorithms.assignment import (
     InfeasibleAssignment,
     assignment_to_lists,
@@ -32,16 +33,12 @@ from fedhmoe.algorithms.assignment import (
     solve_assignment,
 )
 from fedhmoe.algorithms.base import ClientReply, FederatedStrategy
+from fedhmoe.algorithms.specs import AdapterSpec, ModelFacts, amole_spec
 from fedhmoe.config import Config, ConfigError
-from fedhmoe.models.adapters import AdapterSpec
 from fedhmoe.utils.seeding import numpy_rng
 
 __all__ = ["FedAMoLE", "FedAMoLENoShared", "FedAMoLERandom", "FedMoLE", "FedMoLEHomogeneous"]
 
-_EXPERT = re.compile(r"^(?P<path>.+)\.experts\.(?P<eid>\d+)\.lora_[AB]$")
-_SHARED = re.compile(r"^(?P<path>.+)\.(shared\.lora_[AB]|router\.token_proj)$")
-_EXPERT_EMB = re.compile(r"^(?P<path>.+)\.experts\.(?P<eid>\d+)\.embedding$")
-_CLIENT_EMB = ".router.client_embedding"
 
 
 class FedAMoLE(FederatedStrategy):
@@ -58,13 +55,11 @@ class FedAMoLE(FederatedStrategy):
     use_shared = True
 
     @classmethod
-    def adapter_spec(cls, cfg: Config) -> AdapterSpec:
-        fa, m = cfg.fedamole, cfg.model
-        return AdapterSpec("amole", tuple(fa.lora_targets), m.lora_rank, m.lora_alpha, m.lora_dropout,
-                           num_experts=fa.num_experts, top_k=fa.top_k, use_shared=cls.use_shared)
+    def adapter_spec(cls, cfg: Config, facts: ModelFacts | None = None) -> AdapterSpec:
+        return amole_spec(cfg, use_shared=cls.use_shared)
 
     @classmethod
-    def check_config(cls, cfg: Config) -> None:
+    def check_config(cls, cfg: Config, facts: ModelFacts) -> None:
         fa = cfg.fedamole
         if fa.top_k < 1:
             raise ConfigError("config key 'fedamole.top-k': must be at least 1")
@@ -81,20 +76,22 @@ class FedAMoLE(FederatedStrategy):
             raise ConfigError("config key 'data.aux-fraction': FedAMoLE's RSEA needs an aux (embedding) split; "
                               "set it above 0 (the paper uses 0.04)")
 
-    def __init__(self, cfg: Config, initial_state, node_of, run_config_text: str,  # type: ignore[no-untyped-def]
-                 client_info=None) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(cfg, initial_state, node_of, run_config_text, client_info)
+    def __init__(self, cfg: Config, initial_state: Mapping[str, np.ndarray], node_of: Mapping[int, int],
+                 run_config_text: str, client_info: Mapping[int, Mapping[str, Any]] | None = None,
+                 facts: ModelFacts | None = None) -> None:
+        super().__init__(cfg, initial_state, node_of, run_config_text, client_info, facts)
         fa = cfg.fedamole
         self.num_experts = fa.num_experts
         self.common_keys: dict[str, list[str]] = {}  # module -> shared expert and token projection keys
         self.expert_keys: dict[str, dict[int, list[str]]] = {}  # module -> expert id -> its A and B keys
         for key in sorted(self.global_state):
-            if m := _EXPERT.match(key):
-                self.expert_keys.setdefault(m["path"], {}).setdefault(int(m["eid"]), []).append(key)
-            elif m := _SHARED.match(key):
-                self.common_keys.setdefault(m["path"], []).append(key)
-            else:
+            parsed = keys.parse_amole_key(key)
+            if parsed is None:
                 raise ValueError(f"FedAMoLE does not know the global tensor {key!r}")
+            if parsed.expert is not None:
+                self.expert_keys.setdefault(parsed.path, {}).setdefault(parsed.expert, []).append(key)
+            else:  # the shared expert and the token projection
+                self.common_keys.setdefault(parsed.path, []).append(key)
         self.modules = sorted(self.expert_keys)
         self.client_emb: dict[str, dict[int, np.ndarray]] = {p: {} for p in self.modules}
         self.expert_emb: dict[str, np.ndarray | None] = {p: None for p in self.modules}
@@ -108,7 +105,8 @@ class FedAMoLE(FederatedStrategy):
         out: dict[str, dict[int, list[int]]] = {}
         for j, path in enumerate(self.modules):
             if random:
-                scores = random_scores(self.num_experts, n, numpy_rng(self.cfg.run.seed, "rsea-random", server_round, j))
+                rng = numpy_rng(self.cfg.run.seed, "rsea-random", server_round, j)
+                scores = random_scores(self.num_experts, n, rng)
             else:
                 means = self.expert_emb[path]
                 assert means is not None
@@ -125,21 +123,36 @@ class FedAMoLE(FederatedStrategy):
         """Module -> client -> held expert ids (``assignments/round-<r>.json``)."""
         return {p: {str(c): ids for c, ids in per.items()} for p, per in self.assignment.items()}
 
+    def structure_errors(self) -> list[str]:
+        """Problem C.1's constraints: every expert held by ``clients-per-expert`` clients, every client between the
+        fewest and most experts (exactly ``E c / N`` when homogeneous), per module."""
+        fa, n = self.cfg.fedamole, len(self.clients)
+        errors = []
+        for path, per in self.assignment.items():
+            held = {e: sum(e in ids for ids in per.values()) for e in range(self.num_experts)}
+            errors += [f"{path}: expert {e} held by {h} clients" for e, h in held.items() if h != fa.clients_per_expert]
+            low, high = fa.min_held, fa.max_held
+            if self.homogeneous:
+                low = high = self.num_experts * fa.clients_per_expert // n
+            errors += [f"{path}: client {c} holds {len(ids)} experts" for c, ids in per.items()
+                       if not low <= len(ids) <= high or len(set(ids)) != len(ids)]
+        return errors
+
     def client_keys(self, server_round: int, client: int) -> list[str]:
-        keys: list[str] = []
+        held: list[str] = []
         for path in self.modules:
-            keys += self.common_keys.get(path, [])
+            held += self.common_keys.get(path, [])
             for eid in self.assignment[path][client]:
-                keys += self.expert_keys[path][eid]
-        return sorted(keys)
+                held += self.expert_keys[path][eid]
+        return sorted(held)
 
     def eval_keys(self, server_round: int, client: int) -> list[str]:
         # A client that has not trained yet holds no personal model: send it its current architecture.
         return [] if client in self.trained else self.client_keys(server_round, client)
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
-        return {"load-balance-coef": self.cfg.fedamole.load_balance_coef,
-                "collect-stats": self.scores == "rsea" and not self.static, "dp-eta": self.cfg.fedamole.dp_eta}
+        collect = self.scores == "rsea" and not self.static  # the embeddings RSEA scores with
+        return {"hooks": ("amole-stats",) if collect else (), "dp_eta": self.cfg.fedamole.dp_eta}
 
     def after_aggregate(self, server_round: int, replies: list[ClientReply]) -> None:
         """Keep the embeddings the clients uploaded, then reassign experts for the next round."""
@@ -152,12 +165,14 @@ class FedAMoLE(FederatedStrategy):
         uploads: dict[str, dict[int, dict[int, np.ndarray]]] = {p: {} for p in self.modules}
         for rep in replies:
             for key, value in rep.stats.items():
-                if key.endswith(_CLIENT_EMB):
-                    path = key[: -len(_CLIENT_EMB)]
-                    if path in self.client_emb:
-                        self.client_emb[path][rep.client] = np.asarray(value, np.float64)
-                elif (m := _EXPERT_EMB.match(key)) and m["path"] in uploads:
-                    uploads[m["path"]].setdefault(rep.client, {})[int(m["eid"])] = value
+                stat = keys.parse_amole_stat_key(key)
+                if stat is None:
+                    continue
+                if stat.expert is None:  # the client's mean token projection
+                    if stat.path in self.client_emb:
+                        self.client_emb[stat.path][rep.client] = np.asarray(value, np.float64)
+                elif stat.path in uploads:
+                    uploads[stat.path].setdefault(rep.client, {})[stat.expert] = value
         if not any(uploads.values()):
             return  # nobody uploaded statistics: keep the architecture
         for path in self.modules:
@@ -170,14 +185,15 @@ class FedAMoLE(FederatedStrategy):
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         tensors, meta = super().state_dict()
         for path in self.modules:
-            if self.expert_emb[path] is not None:
-                tensors[f"rsea-expert-emb:{path}"] = self.expert_emb[path].astype(np.float32)
+            emb = self.expert_emb[path]
+            if emb is not None:
+                tensors[f"rsea-expert-emb:{path}"] = emb.astype(np.float32)
             for c, v in self.client_emb[path].items():
                 tensors[f"rsea-client-emb:{c}:{path}"] = v.astype(np.float32)
         meta |= {"assignment": self.structure(), "trained": sorted(self.trained)}
         return tensors, meta
 
-    def load_state_dict(self, tensors, meta) -> None:  # type: ignore[no-untyped-def]
+    def load_state_dict(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         super().load_state_dict({k: v for k, v in tensors.items() if not k.startswith("rsea-")}, meta)
         for key, value in tensors.items():
             if key.startswith("rsea-expert-emb:"):

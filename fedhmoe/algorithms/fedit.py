@@ -39,7 +39,7 @@ class FedProx(FedIT):
     trains_moe_backbones = True
 
     def train_config(self, server_round: int, client: int) -> dict[str, Any]:
-        return {"proximal-mu": self.cfg.algorithm.proximal_mu}
+        return {"proximal_mu": self.cfg.algorithm.proximal_mu}
 
 
 class LocalOnly(FederatedStrategy):

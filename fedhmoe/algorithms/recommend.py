@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from fedhmoe.algorithms.submoe_search import _as_int, _as_profile
+from fedhmoe.algorithms.checks import as_int, as_profile
 
 __all__ = [
     "ACTIONS",
@@ -95,18 +95,18 @@ def neighbour_scores(
     Raises:
         ValueError: ``k`` has no profile, no other client has one, profiles differ in shape or are invalid.
     """
-    n_top = _as_int(top_k, "top_k")
+    n_top = as_int(top_k, "top_k")
     if n_top < 1:
         raise ValueError(f"top_k must be at least 1, got {n_top}")
     if k not in profiles:
         raise ValueError(f"client {k} has no profile")
-    own = _as_profile(profiles[k], f"profile of client {k}")
+    own = as_profile(profiles[k], f"profile of client {k}")
     others = sorted(a for a in profiles if a != k)
     if not others:
         raise ValueError(f"client {k}: no other client has a profile")
     checked: dict[int, np.ndarray] = {}
     for a in others:
-        arr = _as_profile(profiles[a], f"profile of client {a}")
+        arr = as_profile(profiles[a], f"profile of client {a}")
         if arr.shape != own.shape:
             raise ValueError(f"profile of client {a} has shape {arr.shape}, client {k}'s has {own.shape}")
         checked[a] = arr
@@ -187,10 +187,10 @@ class RecommendState:
         best = data.get("best")
         return cls(
             best=None if best is None else float(best),
-            rounds_since_best=_as_int(data.get("rounds_since_best", 0), "rounds_since_best"),
+            rounds_since_best=as_int(data.get("rounds_since_best", 0), "rounds_since_best"),
             frozen=bool(data.get("frozen", False)),
             trial=trial,
-            failures=_as_int(data.get("failures", 0), "failures"),
+            failures=as_int(data.get("failures", 0), "failures"),
         )
 
 
@@ -217,7 +217,7 @@ class RecommendConfig:
     def __post_init__(self) -> None:
         for name, low in (("patience", 1), ("neighbours", 1), ("max_step", 0), ("min_per_layer", 1),
                           ("confirm_failures", 1)):
-            value = _as_int(getattr(self, name), name)
+            value = as_int(getattr(self, name), name)
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
         if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
@@ -252,6 +252,8 @@ def recommend(
 ) -> tuple[list[list[int]], str]:
     """Decide client ``k``'s structure after a participation with validation score ``score``.
 
+    The steps are those of the module docstring: frozen, pending trial, plateau, adjustment.
+
     Args:
         k: The client.
         score: Its validation score this round (higher is better).
@@ -272,89 +274,122 @@ def recommend(
     s = float(score)
     if not math.isfinite(s):
         raise ValueError(f"client {k}: score must be finite, got {score!r}")
-    limit = _as_int(max_experts, "max_experts")
+    limit = as_int(max_experts, "max_experts")
     current = _copy_held(held)
-
     if state.frozen:
         return current, "frozen"
-
     if state.trial is not None:
-        before = float(state.trial["score"])
-        if s > before + cfg.min_delta:
-            state.trial = None
-            state.failures = 0
-            state.best = s if state.best is None else max(state.best, s)
-            state.rounds_since_best = 0
-            return current, "keep"
-        reverted = _copy_held(state.trial["held"])
-        state.trial = None
-        state.failures += 1
-        state.rounds_since_best = 0
-        if state.failures >= cfg.confirm_failures:
-            state.frozen = True
-        return reverted, "revert"
-
-    if state.best is None or s > state.best + cfg.min_delta:
-        state.best = s
-        state.rounds_since_best = 0
-    else:
-        state.rounds_since_best += 1
-    if state.rounds_since_best < cfg.patience:
+        return _judge_trial(state, state.trial, s, cfg, current)
+    if not _plateau_reached(state, s, cfg):
         return current, "wait"
-
-    if k not in profiles:
-        raise ValueError(f"client {k} has no profile")
-    shape = np.shape(profiles[k])
-    if len(shape) != 2:
-        raise ValueError(f"profile of client {k} must be 2-D, got shape {shape}")
-    current = _check_held(held, shape, k)  # (checked against the profile's shape)
-    own = sum(len(layer) for layer in current)
-    if k in counts and int(counts[k]) != own:
-        raise ValueError(f"client {k}: counts says {counts[k]} experts, held has {own}")
-
+    current, own = _checked_structure(k, held, profiles, counts)
     # A decision is taken now: the next one waits for another plateau.
     state.rounds_since_best = 0
     if not any(a != k for a in profiles):
         return current, "none"
     ref, _, p_tilde = neighbour_scores(k, profiles, cfg.neighbours)
+    n = _step_size(k, ref, counts, own, cfg.max_step)
+    if n > 0:
+        new, action = _add_experts(current, p_tilde, min(n, limit - own)), "add"
+    elif n < 0:
+        new, action = _remove_experts(current, p_tilde, -n, cfg.min_per_layer), "remove"
+    else:
+        new, action = None, "none"
+    if new is None:
+        return current, "none"
+    state.trial = {"held": _copy_held(current), "score": s}
+    return _copy_held(new), action
+
+
+def _judge_trial(state: RecommendState, trial: Mapping[str, Any], s: float, cfg: RecommendConfig,
+                 current: list[list[int]]) -> tuple[list[list[int]], str]:
+    """Step 2: keep the tried structure when ``s`` beats the score before it by ``min_delta``, else revert it
+    and count the failure (``confirm_failures`` in a row freeze the client)."""
+    before = float(trial["score"])
+    if s > before + cfg.min_delta:
+        state.trial = None
+        state.failures = 0
+        state.best = s if state.best is None else max(state.best, s)
+        state.rounds_since_best = 0
+        return current, "keep"
+    reverted = _copy_held(trial["held"])
+    state.trial = None
+    state.failures += 1
+    state.rounds_since_best = 0
+    if state.failures >= cfg.confirm_failures:
+        state.frozen = True
+    return reverted, "revert"
+
+
+def _plateau_reached(state: RecommendState, s: float, cfg: RecommendConfig) -> bool:
+    """Step 3: record ``s`` against the best score; True after ``patience`` participations without improving."""
+    if state.best is None or s > state.best + cfg.min_delta:
+        state.best = s
+        state.rounds_since_best = 0
+    else:
+        state.rounds_since_best += 1
+    return state.rounds_since_best >= cfg.patience
+
+
+def _checked_structure(k: int, held: Sequence[Sequence[int]], profiles: Mapping[int, np.ndarray],
+                       counts: Mapping[int, int]) -> tuple[list[list[int]], int]:
+    """``k``'s held experts checked against its profile's shape and ``counts``, and their total."""
+    if k not in profiles:
+        raise ValueError(f"client {k} has no profile")
+    shape = np.shape(profiles[k])
+    if len(shape) != 2:
+        raise ValueError(f"profile of client {k} must be 2-D, got shape {shape}")
+    current = _check_held(held, shape, k)
+    own = sum(len(layer) for layer in current)
+    if k in counts and int(counts[k]) != own:
+        raise ValueError(f"client {k}: counts says {counts[k]} experts, held has {own}")
+    return current, own
+
+
+def _step_size(k: int, ref: Sequence[int], counts: Mapping[int, int], own: int, max_step: int) -> int:
+    """Step 4's ``n = round(mean neighbour expert count - own count)`` (halves away from zero), within
+    ``+-max_step`` when ``max_step > 0``."""
     missing = [a for a in ref if a not in counts]
     if missing:
         raise ValueError(f"client {k}: expert counts missing for neighbour(s) {missing}")
     n = _round_half_away(float(np.mean([counts[a] for a in ref])) - own)
-    if cfg.max_step > 0:
-        n = max(-cfg.max_step, min(cfg.max_step, n))
-    if n == 0:
-        return current, "none"
+    if max_step > 0:
+        n = max(-max_step, min(max_step, n))
+    return n
 
+
+def _add_experts(current: list[list[int]], p_tilde: np.ndarray, room: int) -> list[list[int]] | None:
+    """Step 4, ``n > 0``: add up to ``room`` missing experts with the highest ``p~ > 0`` across all layers
+    (ties: lower layer, then lower id); None when there is none or no room."""
     num_layers, num_experts = p_tilde.shape
-    if n > 0:
-        room = min(n, limit - own)
-        held_sets = [set(layer) for layer in current]
-        cand = [(float(p_tilde[i, j]), i, j) for i in range(num_layers) for j in range(num_experts)
-                if j not in held_sets[i] and p_tilde[i, j] > 0]
-        cand.sort(key=lambda t: (-t[0], t[1], t[2]))
-        picked = cand[: max(room, 0)]
-        if not picked:
-            return current, "none"
-        new = [list(layer) for layer in current]
-        for _, i, j in picked:
-            new[i].append(j)
-        action = "add"
-    else:
-        spare = [len(layer) - cfg.min_per_layer for layer in current]  # (L,) experts each layer can give up
-        cand = sorted(((float(p_tilde[i, j]), i, j) for i in range(num_layers) for j in current[i]),
-                      key=lambda t: (t[0], t[1], t[2]))
-        drop: set[tuple[int, int]] = set()
-        for _, i, j in cand:
-            if len(drop) == -n:
-                break
-            if spare[i] > 0:
-                spare[i] -= 1
-                drop.add((i, j))
-        if not drop:
-            return current, "none"
-        new = [[j for j in current[i] if (i, j) not in drop] for i in range(num_layers)]
-        action = "remove"
+    held_sets = [set(layer) for layer in current]
+    cand = [(float(p_tilde[i, j]), i, j) for i in range(num_layers) for j in range(num_experts)
+            if j not in held_sets[i] and p_tilde[i, j] > 0]
+    cand.sort(key=lambda t: (-t[0], t[1], t[2]))
+    picked = cand[: max(room, 0)]
+    if not picked:
+        return None
+    new = [list(layer) for layer in current]
+    for _, i, j in picked:
+        new[i].append(j)
+    return new
 
-    state.trial = {"held": _copy_held(current), "score": s}
-    return _copy_held(new), action
+
+def _remove_experts(current: list[list[int]], p_tilde: np.ndarray, count: int, min_per_layer: int
+                    ) -> list[list[int]] | None:
+    """Step 4, ``n < 0``: drop up to ``count`` held experts with the lowest ``p~`` (ties: lower layer, then lower
+    id), never leaving a layer below ``min_per_layer``; None when no layer can give one up."""
+    num_layers = p_tilde.shape[0]
+    spare = [len(layer) - min_per_layer for layer in current]  # (L,) experts each layer can give up
+    cand = sorted(((float(p_tilde[i, j]), i, j) for i in range(num_layers) for j in current[i]),
+                  key=lambda t: (t[0], t[1], t[2]))
+    drop: set[tuple[int, int]] = set()
+    for _, i, j in cand:
+        if len(drop) == count:
+            break
+        if spare[i] > 0:
+            spare[i] -= 1
+            drop.add((i, j))
+    if not drop:
+        return None
+    return [[j for j in current[i] if (i, j) not in drop] for i in range(num_layers)]

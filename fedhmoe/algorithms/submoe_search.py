@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import heapq
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from fedhmoe.algorithms.checks import as_int, as_profile
 
 __all__ = [
     "METHODS",
@@ -67,31 +68,8 @@ class SearchError(ValueError):
 # --------------------------------------------------------------------------------------------- validation
 
 
-def _as_int(value: int, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
-
-
-def _as_profile(profile: np.ndarray, name: str = "profile") -> np.ndarray:
-    """Return ``profile`` as a float64 (L, E) array after checking its shape and values."""
-    arr = np.asarray(profile, dtype=np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (layers x experts) array, got {arr.ndim} dimension(s)")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one layer and one expert, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} has non-finite entries")
-    if np.any(arr < 0):
-        raise ValueError(f"{name} has negative entries (smallest {float(arr.min())!r})")
-    return arr
-
-
 def _check_min_per_layer(min_per_layer: int, num_experts: int) -> int:
-    m = _as_int(min_per_layer, "min_per_layer")
+    m = as_int(min_per_layer, "min_per_layer")
     if m < 1:
         raise ValueError(f"min_per_layer must be at least 1, got {m}")
     if m > num_experts:
@@ -118,7 +96,7 @@ def normalize_profile(counts: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: ``counts`` is not 2-D, is empty, or has negative or non-finite entries.
     """
-    arr = _as_profile(counts, "counts")
+    arr = as_profile(counts, "counts")
     totals = arr.sum(axis=1, keepdims=True)  # (L, 1)
     out = np.full(arr.shape, 1.0 / arr.shape[1])  # (L, E), uniform rows for layers without tokens
     seen = totals[:, 0] > 0  # (L,)
@@ -152,14 +130,11 @@ def estimate_profiles(
         SearchError: A client without a profile has no task label, or no profiled client shares its task.
         ValueError: Profiles of different shapes, invalid profile values, or a missing or negative size.
     """
-    checked = {a: _as_profile(p, f"profile of client {a}") for a, p in profiles.items()}
+    checked = {a: as_profile(p, f"profile of client {a}") for a, p in profiles.items()}
     shapes = {p.shape for p in checked.values()}
     if len(shapes) > 1:
         raise ValueError(f"profiles have different shapes: {sorted(shapes)}")
-    by_task: dict[str, list[int]] = {}
-    for a in sorted(checked):
-        if a in tasks:
-            by_task.setdefault(tasks[a], []).append(a)
+    by_task = _profiled_by_task(checked, tasks)
     out: dict[int, np.ndarray] = {}
     for k in clients:
         if k in checked:
@@ -167,25 +142,39 @@ def estimate_profiles(
             continue
         if k not in tasks:
             raise SearchError(f"client {k}: no profile and no task label to estimate one from")
-        task = tasks[k]
-        donors = by_task.get(task, [])
+        donors = by_task.get(tasks[k], [])
         if not donors:
             raise SearchError(
-                f"client {k}: no profile, and none of the {len(checked)} profiled clients has its task {task!r}")
-        weights = []
-        for a in donors:
-            if a not in sizes:
-                raise ValueError(f"client {a}: data size missing (needed to estimate the profile of client {k})")
-            w = float(sizes[a])
-            if not math.isfinite(w) or w < 0:
-                raise ValueError(f"client {a}: data size must be a non-negative number, got {sizes[a]!r}")
-            weights.append(w)
-        w_arr = np.asarray(weights)  # (A,)
-        if w_arr.sum() <= 0:
-            w_arr = np.ones_like(w_arr)
-        stack = np.stack([checked[a] for a in donors])  # (A, L, E)
-        out[k] = np.tensordot(w_arr / w_arr.sum(), stack, axes=1)  # (L, E)
+                f"client {k}: no profile, and none of the {len(checked)} profiled clients has its task {tasks[k]!r}")
+        out[k] = _size_weighted_mean(k, donors, checked, sizes)
     return out
+
+
+def _profiled_by_task(checked: Mapping[int, np.ndarray], tasks: Mapping[int, str]) -> dict[str, list[int]]:
+    """Task label -> the profiled clients with that label, in increasing id order."""
+    by_task: dict[str, list[int]] = {}
+    for a in sorted(checked):
+        if a in tasks:
+            by_task.setdefault(tasks[a], []).append(a)
+    return by_task
+
+
+def _size_weighted_mean(k: int, donors: Sequence[int], checked: Mapping[int, np.ndarray],
+                        sizes: Mapping[int, int]) -> np.ndarray:
+    """``sum_a |D_a| p_a / sum_a |D_a|`` over ``donors`` (uniform weights when every size is 0), for client ``k``."""
+    weights = []
+    for a in donors:
+        if a not in sizes:
+            raise ValueError(f"client {a}: data size missing (needed to estimate the profile of client {k})")
+        w = float(sizes[a])
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"client {a}: data size must be a non-negative number, got {sizes[a]!r}")
+        weights.append(w)
+    w_arr = np.asarray(weights)  # (A,)
+    if w_arr.sum() <= 0:
+        w_arr = np.ones_like(w_arr)
+    stack = np.stack([checked[a] for a in donors])  # (A, L, E)
+    return np.tensordot(w_arr / w_arr.sum(), stack, axes=1)  # (L, E)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -219,8 +208,8 @@ class MemoryModel:
     activation_bytes_per_expert: float = 0.0
 
     def __post_init__(self) -> None:
-        dense = _as_int(self.dense_params, "dense_params")
-        expert = _as_int(self.expert_params, "expert_params")
+        dense = as_int(self.dense_params, "dense_params")
+        expert = as_int(self.expert_params, "expert_params")
         if dense < 0:
             raise ValueError(f"dense_params must be non-negative, got {dense}")
         if expert < 1:
@@ -269,7 +258,7 @@ class MemoryModel:
         Returns:
             The estimate in bytes.
         """
-        n = _as_int(num_experts, "num_experts")
+        n = as_int(num_experts, "num_experts")
         if n < 0:
             raise ValueError(f"num_experts must be non-negative, got {n}")
         return self.fixed_bytes + n * self.bytes_per_expert
@@ -329,7 +318,7 @@ def _held(order: np.ndarray, counts: np.ndarray) -> list[list[int]]:
 
 
 def _check_budget(num_layers: int, max_experts: int, min_per_layer: int) -> int:
-    b = _as_int(max_experts, "max_experts")
+    b = as_int(max_experts, "max_experts")
     need = num_layers * min_per_layer
     if need > b:
         raise SearchError(
@@ -353,7 +342,7 @@ def min_submodel(theta: float, profile: np.ndarray, min_per_layer: int = 1) -> l
     Returns:
         Sorted expert ids per layer.
     """
-    p = _as_profile(profile)
+    p = as_profile(profile)
     t = float(theta)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"theta must lie in [0, 1], got {theta!r}")
@@ -383,7 +372,7 @@ def binary_search(
     Raises:
         SearchError: ``L * min_per_layer > max_experts``.
     """
-    p = _as_profile(profile)
+    p = as_profile(profile)
     t = float(tol)
     if not 0.0 < t < 1.0:
         raise ValueError(f"tol must lie in (0, 1), got {tol!r}")
@@ -429,7 +418,7 @@ def water_fill(profile: np.ndarray, max_experts: int, min_per_layer: int = 1) ->
     Raises:
         SearchError: ``L * min_per_layer > max_experts``.
     """
-    p = _as_profile(profile)
+    p = as_profile(profile)
     m = _check_min_per_layer(min_per_layer, p.shape[1])
     budget = _check_budget(p.shape[0], max_experts, m)
     order, cum, nonzero = _layer_orders(p)
@@ -487,7 +476,7 @@ def search_submoe(
     budget = float(budget_bytes)
     if not (math.isfinite(budget) and budget >= 0):
         raise ValueError(f"budget_bytes must be a non-negative number, got {budget_bytes!r}")
-    p = _as_profile(profile)
+    p = as_profile(profile)
     num_layers, num_experts = p.shape
     m = _check_min_per_layer(min_per_layer, num_experts)
     available = r * budget

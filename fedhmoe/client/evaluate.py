@@ -101,9 +101,9 @@ def evaluate_examples(
         scores += correct
     if gen_ex:
         preds = generate(model, formatter, gen_ex, cfg, device)
-        out["exact-match"] = float(np.mean([exact_match(p, ex.answer) for p, ex in zip(preds, gen_ex)]))
-        out["rouge-l"] = float(np.mean([rouge_l(p, ex.answer) for p, ex in zip(preds, gen_ex)]))
-        scores += [generated_score(p, ex) for p, ex in zip(preds, gen_ex)]
+        out["exact-match"] = float(np.mean([exact_match(p, ex.answer) for p, ex in zip(preds, gen_ex, strict=True)]))
+        out["rouge-l"] = float(np.mean([rouge_l(p, ex.answer) for p, ex in zip(preds, gen_ex, strict=True)]))
+        scores += [generated_score(p, ex) for p, ex in zip(preds, gen_ex, strict=True)]
     out["score"] = float(np.mean(scores))
     out["num-examples"] = float(len(examples))
     return out

@@ -21,6 +21,7 @@ from torch import nn
 from fedhmoe.client.train import lm_forward
 from fedhmoe.data.format import PromptFormatter
 from fedhmoe.data.types import Example
+from fedhmoe.models import moe
 from fedhmoe.models.amole import collect_embeddings, embedding_stats, token_mask
 
 __all__ = ["amole_embeddings", "metric_dp_noise", "moe_activation_profile"]
@@ -51,8 +52,6 @@ def moe_activation_profile(
     """Activation profile by MoE block path: per block, the share ``(num_experts,)`` of routed token slots per
     global expert over ``examples`` (sums to 1; all zero for a block that saw no token). Keyed by path, so that
     encoder and decoder blocks cannot be confused on the server."""
-    from fedhmoe.models import moe
-
     if not examples:
         raise ValueError("no examples to profile the experts on")
     rec = moe.install_recorder(model)

@@ -135,6 +135,26 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], label_sm
     return nn.functional.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
+def _next_indices(order: list[int], n: int, batch_size: int,
+                  rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """The next batch's example indices and the rest of the order (a new permutation whenever it runs short)."""
+    if len(order) < batch_size:
+        order = order + [int(i) for i in rng.permutation(n)]
+    return order[:batch_size], order[batch_size:]
+
+
+def _record_and_offset_gradients(params: Mapping[str, nn.Parameter], grad_sum: dict[str, torch.Tensor],
+                                 grad_offset: Mapping[str, torch.Tensor]) -> None:
+    """Add each raw gradient to ``grad_sum``, then ``grad_offset`` to the gradients (SCAFFOLD's correction)."""
+    with torch.no_grad():
+        for k, p in params.items():
+            if p.grad is not None:
+                grad_sum[k] = p.grad.detach().clone() if k not in grad_sum else grad_sum[k] + p.grad
+        for k, off in grad_offset.items():
+            p = params[k]
+            p.grad = off.clone() if p.grad is None else p.grad.add_(off)
+
+
 def train_local(
     model: nn.Module,
     params: Mapping[str, nn.Parameter],
@@ -184,9 +204,7 @@ def train_local(
     losses = []
     grad_sum: dict[str, torch.Tensor] | None = {} if grad_offset is not None else None
     for _ in range(cfg.local_steps):
-        if len(order) < cfg.batch_size:
-            order += [int(i) for i in rng.permutation(len(encoded))]
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        idx, order = _next_indices(order, len(encoded), cfg.batch_size, rng)
         batch = {k: v.to(device) for k, v in formatter.collate_train([encoded[i] for i in idx]).items()}
         with forward_context(batch) if forward_context else nullcontext():
             loss = causal_lm_loss(model, batch, label_smoothing)
@@ -197,13 +215,7 @@ def train_local(
         opt.zero_grad(set_to_none=True)
         total.backward()
         if grad_sum is not None:
-            with torch.no_grad():
-                for k, p in params.items():
-                    if p.grad is not None:
-                        grad_sum[k] = p.grad.detach().clone() if k not in grad_sum else grad_sum[k] + p.grad
-                for k, off in (grad_offset or {}).items():
-                    p = params[k]
-                    p.grad = off.clone() if p.grad is None else p.grad.add_(off)
+            _record_and_offset_gradients(params, grad_sum, grad_offset or {})
         if cfg.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         opt.step()

@@ -7,6 +7,7 @@ fetched from the network.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -128,7 +129,7 @@ _CONVERTERS: dict[str, Callable[[dict[str, Any], str], Example | None]] = {
 
 @contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    import datasets
+    import datasets  # heavy (pyarrow, pandas): loaded only when a Hub source is read
 
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -156,7 +157,7 @@ def _data_files(root: Path) -> list[Path]:
 
 def _tables(root: Path) -> Iterator[tuple[str, Any]]:
     """Yield (name, datasets.Dataset) for every table under ``root``."""
-    import datasets
+    import datasets  # heavy: loaded only when a Hub source is read
 
     if root.is_dir() and ((root / "dataset_dict.json").is_file() or (root / "state.json").is_file()):
         loaded = datasets.load_from_disk(str(root))
@@ -259,8 +260,6 @@ def load_hub_mix(path: str, sources: list[str]) -> list[Example]:
     Returns:
         The examples of every source, source by source.
     """
-    import dataclasses
-
     if not sources:
         raise ValueError("the hub-mix source needs data.tasks: the Hub datasets to mix, e.g. ['ag-news', 'squad']")
     root = Path(path).expanduser()

@@ -18,13 +18,7 @@ def join_prompt(instruction: str, input_text: str = "") -> str:
 
 def jsonl_client_id(example: Example) -> int | None:
     """The ``client_id`` a jsonl row carried, or None."""
-    if not example.meta:
-        return None
-    try:
-        meta = json.loads(example.meta)
-    except json.JSONDecodeError:
-        return None
-    cid = meta.get("client_id") if isinstance(meta, dict) else None
+    cid = example.meta_fields().get("client_id")
     return cid if isinstance(cid, int) and not isinstance(cid, bool) else None
 
 

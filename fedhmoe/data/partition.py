@@ -165,7 +165,7 @@ def partition_task(
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for name in sorted(holders):
         idx = rng.permutation(np.flatnonzero(arr == name))
-        for client, chunk in zip(holders[name], np.array_split(idx, len(holders[name]))):
+        for client, chunk in zip(holders[name], np.array_split(idx, len(holders[name])), strict=True):
             parts[client].append(chunk)
     out = _sorted_lists([np.concatenate(p) for p in parts])
     empty = [c for c, p in enumerate(out) if not p]
@@ -207,7 +207,7 @@ def partition_task_dirichlet(
             sub = partition_dirichlet([labels[i] for i in idx], len(holders[name]), alpha, min_size, rng)
         except ValueError as e:
             raise ValueError(f"task {name!r}: {e}") from e
-        for client, part in zip(holders[name], sub):
+        for client, part in zip(holders[name], sub, strict=True):
             out[client] = sorted(int(idx[j]) for j in part)
     return out
 

@@ -2,7 +2,8 @@
 
 Each entry is stored whole in :attr:`Example.meta` as JSON so the family's scorer can be called later
 in any process. Tuples are written as ``{"__tuple__": [...]}`` so that scorers comparing against tuples
-(e.g. ARC boards) see the same values after a round trip; :func:`decode_meta` restores them.
+(e.g. ARC boards) see the same values after a round trip; :func:`decode_meta` (kept in
+:mod:`fedhmoe.data.types`, beside :class:`Example`, and re-exported here) restores them.
 """
 
 from __future__ import annotations
@@ -14,21 +15,21 @@ import math
 import os
 import subprocess
 import sys
-from functools import lru_cache
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import cache, lru_cache
+from typing import Any
 
-from fedhmoe.data.types import Example
+from fedhmoe.data.types import META_TUPLE_KEY, Example, decode_meta
 from fedhmoe.utils.seeding import derive_seed
 
 __all__ = ["decode_meta", "encode_meta", "family_seed", "known_families", "load_reasoning_gym", "score_reasoning_gym"]
 
-_TUPLE_KEY = "__tuple__"
 _RESERVED_OPTIONS = ("seed", "size")
 
 
 @lru_cache(maxsize=1)
 def _known_families() -> tuple[str, ...]:
-    from reasoning_gym.factory import DATASETS
+    from reasoning_gym.factory import DATASETS  # imports every generator (seconds): only when asked
 
     return tuple(sorted(DATASETS))
 
@@ -46,7 +47,7 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, tuple):
-        return {_TUPLE_KEY: [_json_safe(v) for v in obj]}
+        return {META_TUPLE_KEY: [_json_safe(v) for v in obj]}
     if isinstance(obj, list):
         return [_json_safe(v) for v in obj]
     if isinstance(obj, (set, frozenset)):
@@ -64,12 +65,6 @@ def _json_safe(obj: Any) -> Any:
     return str(obj)
 
 
-def _restore_tuples(d: dict[str, Any]) -> Any:
-    if len(d) == 1 and _TUPLE_KEY in d and isinstance(d[_TUPLE_KEY], list):
-        return tuple(d[_TUPLE_KEY])
-    return d
-
-
 def encode_meta(entry: dict[str, Any]) -> str:
     """Serialise a reasoning-gym entry (question, answer, metadata) as JSON text.
 
@@ -83,28 +78,13 @@ def encode_meta(entry: dict[str, Any]) -> str:
     return json.dumps(_json_safe(body), ensure_ascii=False)
 
 
-def decode_meta(meta: str) -> dict[str, Any]:
-    """Parse :attr:`Example.meta` back into a dict (tagged tuples become tuples again).
-
-    Args:
-        meta: JSON text, possibly empty.
-
-    Returns:
-        The decoded dict; ``{}`` for empty text.
-    """
-    if not meta:
-        return {}
-    out = json.loads(meta, object_hook=_restore_tuples)
-    return out if isinstance(out, dict) else {"value": out}
-
-
 def family_seed(seed: int, family: str) -> int:
     """The 32-bit generation seed of one family, derived from the run seed."""
     return derive_seed(seed, "data:" + family) & 0xFFFFFFFF
 
 
 def _config_fields(family: str) -> set[str]:
-    from reasoning_gym.factory import DATASETS
+    from reasoning_gym.factory import DATASETS  # imports every generator (seconds): only when asked
 
     _, config_cls = DATASETS[family]
     return {f.name for f in dataclasses.fields(config_cls)}
@@ -174,7 +154,7 @@ def load_reasoning_gym(
 
 def _generate(families: list[str], n: int, task_options: dict[str, dict], seed: int) -> list[dict[str, str]]:
     """Generate entries in this process (rows of family, uid, question, answer, meta)."""
-    import reasoning_gym
+    import reasoning_gym  # slow to import (every generator): loaded only when tasks are generated or scored
 
     rows = []
     for family in families:
@@ -217,9 +197,9 @@ def _generate_deterministic(
     return json.loads(proc.stdout)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _score_fn(family: str) -> Callable[[str, dict[str, Any]], float]:
-    import reasoning_gym
+    import reasoning_gym  # slow to import (every generator): loaded only when tasks are generated or scored
 
     return reasoning_gym.get_score_answer_fn(family)
 
@@ -237,7 +217,7 @@ def score_reasoning_gym(prediction: str, example: Example) -> float:
     Returns:
         The score in ``[0, 1]``; 0.0 if the scorer fails on this prediction.
     """
-    entry = decode_meta(example.meta)
+    entry = example.meta_fields()
     if not entry:
         raise ValueError(f"example {example.uid or example.task!r} has no reasoning-gym entry in meta")
     metadata = entry.get("metadata") or {}

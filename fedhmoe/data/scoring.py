@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 import string
 
+from fedhmoe.data.reasoning_gym import known_families, score_reasoning_gym
 from fedhmoe.data.types import Example
+from fedhmoe.evaluation.metrics import rouge_2, rouge_l, token_f1
 
 __all__ = ["generated_score", "is_reasoning_gym", "match_choice", "normalize", "score_answer"]
 
@@ -21,20 +22,11 @@ def normalize(text: str) -> str:
 
 def is_reasoning_gym(example: Example) -> bool:
     """Whether the example carries a reasoning-gym entry its family scorer can judge."""
-    if not example.meta:
-        return False
-    try:
-        meta = json.loads(example.meta)
-    except json.JSONDecodeError:
-        return False
-    if not isinstance(meta, dict):
-        return False
+    meta = example.meta_fields()
     metadata = meta.get("metadata")
     if "source_dataset" in meta or (isinstance(metadata, dict) and "source_dataset" in metadata):
         return True
     if "question" in meta and "answer" in meta:
-        from fedhmoe.data.reasoning_gym import known_families
-
         return example.task in known_families()
     return False
 
@@ -82,8 +74,6 @@ def score_answer(prediction: str, example: Example) -> float:
         The score.
     """
     if is_reasoning_gym(example):
-        from fedhmoe.data.reasoning_gym import score_reasoning_gym
-
         return score_reasoning_gym(prediction, example)
     if example.choices:
         idx = match_choice(prediction, example.choices)
@@ -94,15 +84,10 @@ def score_answer(prediction: str, example: Example) -> float:
 def generated_score(prediction: str, example: Example) -> float:
     """The primary score of a generated answer: the family's scorer for reasoning-gym, the FedMoE paper's metrics
     for its Hub tasks (SQuAD: token F1 against every reference answer; XSum: ROUGE-2 F1), ROUGE-L F1 otherwise."""
-    from fedhmoe.evaluation.metrics import rouge_2, rouge_l, token_f1
-
     if is_reasoning_gym(example):
         return score_answer(prediction, example)
     if example.task == "squad":
-        try:
-            refs = json.loads(example.meta).get("answers") if example.meta else None
-        except (json.JSONDecodeError, AttributeError):
-            refs = None
+        refs = example.meta_fields().get("answers")
         return token_f1(prediction, [str(r) for r in refs] if isinstance(refs, list) and refs else example.answer)
     if example.task == "xsum":
         return rouge_2(prediction, example.answer)

@@ -7,17 +7,19 @@ import json
 import math
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from fedhmoe.config import Config, DataConfig
+from fedhmoe.data.hub import load_hub, load_hub_mix
+from fedhmoe.data.jsonl import jsonl_client_id, load_jsonl
 from fedhmoe.data.partition import partition
+from fedhmoe.data.reasoning_gym import load_reasoning_gym
 from fedhmoe.data.types import SPLITS, ClientData, Example
 from fedhmoe.utils.seeding import numpy_rng
-
-if TYPE_CHECKING:
-    from fedhmoe.config import Config, DataConfig
 
 __all__ = ["build_federated_data", "clear_cache", "client_data", "load_examples", "split_pool"]
 
@@ -116,6 +118,38 @@ def _remember(cache: OrderedDict, key: str, value: Any) -> None:
         cache.popitem(last=False)
 
 
+def _load_reasoning_gym(data: DataConfig, seed: int) -> list[Example]:
+    return load_reasoning_gym(list(data.tasks), data.examples_per_task, dict(data.task_options), seed)
+
+
+def _load_jsonl(data: DataConfig, seed: int) -> list[Example]:
+    examples = load_jsonl(data.path)
+    if not data.tasks:
+        return examples
+    keep = set(data.tasks)
+    kept = [ex for ex in examples if ex.task in keep]
+    if not kept:
+        found = sorted({ex.task for ex in examples})
+        raise ValueError(
+            f"no examples of {data.path} have a category in data.tasks {sorted(keep)}; the file has "
+            f"categories {found[:20]}; set data.tasks = [] to keep all"
+        )
+    return kept
+
+
+def _load_hub_mix(data: DataConfig, seed: int) -> list[Example]:
+    return load_hub_mix(data.path, list(data.tasks))
+
+
+def _load_hub(data: DataConfig, seed: int) -> list[Example]:
+    return load_hub(data.source, data.path, list(data.tasks))
+
+
+#: ``data.source`` -> its loader; every other source name is one of the papers' Hub datasets.
+_LOADERS: dict[str, Callable[[DataConfig, int], list[Example]]] = {
+    "reasoning-gym": _load_reasoning_gym, "jsonl": _load_jsonl, "hub-mix": _load_hub_mix}
+
+
 def load_examples(data: DataConfig, seed: int) -> list[Example]:
     """Load (and filter by ``data.tasks``) the whole example pool of a data config.
 
@@ -130,39 +164,12 @@ def load_examples(data: DataConfig, seed: int) -> list[Example]:
     if key in _examples_cache:
         _examples_cache.move_to_end(key)
         return _examples_cache[key]
-    if data.source == "reasoning-gym":
-        from fedhmoe.data.reasoning_gym import load_reasoning_gym
-
-        examples = load_reasoning_gym(list(data.tasks), data.examples_per_task, dict(data.task_options), seed)
-    elif data.source == "jsonl":
-        from fedhmoe.data.jsonl import load_jsonl
-
-        examples = load_jsonl(data.path)
-        if data.tasks:
-            keep = set(data.tasks)
-            kept = [ex for ex in examples if ex.task in keep]
-            if not kept:
-                found = sorted({ex.task for ex in examples})
-                raise ValueError(
-                    f"no examples of {data.path} have a category in data.tasks {sorted(keep)}; the file has "
-                    f"categories {found[:20]}; set data.tasks = [] to keep all"
-                )
-            examples = kept
-    elif data.source == "hub-mix":
-        from fedhmoe.data.hub import load_hub_mix
-
-        examples = load_hub_mix(data.path, list(data.tasks))
-    else:
-        from fedhmoe.data.hub import load_hub
-
-        examples = load_hub(data.source, data.path, list(data.tasks))
+    examples = _LOADERS.get(data.source, _load_hub)(data, seed)
     _remember(_examples_cache, key, examples)
     return examples
 
 
 def _given_clients(examples: list[Example], num_clients: int, path: str) -> list[list[int]] | None:
-    from fedhmoe.data.jsonl import jsonl_client_id
-
     ids = [jsonl_client_id(ex) for ex in examples]
     if all(i is None for i in ids):
         return None

@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["SPLITS", "ClientData", "Example"]
+__all__ = ["META_TUPLE_KEY", "SPLITS", "ClientData", "Example", "decode_meta"]
 
 SPLITS: tuple[str, ...] = ("train", "aux", "val", "test")
+
+#: ``Example.meta`` writes a tuple as ``{META_TUPLE_KEY: [...]}`` (JSON has none); :func:`decode_meta` restores it.
+META_TUPLE_KEY = "__tuple__"
+
+
+def _restore_tuples(d: dict[str, Any]) -> Any:
+    if len(d) == 1 and META_TUPLE_KEY in d and isinstance(d[META_TUPLE_KEY], list):
+        return tuple(d[META_TUPLE_KEY])
+    return d
+
+
+def decode_meta(meta: str) -> dict[str, Any]:
+    """Parse :attr:`Example.meta` text into a dict (tagged tuples become tuples again).
+
+    Args:
+        meta: JSON text, possibly empty.
+
+    Returns:
+        The decoded dict; ``{}`` for empty text; ``{"value": x}`` when the JSON is not an object.
+
+    Raises:
+        json.JSONDecodeError: If the text is not JSON.
+    """
+    if not meta:
+        return {}
+    out = json.loads(meta, object_hook=_restore_tuples)
+    return out if isinstance(out, dict) else {"value": out}
 
 
 @dataclass(frozen=True)
@@ -35,6 +64,18 @@ class Example:
     def partition_label(self) -> str:
         """The label used by label-skew partitioners: ``label`` when set, else ``task``."""
         return self.label or self.task
+
+    def meta_fields(self) -> dict[str, Any]:
+        """``meta`` decoded by :func:`decode_meta`; ``{}`` when it is empty or not JSON (such an example simply
+        carries no fields: its readers then fall back to ``answer`` and ``task``).
+
+        Parsed anew on every call and not cached, so a caller may modify the result, and examples kept in
+        memory hold only the text.
+        """
+        try:
+            return decode_meta(self.meta)
+        except json.JSONDecodeError:
+            return {}
 
 
 @dataclass(frozen=True)

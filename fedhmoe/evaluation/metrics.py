@@ -50,7 +50,7 @@ def token_f1(prediction: str, references: str | list[str] | tuple[str, ...]) -> 
 
 @lru_cache(maxsize=1)
 def _scorer():  # type: ignore[no-untyped-def]
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # loads nltk: only when a generative task is scored
 
     return rouge_scorer.RougeScorer(["rouge2", "rougeL"], use_stemmer=True)
 

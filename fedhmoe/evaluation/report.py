@@ -76,7 +76,7 @@ def _score_curve(run_dir: str | Path) -> tuple[list[int], list[float]]:
 
 def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
     """Lay out, write and close a figure; returns its path."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib loads only when a report draws (see plot_runs)
 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -87,7 +87,7 @@ def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
 def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
     """``score_by_round.png`` (mean test score per round, one line per run) and ``clients.png`` (per-client
     before/after bars of the first run). Returns the files written."""
-    import matplotlib
+    import matplotlib  # heavy, and needs its backend chosen before pyplot: loaded only when plots are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -284,7 +284,7 @@ def plot_structure(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """``experts_by_round.png`` (experts each client holds over rounds, all modules together) and
     ``memory_by_client.png`` (measured parameter memory per client, first and last training round), when the
     run recorded them. Returns the files written."""
-    import matplotlib
+    import matplotlib  # heavy, and needs its backend chosen before pyplot: loaded only when plots are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,7 +339,8 @@ def write_run_report(run_dir: str | Path) -> Path:
     table = assignment_table(run_dir)
     if table:
         text += ["## Experts held per client (mean over modules) and assignment changes", "", table, ""]
-        text += ["## Experts two clients share, against the average pair (mean over modules)", "", sharing_table(run_dir), ""]
+        text += ["## Experts two clients share, against the average pair (mean over modules)", "",
+                 sharing_table(run_dir), ""]
     rec = recommendation_table(run_dir)
     if rec:
         text += ["## Global expert recommendation: actions per round", "", rec, ""]

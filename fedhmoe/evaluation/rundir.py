@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+
+from fedhmoe.store import RoundStore
 
 __all__ = ["RunDirectory", "new_run_dir", "read_metrics", "summarize"]
 
@@ -71,40 +71,24 @@ class RunDirectory:
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     # ----------------------------------------------------------------- checkpoints
+    def _checkpoints(self, keep_last: int = 0) -> RoundStore:
+        """``checkpoints/round-<r>/server.safetensors`` with ``server.json`` (the round and the strategy's meta)."""
+        return RoundStore(self.path / "checkpoints", bundle="server", keep_last=keep_last, label="checkpoint")
+
     def save_checkpoint(self, server_round: int, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any],
                         keep_last: int = 0) -> Path:
-        """Write ``checkpoints/round-<r>/`` atomically (a temp dir renamed into place)."""
-        root = self.path / "checkpoints"
-        final = root / f"round-{server_round}"
-        tmp = root / f".round-{server_round}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "server.safetensors"))
-        (tmp / "server.json").write_text(json.dumps({"round": server_round, **meta}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        if keep_last > 0:
-            for old in self.checkpoint_rounds()[:-keep_last]:
-                shutil.rmtree(root / f"round-{old}", ignore_errors=True)
-        return final
+        """Write ``checkpoints/round-<r>/`` atomically (a temp folder renamed into place), keeping the last
+        ``keep_last`` rounds (0: all)."""
+        return self._checkpoints(keep_last).save(server_round, tensors, meta)
 
     def checkpoint_rounds(self) -> list[int]:
-        root = self.path / "checkpoints"
-        if not root.is_dir():
-            return []
-        return sorted(int(p.name.split("-")[1]) for p in root.glob("round-*") if p.is_dir())
+        """The checkpointed rounds, ascending."""
+        return self._checkpoints().rounds()
 
     def load_checkpoint(self, server_round: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Read a checkpoint; a missing or corrupt one raises ValueError naming the file."""
-        d = self.path / "checkpoints" / f"round-{server_round}"
-        try:
-            tensors = load_file(str(d / "server.safetensors"))
-            meta = json.loads((d / "server.json").read_text())
-        except Exception as e:  # safetensors raises several types for truncated files
-            raise ValueError(f"checkpoint {d} is missing or corrupt: {e}") from e
-        if meta.get("round") != server_round:
-            raise ValueError(f"checkpoint {d} says round {meta.get('round')}, expected {server_round}")
-        return tensors, meta
+        """Read a checkpoint's tensors and meta; a missing or corrupt one raises ValueError naming the file."""
+        entry = self._checkpoints().load(server_round)
+        return entry.tensors, entry.meta
 
     def write_json(self, relative: str, obj: Any) -> None:
         """Write ``obj`` as JSON at a path inside the run directory."""

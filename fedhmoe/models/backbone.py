@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from fedhmoe.config import ModelConfig
+from fedhmoe.models.moe.upcycling import upcycle_llama, upcycled_config
 from fedhmoe.models.smollm2 import SMOLLM2_DIRNAME, prepare_smollm2
 from fedhmoe.models.tiny import (
     build_tiny_llama,
@@ -36,6 +37,7 @@ from fedhmoe.models.tiny import (
     tiny_mixtral_config,
     tiny_switch_config,
 )
+from fedhmoe.utils.seeding import derive_seed
 
 __all__ = ["BUILTIN_MODELS", "auto_model_class", "backbone_shapes", "is_moe_backbone", "load_backbone", "model_type",
            "resolve_model_path", "torch_dtype"]
@@ -193,9 +195,6 @@ def load_backbone(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, Pre
         except (OSError, ValueError) as err:
             raise _not_available(path, err) from err
     if cfg.upcycle_experts:
-        from fedhmoe.models.moe import upcycle_llama
-        from fedhmoe.utils.seeding import derive_seed
-
         model = upcycle_llama(model, cfg.upcycle_experts, cfg.upcycle_top_k, derive_seed(seed, "upcycle-router"))
     _no_router_losses(model)
     _ensure_pad(tokenizer, model)
@@ -219,8 +218,6 @@ def backbone_shapes(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     dtype = torch_dtype(cfg.dtype)
     config = _model_config(cfg)
     if cfg.upcycle_experts:
-        from fedhmoe.models.moe import upcycled_config
-
         config = upcycled_config(config, cfg.upcycle_experts, cfg.upcycle_top_k)
     with torch.device("meta"):
         model = auto_model_class(config).from_config(config, dtype=dtype)

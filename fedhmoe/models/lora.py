@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["LoRALinear", "inject_lora", "kaiming_uniform_a", "lora_draw_order", "merge_lora", "wrap_linears"]
+__all__ = ["LoRABase", "LoRALinear", "inject_lora", "kaiming_uniform_a", "lora_draw_order", "merge_lora",
+           "wrap_linears"]
 
 
 def kaiming_uniform_a(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -41,7 +42,64 @@ def lora_draw_order(paths: Iterable[str]) -> list[str]:
     return sorted(paths)
 
 
-class LoRALinear(nn.Module):
+class LoRABase(nn.Module):
+    """A frozen ``nn.Linear`` plus low-rank adapter state scaled by ``alpha / r``: what every adapter that wraps one
+    linear layer shares (:class:`LoRALinear`, :class:`fedhmoe.models.amole.AMoLELinear`).
+
+    Checks the hyper-parameters, keeps ``base`` (frozen) as the first child module, records its sizes, the rank,
+    alpha, the scaling and the dropout on the adapter input (active only in training mode). Subclasses register
+    their own parameters after calling this constructor.
+
+    Args:
+        base: The linear layer to wrap; its parameters are frozen.
+        rank: LoRA rank ``r``.
+        alpha: LoRA alpha; updates are scaled by ``alpha / r``.
+        dropout: Dropout probability on the adapter input, in ``[0, 1)``.
+    """
+
+    #: Names the adapter in error messages.
+    adapter_name = "LoRA"
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"{self.adapter_name} rank must be at least 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{self.adapter_name} dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.rank
+        self.dropout_p = float(dropout)
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def _draw_a(self, generator: torch.Generator | None) -> torch.Tensor:
+        """Initial ``(r, in)`` values of a down projection on the base's device: kaiming-uniform
+        (:func:`kaiming_uniform_a`), or an uninitialised tensor on the meta device (nothing is drawn there)."""
+        device = self.base.weight.device
+        if device.type == "meta":
+            return torch.empty(self.rank, self.in_features, dtype=torch.float32, device=device)  # (r, in)
+        return kaiming_uniform_a(self.rank, self.in_features, generator).to(device)  # (r, in)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (for code that inspects ``module.weight``)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The frozen base bias, if any."""
+        return self.base.bias
+
+    def extra_repr(self) -> str:
+        """Rank, alpha and the wrapped shape for ``print(model)``."""
+        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha:g}"
+
+
+class LoRALinear(LoRABase):
     """A frozen ``nn.Linear`` plus a trainable low-rank update ``(alpha / r) * B @ A``.
 
     ``forward(x) = base(x) + (dropout(x) @ A.T @ B.T) * alpha / r``; the update is computed in float32 and cast
@@ -64,38 +122,10 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-        self.base = base
-        self.base.requires_grad_(False)
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.rank = int(rank)
-        self.alpha = float(alpha)
-        self.scaling = self.alpha / self.rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-        device = base.weight.device
-        if device.type == "meta":
-            a = torch.empty(self.rank, self.in_features, dtype=torch.float32, device=device)  # (r, in)
-        else:
-            a = kaiming_uniform_a(self.rank, self.in_features, generator).to(device)  # (r, in)
-        b = torch.zeros(self.out_features, self.rank, dtype=torch.float32, device=device)  # (out, r)
-        self.lora_A = nn.Parameter(a)
+        super().__init__(base, rank, alpha, dropout)
+        b = torch.zeros(self.out_features, self.rank, dtype=torch.float32, device=base.weight.device)  # (out, r)
+        self.lora_A = nn.Parameter(self._draw_a(generator))  # (r, in)
         self.lora_B = nn.Parameter(b)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The frozen base weight (for code that inspects ``module.weight``)."""
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The frozen base bias, if any."""
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the scaled low-rank update.
@@ -110,10 +140,6 @@ class LoRALinear(nn.Module):
         h = self.dropout(x).to(torch.float32)  # (..., in)
         delta = (h @ self.lora_A.T) @ self.lora_B.T  # (..., r) -> (..., out)
         return out + (delta * self.scaling).to(out.dtype)  # (..., out)
-
-    def extra_repr(self) -> str:
-        """Rank, alpha and the wrapped shape for ``print(model)``."""
-        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha:g}"
 
 
 def inject_lora(

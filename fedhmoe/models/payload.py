@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedhmoe.arrays import check_array
+from fedhmoe.keys import lora_key
 from fedhmoe.models.lora import LoRALinear, kaiming_uniform_a, lora_draw_order
-from fedhmoe.utils.seeding import torch_generator
+from fedhmoe.utils.torch_seeding import torch_generator
 
 __all__ = [
     "AdapterStateError",
@@ -42,8 +44,8 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every adapter parameter by payload key (``<path>.lora_A`` / ``<path>.lora_B``), sorted by key."""
     params: dict[str, nn.Parameter] = {}
     for path, mod in adapter_modules(model).items():
-        params[f"{path}.lora_A"] = mod.lora_A
-        params[f"{path}.lora_B"] = mod.lora_B
+        params[lora_key(path, "lora_A")] = mod.lora_A
+        params[lora_key(path, "lora_B")] = mod.lora_B
     return {k: params[k] for k in sorted(params)}
 
 
@@ -93,18 +95,8 @@ def load_adapter_state(model: nn.Module, state: Mapping[str, np.ndarray], strict
         if missing:
             raise AdapterStateError(f"missing adapter key {missing[0]!r} ({len(missing)} missing in all)")
 
-    checked: dict[str, np.ndarray] = {}
-    for key in sorted(state):
-        arr = np.asarray(state[key])
-        if arr.dtype.kind not in "fiu":
-            raise AdapterStateError(f"adapter {key!r} has non-numeric dtype {arr.dtype}")
-        arr = arr.astype(np.float32, copy=False)
-        want = tuple(params[key].shape)
-        if arr.shape != want:
-            raise AdapterStateError(f"adapter {key!r} has shape {arr.shape}, the model expects {want}")
-        if not np.isfinite(arr).all():
-            raise AdapterStateError(f"adapter {key!r} contains NaN or infinite values")
-        checked[key] = arr
+    checked = {key: check_array(key, state[key], tuple(params[key].shape), what="adapter", integers=True,
+                                float32=True, error=AdapterStateError) for key in sorted(state)}
 
     with torch.no_grad():
         for key, arr in checked.items():
@@ -136,8 +128,8 @@ def init_adapter_state(model: nn.Module, seed: int) -> dict[str, np.ndarray]:
     for path in lora_draw_order(mods):
         mod = mods[path]
         a = kaiming_uniform_a(mod.rank, mod.in_features, gen)  # (r, in)
-        out[f"{path}.lora_A"] = a.numpy()
-        out[f"{path}.lora_B"] = np.zeros((mod.out_features, mod.rank), dtype=np.float32)  # (out, r)
+        out[lora_key(path, "lora_A")] = a.numpy()
+        out[lora_key(path, "lora_B")] = np.zeros((mod.out_features, mod.rank), dtype=np.float32)  # (out, r)
     return {k: out[k] for k in sorted(out)}
 
 

@@ -72,6 +72,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
         gguf_path: The ``.gguf`` file.
         out_dir: An existing empty folder that receives the safetensors weights, config and tokenizer.
     """
+    # the GGUF reader and the model classes load only for the one-time conversion
     from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 

@@ -20,6 +20,8 @@ from transformers import (
     SwitchTransformersForConditionalGeneration,
 )
 
+from fedhmoe.models.moe.upcycling import upcycled_config
+
 __all__ = [
     "BOS_TOKEN",
     "BYTE_VOCAB_SIZE",
@@ -124,8 +126,6 @@ def tiny_mixtral_config(vocab_size: int = BYTE_VOCAB_SIZE, num_experts: int = 4,
     """The tiny Mixtral-style MoE: the tiny Llama's shapes with ``num_experts`` experts (MLP 128) per layer, as
     :func:`fedhmoe.models.moe.upcycled_config` makes it (no router jitter, tied embeddings, the byte tokenizer's
     special ids)."""
-    from fedhmoe.models.moe import upcycled_config
-
     return upcycled_config(tiny_llama_config(vocab_size), num_experts, top_k)
 
 

@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from fedhmoe.algorithms.specs import AdapterSpec
 from fedhmoe.config import Config
 from fedhmoe.data.format import PromptFormatter
-from fedhmoe.models import adapters
-from fedhmoe.models.adapters import AdapterSpec
+from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import load_backbone
-from fedhmoe.utils.seeding import torch_generator
+from fedhmoe.utils.torch_seeding import torch_generator
 
 __all__ = ["Worker", "build_worker", "get_worker"]
 
@@ -30,7 +30,8 @@ class Worker:
     model: nn.Module
     formatter: PromptFormatter
     spec: AdapterSpec
-    #: The adapter values a client starts from when the server sends none (LoRA: the run's initial adapter).
+    #: The adapter values a client starts from when the server sends none and it holds no personal state (LoRA:
+    #: the run's initial adapter; None when the kind has no such start).
     initial_state: dict | None
     device: torch.device
 
@@ -54,12 +55,13 @@ def build_worker(cfg: Config, spec: AdapterSpec) -> Worker:
     """A fresh (uncached) worker: the frozen backbone with the spec's adapter modules, on the configured device."""
     m = cfg.model
     model, tokenizer = load_backbone(m, seed=cfg.run.seed)
-    adapters.inject(model, spec, generator=torch_generator(cfg.run.seed, "lora-init"))
+    kind = kind_of(spec)
+    kind.inject(model, spec, generator=torch_generator(cfg.run.seed, "lora-init"))
     device = _device(m.device)
     model.to(device)
     formatter = PromptFormatter(tokenizer, cfg.data.prompt_template, cfg.data.system_prompt, m.max_seq_len,
                                 encoder_decoder=bool(getattr(model.config, "is_encoder_decoder", False)))
-    initial = adapters.init_global_state(model, spec, cfg.run.seed) if spec.kind == "lora" else None
+    initial = kind.client_initial_state(model, spec, cfg.run.seed)
     return Worker(model, formatter, spec, initial, device)
 
 

@@ -1,16 +1,19 @@
 """What a client does with each message: the library behind the ``ClientApp``'s handlers.
 
-Every message's ``config`` record carries the resolved experiment config (``run-config``, TOML), so the
-same handlers serve the in-process engine, Flower's Simulation Engine and real SuperNodes. A client's
-personal state (its own adapter, for personalized methods) is a safetensors file per round under
-``<state-dir>/client-<id>/`` (a SuperNode's ``state-dir``: ``<state-dir>/<run key>/client-<id>/``); reading
-"the newest state strictly before round r" makes resume exact.
+Every training and evaluation message's ``config`` record is one :class:`~fedhmoe.protocol.Instructions`, which
+carries the resolved experiment config (TOML), so the same handlers serve the in-process engine, Flower's Simulation
+Engine and real SuperNodes. The handlers only execute the instructions: the adapters to carry, what to start from,
+how to train, which client hooks (:mod:`fedhmoe.client.hooks`) to run. A client's personal state (its own adapter,
+for personalized methods) is a safetensors file per round under ``<state-dir>/client-<id>/`` (a SuperNode's
+``state-dir``: ``<state-dir>/<run key>/client-<id>/``); reading "the newest state strictly before round r" makes
+resume exact.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,95 +21,58 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from safetensors.numpy import load_file, save_file
 
-from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.client.evaluate import evaluate_examples
-from fedhmoe.client.stats import amole_embeddings, metric_dp_noise, moe_activation_profile
-from fedhmoe.client.train import train_local
+from fedhmoe.client.hooks import HookContext, make_hooks
+from fedhmoe.client.train import TrainResult, train_local
 from fedhmoe.config import Config, load_config
 from fedhmoe.data.splits import client_data
-from fedhmoe.models import adapters
+from fedhmoe.data.types import ClientData
+from fedhmoe.models.adapters import AdapterKind, kind_of
+from fedhmoe.protocol import Instructions
 from fedhmoe.runtime.backbone_cache import Worker, get_worker
+from fedhmoe.store import PersonalStore
 from fedhmoe.utils.seeding import derive_seed, numpy_rng
-from fedhmoe.wire import ARRAYS, CONFIG, STATS, decode_arrays, encode_arrays, make_content
+from fedhmoe.validate import validate
+from fedhmoe.wire import ARRAYS, CONFIG, SIDE_RECORDS, decode_arrays, encode_arrays, make_content
 
-__all__ = ["SCAFFOLD_PREFIX", "PersonalStore", "handle_evaluate", "handle_query", "handle_train"]
-
-#: Wire prefix of SCAFFOLD's control variates (server -> client: c; client -> server: c + (c_i' - c_i)).
-SCAFFOLD_PREFIX = "scaffold-c:"
+__all__ = ["handle_evaluate", "handle_query", "handle_train", "read_message"]
 
 
 @lru_cache(maxsize=4)
 def _parse(text: str) -> Config:
-    return load_config(text=text)
+    return validate(load_config(text=text))
 
 
-def message_config(msg: Message) -> tuple[dict[str, Any], Config]:
-    """The message's config record and the experiment config it carries."""
-    conf = dict(msg.content[CONFIG]) if CONFIG in msg.content else {}
-    text = conf.get("run-config")
-    if not isinstance(text, str):
-        raise ValueError("message config lacks 'run-config' (the experiment TOML)")
-    return conf, _parse(text)
+def read_message(msg: Message) -> tuple[Instructions, Config]:
+    """The message's instructions and the experiment config they carry (checked as the server checked it)."""
+    record = dict(msg.content[CONFIG]) if CONFIG in msg.content else {}
+    instructions = Instructions.from_config(record)
+    return instructions, _parse(instructions.run_config)
 
 
-def client_id(context: Context, conf: dict[str, Any]) -> int:
+def client_id(context: Context, instructions: Instructions) -> int:
     """The partition id from the node config (simulation, --node-config), checked against the message."""
     pid = context.node_config.get("partition-id")
     if pid is None:
-        return int(conf["client"])
-    if "client" in conf and int(conf["client"]) != int(pid):
-        raise ValueError(f"message addressed to client {conf['client']} reached partition {pid}")
+        return instructions.client
+    if instructions.client != int(pid):
+        raise ValueError(f"message addressed to client {instructions.client} reached partition {pid}")
     return int(pid)
 
 
-class PersonalStore:
-    """A client's personal tensors, one safetensors file per round it trained."""
-
-    def __init__(self, root: str | Path, client: int | str, keep_last: int = 0) -> None:
-        self.dir = Path(root) / f"client-{client}"
-        self.keep_last = keep_last
-
-    def rounds(self) -> list[int]:
-        if not self.dir.is_dir():
-            return []
-        found = (re.fullmatch(r"round-(\d+)\.safetensors", p.name) for p in self.dir.iterdir())
-        return sorted(int(m.group(1)) for m in found if m)
-
-    def load_before(self, server_round: int) -> dict[str, np.ndarray] | None:
-        """The newest state saved in a round strictly before ``server_round``, or None."""
-        older = [r for r in self.rounds() if r < server_round]
-        if not older:
-            return None
-        path = self.dir / f"round-{older[-1]}.safetensors"
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"personal state {path} is corrupt: {e}") from e
-
-    def save(self, server_round: int, state: dict[str, np.ndarray]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".round-{server_round}.tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
-        tmp.rename(self.dir / f"round-{server_round}.safetensors")
-        if self.keep_last > 0:
-            for r in self.rounds()[: -self.keep_last]:
-                (self.dir / f"round-{r}.safetensors").unlink(missing_ok=True)
-
-
-def _store(context: Context, conf: dict[str, Any], cfg: Config, client: int) -> PersonalStore:
+def _store(context: Context, instructions: Instructions, cfg: Config, client: int | str) -> PersonalStore:
     """The client's personal store: under a SuperNode's own ``state-dir`` (node config), which serves every run
     on that node, one folder per run (``<state-dir>/<run-key>/``); else the folder the server names (the run
     directory's ``clients/`` on the in-process and simulation engines)."""
     node_root = context.node_config.get("state-dir")
     if node_root:
-        key = str(conf.get("run-key", "run"))
+        key = instructions.run_key or "run"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", key):  # one plain folder name, inside the state-dir
             raise ValueError(f"run-key {key!r} is not a plain folder name")
-        root: Path | str | None = Path(str(node_root)) / key
+        root: Path | str = Path(str(node_root)) / key
     else:
-        root = conf.get("state-dir")
+        root = instructions.state_dir
     if not root:
         raise ValueError("no state directory: set node config 'state-dir' or send 'state-dir'")
     return PersonalStore(str(root), client, cfg.checkpoint.keep_last)
@@ -119,120 +85,137 @@ def _setup_threads(cfg: Config) -> None:
 
 def handle_query(msg: Message, context: Context) -> Message:
     """Identify this node: partition id and the sizes of its splits."""
-    conf, cfg = message_config(msg)
-    client = client_id(context, conf)
+    text = dict(msg.content[CONFIG]).get("run-config") if CONFIG in msg.content else None
+    if not isinstance(text, str):
+        raise ValueError("query message lacks 'run-config' (the experiment TOML)")
+    cfg = _parse(text)
+    pid = context.node_config.get("partition-id")
+    if pid is None:
+        raise ValueError("this node has no 'partition-id' in its node config (flower-supernode --node-config)")
+    client = int(pid)
     data = client_data(cfg, client)
     info = {"client": client, "tasks": list(data.tasks), **{f"num-{s}": len(data.split(s))
                                                            for s in ("train", "aux", "val", "test")}}
     return Message(RecordDict({CONFIG: ConfigRecord(info)}), reply_to=msg)
 
 
-def _worker(cfg: Config, conf: dict[str, Any]) -> Worker:
-    return get_worker(cfg, ALGORITHMS[cfg.algorithm.name].stage_spec(cfg, conf))
+@dataclass
+class _Round:
+    """What both handlers start from: the instructions, the client, its model, personal store and data."""
+
+    instructions: Instructions
+    cfg: Config
+    client: int
+    worker: Worker
+    kind: AdapterKind
+    store: PersonalStore
+    data: ClientData
 
 
-def _load_start(msg: Message, conf: dict[str, Any], worker: Worker, store: PersonalStore,
-                before_round: int) -> dict[str, np.ndarray]:
-    """Load the received tensors when the server sent any; else the newest personal state before a round;
-    else the run's initial adapter. Returns any SCAFFOLD control variates received (by model key)."""
-    extra: dict[str, np.ndarray] = {}
+def _open_round(msg: Message, context: Context) -> _Round:
+    instructions, cfg = read_message(msg)
+    _setup_threads(cfg)
+    client = client_id(context, instructions)
+    worker = get_worker(cfg, instructions.adapter)
+    return _Round(instructions, cfg, client, worker, kind_of(instructions.adapter),
+                  _store(context, instructions, cfg, client), client_data(cfg, client))
+
+
+def _load_start(msg: Message, rnd: _Round, before_round: int) -> None:
+    """Load the received tensors when the server sent any; else the newest personal state before a round; else
+    the run's initial adapter."""
     if ARRAYS in msg.content:
-        state = decode_arrays(msg.content[ARRAYS], conf.get("wire-dtype", "float32"))
-        extra = {k[len(SCAFFOLD_PREFIX):]: v for k, v in state.items() if k.startswith(SCAFFOLD_PREFIX)}
-        state = {k: v for k, v in state.items() if not k.startswith(SCAFFOLD_PREFIX)}
+        state = decode_arrays(msg.content[ARRAYS], rnd.instructions.wire_dtype)
     else:
-        state = store.load_before(before_round) or worker.initial_state
+        state = rnd.store.load_before(before_round) or rnd.worker.initial_state
     if not state:
         raise ValueError("the server sent no tensors and this client has no personal state yet")
-    adapters.load_state(worker.model, worker.spec, state)
-    return extra
+    rnd.kind.load_state(rnd.worker.model, rnd.instructions.adapter, state)
+
+
+def _hook_context(msg: Message, rnd: _Round) -> HookContext:
+    received = {name: decode_arrays(msg.content[name], rnd.instructions.wire_dtype)
+                for name in SIDE_RECORDS if name in msg.content}
+    w = rnd.worker
+
+    def open_store(suffix: str) -> PersonalStore:  # e.g. client-<id>-scaffold/ beside the personal store
+        return PersonalStore(rnd.store.dir.parent, f"{rnd.client}-{suffix}", rnd.cfg.checkpoint.keep_last)
+
+    return HookContext(rnd.instructions, rnd.cfg, rnd.client, w.model, rnd.kind, w.formatter, w.device, rnd.data,
+                       received, open_store)
+
+
+def _train(rnd: _Round, ctx: HookContext) -> TrainResult:
+    """Local training of the kind's trainable parameters, with the spec's auxiliary losses and the hooks' gradient
+    offset."""
+    ins, cfg, model, kind = rnd.instructions, rnd.cfg, rnd.worker.model, rnd.kind
+    spec, r = ins.adapter, ins.server_round
+    terms = [(name, coef) for name, coef in spec.aux_losses if coef > 0]
+
+    def extra_loss() -> torch.Tensor:  # auxiliary losses of the routed modules, weighted
+        total: Any = 0.0
+        for name, coef in terms:
+            loss = kind.aux_loss(model, spec, name)
+            if loss is None:
+                raise ValueError(f"adapter kind {spec.kind!r} has no auxiliary loss {name!r}")
+            total = coef * loss if isinstance(total, float) else total + coef * loss
+        return total
+
+    torch.manual_seed(derive_seed(cfg.run.seed, "dropout", r, rnd.client))
+    return train_local(
+        model, kind.trainable(model, spec), rnd.worker.formatter, rnd.data.train, cfg.train, ins.learning_rate,
+        numpy_rng(cfg.run.seed, "batches", r, rnd.client), rnd.worker.device,
+        proximal_mu=ins.proximal_mu, extra_loss=extra_loss if terms else None,
+        forward_context=lambda batch: kind.token_mask(model, spec, batch["attention_mask"],
+                                                      batch.get("decoder_attention_mask")),
+        label_smoothing=spec.label_smoothing, grad_offset=ctx.grad_offset,
+    )
+
+
+def _reply(msg: Message, rnd: _Round, ctx: HookContext, state: dict[str, np.ndarray], result: TrainResult) -> Message:
+    """The training reply: the trained tensors keyed exactly as received, the hooks' records, statistics and
+    metrics."""
+    ins, model = rnd.instructions, rnd.worker.model
+    metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-seconds": result.seconds,
+               "steps": result.steps, "client": rnd.client,
+               "param-bytes": int(sum(p.numel() * p.element_size() for p in model.parameters())), **ctx.metrics}
+    arrays, side = None, {}
+    if ins.return_arrays:
+        sent = list(msg.content[ARRAYS].keys()) if ARRAYS in msg.content else list(state)
+        arrays = encode_arrays({k: state[k] for k in sent}, ins.wire_dtype)
+        side = {name: encode_arrays(rec, ins.wire_dtype) for name, rec in ctx.side.items()}
+    stats = encode_arrays(ctx.stats) if ctx.stats else None
+    return Message(make_content(arrays=arrays, metrics=metrics, stats=stats, side=side), reply_to=msg)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Load the received (or personal) adapter, train locally, save personal state, reply with tensors."""
-    conf, cfg = message_config(msg)
-    _setup_threads(cfg)
-    client = client_id(context, conf)
-    r = int(conf["server-round"])
-    worker = _worker(cfg, conf)
-    model, spec = worker.model, worker.spec
-    store = _store(context, conf, cfg, client)
-    control = _load_start(msg, conf, worker, store, before_round=r)
-    data = client_data(cfg, client)
-    torch.manual_seed(derive_seed(cfg.run.seed, "dropout", r, client))
-    coef = float(conf.get("load-balance-coef", 0.0))
-    z_coef = float(conf.get("z-loss-coef", 0.0))
-
-    def extra_loss() -> torch.Tensor | float:  # auxiliary losses of the routed modules
-        total: torch.Tensor | float = coef * adapters.balance_loss(model, spec) if coef > 0 else 0.0
-        return total + z_coef * adapters.router_z_loss(model, spec) if z_coef > 0 else total
-
-    lr = float(conf["learning-rate"])
-    params = adapters.trainable(model, spec)
-    offset = None
-    if control:  # SCAFFOLD: gradient correction c - c_i, both in wire names
-        c_store = PersonalStore(store.dir.parent, f"{client}-scaffold", cfg.checkpoint.keep_last)
-        c_i = c_store.load_before(r) or {k: np.zeros_like(v) for k, v in control.items()}
-        offset = adapters.param_view(model, spec, {k: control[k] - c_i[k] for k in control})
-    result = train_local(
-        model, params, worker.formatter, data.train, cfg.train,
-        lr, numpy_rng(cfg.run.seed, "batches", r, client), worker.device,
-        proximal_mu=float(conf.get("proximal-mu", 0.0)),
-        extra_loss=extra_loss if coef > 0 or z_coef > 0 else None,
-        forward_context=lambda batch: adapters.token_mask(model, spec, batch["attention_mask"],
-                                                          batch.get("decoder_attention_mask")),
-        label_smoothing=float(conf.get("label-smoothing", 0.0)),
-        grad_offset=offset,
-    )
-    state = adapters.read_state(model, spec)
-    if conf.get("save-personal", False):
-        store.save(r, state)
-    metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-seconds": result.seconds,
-               "steps": result.steps, "client": client,
-               "param-bytes": int(sum(p.numel() * p.element_size() for p in model.parameters()))}
-    arrays = stats = None
-    if conf.get("return-arrays", True):
-        sent = list(msg.content[ARRAYS].keys()) if ARRAYS in msg.content else list(state)
-        out = {k: state[k] for k in sent if not k.startswith(SCAFFOLD_PREFIX)}
-        if control:  # c_i' = the mean local gradient; the server averages c + (c_i' - c_i)
-            new_ci = adapters.wire_view(model, spec, result.grad_mean or {})
-            new_ci = {k: new_ci.get(k, np.zeros_like(control[k])) for k in control}
-            c_store.save(r, new_ci)
-            out |= {SCAFFOLD_PREFIX + k: control[k] + new_ci[k] - c_i[k] for k in control}
-        arrays = encode_arrays(out, conf.get("wire-dtype", "float32"))
-    if conf.get("collect-profile", False):  # FedMoE: activation profile and validation score of w_k*
-        split = data.val or data.train
-        prof = moe_activation_profile(model, worker.formatter, split, cfg.eval.batch_size, worker.device,
-                                      int(conf["num-experts"]))
-        stats = encode_arrays({f"profile:{path}": row for path, row in prof.items()})
-        if conf.get("validate", False) and data.val:
-            ev = evaluate_examples(model, worker.formatter, data.val, cfg.eval, worker.device)
-            metrics["val-score"] = float(-ev["eval-loss"] if cfg.eval.select_metric == "eval-loss" else ev["score"])
-    if conf.get("collect-stats", False):
-        emb = amole_embeddings(model, worker.formatter, data.aux, cfg.eval.batch_size, worker.device)
-        eta = float(conf.get("dp-eta", 0.0))
-        if eta > 0:
-            emb = metric_dp_noise(emb, eta, numpy_rng(cfg.run.seed, "dp-noise", r, client))
-        stats = encode_arrays(emb)
-    return Message(make_content(arrays=arrays, metrics=metrics, stats=stats), reply_to=msg)
+    """One round of local training: read the instructions, load the start state, run the hooks around local
+    training, save personal state, reply."""
+    rnd = _open_round(msg, context)
+    _load_start(msg, rnd, before_round=rnd.instructions.server_round)
+    ctx = _hook_context(msg, rnd)
+    hooks = make_hooks(rnd.instructions.hooks)
+    for hook in hooks:
+        hook.before_train(ctx)
+    result = _train(rnd, ctx)
+    state = rnd.kind.read_state(rnd.worker.model, rnd.instructions.adapter)
+    if rnd.instructions.save_personal:
+        rnd.store.save(rnd.instructions.server_round, state)
+    for hook in hooks:
+        hook.after_train(ctx, result)
+    return _reply(msg, rnd, ctx, state, result)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Score the client's validation and test splits with the received or the personal adapter."""
-    conf, cfg = message_config(msg)
-    _setup_threads(cfg)
-    client = client_id(context, conf)
-    r = int(conf["server-round"])
-    worker = _worker(cfg, conf)
-    store = _store(context, conf, cfg, client)
+    rnd = _open_round(msg, context)
     # A personal model evaluated after round r is the one saved in round r (or earlier).
-    _load_start(msg, conf, worker, store, before_round=r + 1)
-    data = client_data(cfg, client)
+    _load_start(msg, rnd, before_round=rnd.instructions.server_round + 1)
     t0 = time.perf_counter()
-    metrics: dict[str, Any] = {"client": client, "num-examples": len(data.test)}
+    metrics: dict[str, Any] = {"client": rnd.client, "num-examples": len(rnd.data.test)}
     for split in ("val", "test"):
-        for k, v in evaluate_examples(worker.model, worker.formatter, data.split(split), cfg.eval,
-                                      worker.device).items():
+        for k, v in evaluate_examples(rnd.worker.model, rnd.worker.formatter, rnd.data.split(split), rnd.cfg.eval,
+                                      rnd.worker.device).items():
             metrics[f"{split}.{k}"] = v
     metrics["eval-seconds"] = time.perf_counter() - t0
     return Message(make_content(metrics=metrics), reply_to=msg)

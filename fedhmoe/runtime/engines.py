@@ -5,6 +5,7 @@ Engine (Ray). The Deployment Engine needs no code here: ``flower-superlink``, ``
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import traceback
@@ -13,20 +14,26 @@ from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.run import Run  # only because the public Grid base class types `run` with it
 
 from fedhmoe.config import Config
 from fedhmoe.evaluation.rundir import RunDirectory
+from fedhmoe.runtime.client_app import app as default_client_app
+from fedhmoe.runtime.flower_compat import RUN_ID, SERVER_NODE, set_message_id, set_server_identity
 from fedhmoe.runtime.server import run_federation
+from fedhmoe.runtime.server_app import make_server_app
 
 log = logging.getLogger("fedhmoe")
 
 __all__ = ["InProcessGrid", "run_inprocess", "run_simulation_engine"]
 
-_RUN_ID = 1
-_SERVER_NODE = 1
+_RUN_ID, _SERVER_NODE = RUN_ID, SERVER_NODE
+
+
+def _set_task_identity() -> None:
+    """This process is the in-process engine's server task (see :mod:`fedhmoe.runtime.flower_compat`)."""
+    set_server_identity(_RUN_ID, _SERVER_NODE)
 
 
 class InProcessGrid(Grid):
@@ -64,7 +71,7 @@ class InProcessGrid(Grid):
 
     def _deliver(self, msg: Message) -> Message:
         self._next_id += 1
-        msg.metadata.__dict__["_message_id"] = f"m{self._next_id}"
+        set_message_id(msg, f"m{self._next_id}")
         try:
             return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
         except Exception as e:  # a failing client must not stop the federation: reply with an error
@@ -87,16 +94,8 @@ class InProcessGrid(Grid):
         return list(self.pull_messages(list(self.push_messages(messages))))
 
 
-def _set_task_identity() -> None:
-    TaskIdentity.run_id = _RUN_ID
-    TaskIdentity.node_id = _SERVER_NODE
-    TaskIdentity.task_id = 1
-
-
 def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: ClientApp | None = None) -> dict:
     """Run the experiment in this process (no Ray) and return its summary."""
-    from fedhmoe.runtime.client_app import app as default_client_app
-
     _set_task_identity()
     grid = InProcessGrid(client_app or default_client_app, cfg.federation.num_clients)
     return run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine="inprocess")
@@ -104,12 +103,7 @@ def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: 
 
 def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     """Run the experiment on Flower's Simulation Engine (Ray): one virtual SuperNode per client."""
-    import json
-
-    from flwr.simulation import run_simulation
-
-    from fedhmoe.runtime.client_app import app as client_app
-    from fedhmoe.runtime.server_app import make_server_app
+    from flwr.simulation import run_simulation  # loads Ray (seconds): only when this engine runs
 
     fed = cfg.federation
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -118,7 +112,7 @@ def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False) -> d
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
                       "logging_level": logging.WARNING, "log_to_driver": True},
     }
-    run_simulation(server_app=make_server_app(cfg, run_dir, resume, engine="simulation"), client_app=client_app,
+    run_simulation(server_app=make_server_app(cfg, run_dir, resume, engine="simulation"), client_app=default_client_app,
                    num_supernodes=fed.num_clients, backend_config=backend)
     summary_path = Path(run_dir) / "summary.json"
     if not summary_path.is_file():

@@ -18,11 +18,14 @@ from flwr.serverapp import Grid
 
 from fedhmoe.algorithms.base import FederatedStrategy, RoundLog
 from fedhmoe.algorithms.registry import ALGORITHMS
+from fedhmoe.algorithms.specs import ModelFacts
 from fedhmoe.config import Config, config_to_toml
 from fedhmoe.evaluation.rundir import RunDirectory, read_metrics, summarize
-from fedhmoe.models import adapters
+from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import backbone_shapes, load_backbone
-from fedhmoe.utils.seeding import torch_generator
+from fedhmoe.models.facts import model_facts
+from fedhmoe.utils.torch_seeding import torch_generator
+from fedhmoe.validate import validate
 from fedhmoe.wire import CONFIG, make_content
 
 log = logging.getLogger("fedhmoe")
@@ -30,23 +33,25 @@ log = logging.getLogger("fedhmoe")
 __all__ = ["discover_clients", "initial_state", "run_federation"]
 
 
-def initial_state(cfg: Config) -> dict[str, np.ndarray]:
+def initial_state(cfg: Config, facts: ModelFacts | None = None) -> dict[str, np.ndarray]:
     """Initial trainable tensors: adapters from the model's shapes only (no weights are loaded on the server);
-    for methods that train the MoE itself, the backbone's weights."""
+    for adapter kinds that train the backbone's own weights (the MoE itself), those weights."""
     method = ALGORITHMS[cfg.algorithm.name]
-    spec = method.adapter_spec(cfg)
-    if spec.kind == "moe":  # the MoE itself is trained: the server starts from its real weights
-        model, _ = load_backbone(cfg.model, seed=cfg.run.seed)
-        adapters.inject(model, spec)
-        state = adapters.init_global_state(model, spec, cfg.run.seed)
-        early = method.profiling_spec(cfg)
-        if early is not None:  # FedMoE's LoRA profiling stage: its factors start in the global state too
-            adapters.inject(model, early, generator=torch_generator(cfg.run.seed, "lora-init"))
-            state |= adapters.init_lora_factors(model, early, cfg.run.seed)
-        return dict(sorted(state.items()))
-    model = backbone_shapes(cfg.model, seed=cfg.run.seed)
-    adapters.inject(model, spec)
-    return adapters.init_global_state(model, spec, cfg.run.seed)
+    spec = method.adapter_spec(cfg, facts or model_facts(cfg.model))
+    kind = kind_of(spec)
+    if not kind.needs_weights:
+        model = backbone_shapes(cfg.model, seed=cfg.run.seed)
+        kind.inject(model, spec)
+        return kind.init_global_state(model, spec, cfg.run.seed)
+    model, _ = load_backbone(cfg.model, seed=cfg.run.seed)
+    kind.inject(model, spec)
+    state = kind.init_global_state(model, spec, cfg.run.seed)
+    early = method.profiling_spec(cfg)
+    if early is not None:  # FedMoE's LoRA profiling stage: its factors start in the global state too
+        early_kind = kind_of(early)
+        early_kind.inject(model, early, generator=torch_generator(cfg.run.seed, "lora-init"))
+        state |= early_kind.init_fresh_state(model, early, cfg.run.seed)
+    return dict(sorted(state.items()))
 
 
 def discover_clients(grid: Grid, cfg: Config, toml_text: str) -> tuple[dict[int, int], dict[int, dict[str, Any]]]:
@@ -122,16 +127,32 @@ def _evaluate(grid: Grid, strategy: FederatedStrategy, r: int, run: RunDirectory
              len(strategy.last_eval.replies))
 
 
+def _resume(run: RunDirectory, strategy: FederatedStrategy) -> int:
+    """Restore the strategy from the run's newest checkpoint and drop the metrics of later rounds; returns the
+    first round to run."""
+    done = run.checkpoint_rounds()
+    if not done:
+        raise ValueError(f"{run.path} has no checkpoint to resume from")
+    tensors, meta = run.load_checkpoint(done[-1])
+    strategy.load_state_dict(tensors, meta.get("strategy", {}))
+    run.truncate_metrics(done[-1])
+    log.info("resuming after round %d", done[-1])
+    return done[-1] + 1
+
+
 def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = False,
                    engine: str = "flower-app") -> dict[str, Any]:
     """Run (or resume) one experiment on ``grid`` and return its summary (which records ``engine``: ``inprocess``,
     ``simulation``, or ``flower-app`` under ``flwr run``)."""
+    validate(cfg)
     toml_text = config_to_toml(cfg)
     t0 = time.perf_counter()
     node_of, info = discover_clients(grid, cfg, toml_text)
     client_tasks = {c: list(info[c].get("tasks", [])) for c in sorted(info)}
     log.info("%d clients: %s", len(node_of), ", ".join(f"{c}={'+'.join(t)}" for c, t in client_tasks.items()))
-    strategy = ALGORITHMS[cfg.algorithm.name](cfg, initial_state(cfg), node_of, toml_text, client_info=info)
+    facts = model_facts(cfg.model)
+    strategy = ALGORITHMS[cfg.algorithm.name](cfg, initial_state(cfg, facts), node_of, toml_text, client_info=info,
+                                              facts=facts)
     # where clients keep personal state: the run's clients/ folder, or (SuperNodes with their own state-dir)
     # a folder named after the run inside it
     base = {"state-dir": str(run.client_state_dir.resolve()), "run-key": run.path.resolve().name}
@@ -139,17 +160,9 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
     first = 1
     run.write_config(toml_text)
     if resume:
-        done = run.checkpoint_rounds()
-        if not done:
-            raise ValueError(f"{run.path} has no checkpoint to resume from")
-        tensors, meta = run.load_checkpoint(done[-1])
-        strategy.load_state_dict(tensors, meta.get("strategy", {}))
-        run.truncate_metrics(done[-1])
-        first = done[-1] + 1
-        log.info("resuming after round %d", done[-1])
-    else:
-        if cfg.eval.before_training:
-            _evaluate(grid, strategy, 0, run, base, timeout)
+        first = _resume(run, strategy)
+    elif cfg.eval.before_training:
+        _evaluate(grid, strategy, 0, run, base, timeout)
     last = cfg.federation.num_rounds
     for r in range(first, last + 1):
         t_round = time.perf_counter()

@@ -1,7 +1,8 @@
 """Seeded random streams: every stream is derived from (seed, purpose, round, client).
 
 No library code calls a global RNG; each consumer asks for its own generator, so results do not depend on
-which process or engine ran a client, nor on the order clients ran in.
+which process or engine ran a client, nor on the order clients ran in. This module needs numpy only (the server's
+strategies use it); torch generators come from :mod:`fedhmoe.utils.torch_seeding`.
 """
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
 
-__all__ = ["derive_seed", "numpy_rng", "torch_generator"]
+__all__ = ["derive_seed", "numpy_rng"]
 
 
 def derive_seed(seed: int, purpose: str, round_: int = 0, client: int = -1) -> int:
@@ -23,10 +23,3 @@ def derive_seed(seed: int, purpose: str, round_: int = 0, client: int = -1) -> i
 def numpy_rng(seed: int, purpose: str, round_: int = 0, client: int = -1) -> np.random.Generator:
     """A numpy Generator for one purpose, round and client."""
     return np.random.default_rng(derive_seed(seed, purpose, round_, client))
-
-
-def torch_generator(seed: int, purpose: str, round_: int = 0, client: int = -1) -> torch.Generator:
-    """A CPU torch Generator for one purpose, round and client."""
-    g = torch.Generator()
-    g.manual_seed(derive_seed(seed, purpose, round_, client))
-    return g
