@@ -9,8 +9,8 @@ from itertools import combinations
 import numpy as np
 import pytest
 
+from fedhmoe.algorithms.moe_memory import MemoryModel
 from fedhmoe.algorithms.submoe_search import (
-    MemoryModel,
     SearchError,
     binary_search,
     estimate_profiles,

@@ -10,8 +10,8 @@ The module offers
 1. :func:`normalize_profile`: per-layer token counts to probabilities;
 2. :func:`estimate_profiles`: profiles for clients that could not profile themselves, averaged over the
    profiled clients of the same task, weighted by data size;
-3. :class:`MemoryModel`: training memory of a sub-MoE as a function of its total expert count, and the
-   largest expert count that fits a budget;
+3. :class:`~fedhmoe.algorithms.moe_memory.MemoryModel` (in :mod:`moe_memory`): training memory of a sub-MoE as a
+   function of its total expert count, and the largest expert count that fits a budget;
 4. :func:`min_submodel`: the smallest sub-MoE reaching a coverage ``theta`` in every layer;
 5. :func:`binary_search`: the largest ``theta`` (to a tolerance) whose smallest sub-MoE fits an expert budget;
 6. :func:`water_fill`: the exact maximiser of the minimum per-layer coverage under the same budget, which also
@@ -37,15 +37,14 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from fedhmoe.algorithms.checks import as_int, as_profile
+from fedhmoe.algorithms.moe_memory import MemoryModel
 
 __all__ = [
     "METHODS",
-    "MemoryModel",
     "SearchError",
     "binary_search",
     "estimate_profiles",
@@ -178,115 +177,6 @@ def _size_weighted_mean(k: int, donors: Sequence[int], checked: Mapping[int, np.
 
 
 # ---------------------------------------------------------------------------------------------- memory
-
-
-@dataclass(frozen=True)
-class MemoryModel:
-    """Training memory of a sub-MoE as a function of the total number of experts it holds.
-
-    ``bytes(n) = dense_params * (bytes_per_param + trainable_state_bytes if train_dense else bytes_per_param)
-    + n * expert_params * (bytes_per_param + trainable_state_bytes) + activation_bytes
-    + n * activation_bytes_per_expert``.
-
-    Attributes:
-        dense_params: Parameters outside the experts (embeddings, attention, dense FFNs, norms, routers).
-        expert_params: Parameters of one expert (all experts have the same size); at least 1.
-        bytes_per_param: Bytes of one weight (4 for fp32).
-        trainable_state_bytes: Extra bytes per trainable parameter: gradient (4) and the two AdamW moments (8).
-        train_dense: Whether the dense parameters are trained (full fine-tuning) or frozen (weights only).
-        activation_bytes: Activation memory for the configured batch and sequence length that does not depend
-            on the expert count.
-        activation_bytes_per_expert: Activation memory added by each held expert, summed over layers.
-    """
-
-    dense_params: int
-    expert_params: int
-    bytes_per_param: float = 4.0
-    trainable_state_bytes: float = 12.0
-    train_dense: bool = True
-    activation_bytes: float = 0.0
-    activation_bytes_per_expert: float = 0.0
-
-    def __post_init__(self) -> None:
-        dense = as_int(self.dense_params, "dense_params")
-        expert = as_int(self.expert_params, "expert_params")
-        if dense < 0:
-            raise ValueError(f"dense_params must be non-negative, got {dense}")
-        if expert < 1:
-            raise ValueError(f"expert_params must be at least 1, got {expert}")
-        if not (math.isfinite(self.bytes_per_param) and self.bytes_per_param > 0):
-            raise ValueError(f"bytes_per_param must be a positive number, got {self.bytes_per_param!r}")
-        for name in ("trainable_state_bytes", "activation_bytes", "activation_bytes_per_expert"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-
-    @classmethod
-    def params_only(cls, dense_params: int, expert_params: int, bytes_per_param: float = 4.0) -> MemoryModel:
-        """The paper's model (Eq. 3): parameter bytes only, no gradients, optimiser state or activations.
-
-        Args:
-            dense_params: Parameters outside the experts.
-            expert_params: Parameters of one expert.
-            bytes_per_param: Bytes of one weight.
-
-        Returns:
-            A model whose ``bytes(n)`` is ``(dense_params + n * expert_params) * bytes_per_param``.
-        """
-        return cls(dense_params=dense_params, expert_params=expert_params, bytes_per_param=bytes_per_param,
-                   trainable_state_bytes=0.0, train_dense=False, activation_bytes=0.0,
-                   activation_bytes_per_expert=0.0)
-
-    @property
-    def fixed_bytes(self) -> float:
-        """Bytes needed with no expert at all: dense weights (and their training state) plus fixed activations."""
-        per_dense = self.bytes_per_param + (self.trainable_state_bytes if self.train_dense else 0.0)
-        return self.dense_params * per_dense + self.activation_bytes
-
-    @property
-    def bytes_per_expert(self) -> float:
-        """Bytes added by one held expert: weights, training state and its activations."""
-        return self.expert_params * (self.bytes_per_param + self.trainable_state_bytes) + \
-            self.activation_bytes_per_expert
-
-    def bytes(self, num_experts: int) -> float:
-        """Training memory of a sub-MoE holding ``num_experts`` experts in total over all layers.
-
-        Args:
-            num_experts: Total held experts (non-negative).
-
-        Returns:
-            The estimate in bytes.
-        """
-        n = as_int(num_experts, "num_experts")
-        if n < 0:
-            raise ValueError(f"num_experts must be non-negative, got {n}")
-        return self.fixed_bytes + n * self.bytes_per_expert
-
-    def max_experts(self, budget_bytes: float) -> int:
-        """The largest total expert count whose :meth:`bytes` is at most ``budget_bytes``.
-
-        Args:
-            budget_bytes: Available memory in bytes (finite).
-
-        Returns:
-            The count, or -1 when even a sub-MoE without experts does not fit.
-        """
-        budget = float(budget_bytes)
-        if not math.isfinite(budget):
-            raise ValueError(f"budget_bytes must be finite, got {budget_bytes!r}")
-        if self.bytes(0) > budget:
-            return -1
-        n = int(math.floor((budget - self.fixed_bytes) / self.bytes_per_expert))
-        # The division can be off by one ulp either way; settle on the exact condition of bytes().
-        while n > 0 and self.bytes(n) > budget:
-            n -= 1
-        while self.bytes(n + 1) <= budget:
-            n += 1
-        return n
-
-
-# ---------------------------------------------------------------------------------------------- search
 
 
 def _layer_orders(profile: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
