@@ -29,7 +29,6 @@ from transformers import AutoConfig, AutoTokenizer
 
 from fedhmoe.algorithms.base import FederatedStrategy
 from fedhmoe.algorithms.registry import ALGORITHMS
-from fedhmoe.algorithms.specs import AdapterSpec, moe_spec
 from fedhmoe.client.evaluate import generate
 from fedhmoe.config import Config, ConfigError, config_to_toml, load_config
 from fedhmoe.data.format import PromptFormatter
@@ -40,6 +39,7 @@ from fedhmoe.models.backbone import auto_model_class
 from fedhmoe.models.facts import model_facts
 from fedhmoe.models.lora import merge_lora
 from fedhmoe.runtime.backbone_cache import Worker, build_worker
+from fedhmoe.specs import AdapterSpec, moe_spec
 from fedhmoe.store import PersonalStore
 from fedhmoe.validate import validate
 from fedhmoe.wire import decode_arrays, encode_arrays

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, get_type_hints
 
-from fedhmoe.algorithms.specs import AdapterSpec
+from fedhmoe.specs import AdapterSpec
 
 __all__ = ["PROTOCOL_VERSION", "Instructions", "ProtocolError"]
 

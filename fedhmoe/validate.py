@@ -5,10 +5,10 @@ feasibility checks, each naming the config key at fault."""
 from __future__ import annotations
 
 from fedhmoe.algorithms.registry import ALGORITHMS
-from fedhmoe.algorithms.specs import ModelFacts
 from fedhmoe.config import Config, ConfigError
 from fedhmoe.data.checks import check_data_source
 from fedhmoe.models.backbone import model_type
+from fedhmoe.specs import ModelFacts
 
 __all__ = ["validate"]
 

@@ -21,7 +21,7 @@ from fedhmoe.algorithms.base import FederatedStrategy
 from fedhmoe.algorithms.lora_merge import lora_targets
 from fedhmoe.algorithms.moe_memory import moe_memory_model
 from fedhmoe.algorithms.registry import ALGORITHMS
-from fedhmoe.algorithms.specs import AdapterSpec, ModelFacts
+from fedhmoe.specs import AdapterSpec, ModelFacts
 from fedhmoe.config import Config, load_config
 from fedhmoe.protocol import Instructions
 from fedhmoe.runtime.flower_compat import set_server_identity

@@ -249,7 +249,7 @@ def test_merge_lora_refuses_weights_sharing_storage_with_another_module():
 def test_supernode_state_dirs_keep_one_folder_per_run(tmp_path):
     from types import SimpleNamespace
 
-    from fedhmoe.algorithms.specs import lora_spec
+    from fedhmoe.specs import lora_spec
     from fedhmoe.protocol import Instructions
     from fedhmoe.runtime.client_logic import _store
 

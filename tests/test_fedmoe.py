@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from fedhmoe.algorithms.fedmoe import FedMoE
 from fedhmoe.algorithms.moe_memory import moe_memory_model
 from fedhmoe.algorithms.registry import ALGORITHMS
-from fedhmoe.algorithms.specs import moe_spec
+from fedhmoe.specs import moe_spec
 from fedhmoe.config import ConfigError, load_config
 from fedhmoe.evaluation.rundir import read_metrics
 from fedhmoe.models.facts import model_facts

@@ -14,7 +14,7 @@ from torch import nn
 
 from fedhmoe.algorithms.base import FederatedStrategy
 from fedhmoe.algorithms.registry import ALGORITHMS
-from fedhmoe.algorithms.specs import AdapterSpec, ModelFacts
+from fedhmoe.specs import AdapterSpec, ModelFacts
 from fedhmoe.config import Config, load_config
 from fedhmoe.models.adapters import KINDS, AdapterKind, LoRAKind, kind_of, register_kind
 from fedhmoe.runtime.engines import run_inprocess

@@ -6,7 +6,7 @@ keys, wrong shapes, NaN or Inf are rejected and reported, the round goes on), an
 keyed rule of :mod:`fedhmoe.algorithms.aggregate`. What a client is told is one
 :class:`~fedhmoe.protocol.Instructions` per message. Subclasses override the hooks ``client_keys``,
 ``train_config``, ``server_step`` and ``after_aggregate``; the math lives in pure functions. Strategies load no
-model: what they know of it comes in as :class:`~fedhmoe.algorithms.specs.ModelFacts`.
+model: what they know of it comes in as :class:`~fedhmoe.specs.ModelFacts`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedhmoe.algorithms.aggregate import PLAIN, ServerStep, aggregate_by_key, validate_update
-from fedhmoe.algorithms.specs import AdapterSpec, ModelFacts, lora_spec, moe_spec
 from fedhmoe.arrays import check_array
 from fedhmoe.config import Config, ConfigError
 from fedhmoe.protocol import Instructions
+from fedhmoe.specs import AdapterSpec, ModelFacts, lora_spec, moe_spec
 from fedhmoe.utils.seeding import numpy_rng
 from fedhmoe.wire import (
     ARRAYS,

@@ -33,8 +33,8 @@ from fedhmoe.algorithms.assignment import (
     solve_assignment,
 )
 from fedhmoe.algorithms.base import ClientReply, FederatedStrategy
-from fedhmoe.algorithms.specs import AdapterSpec, ModelFacts, amole_spec
 from fedhmoe.config import Config, ConfigError
+from fedhmoe.specs import AdapterSpec, ModelFacts, amole_spec
 from fedhmoe.utils.seeding import numpy_rng
 
 __all__ = ["FedAMoLE", "FedAMoLENoShared", "FedAMoLERandom", "FedMoLE", "FedMoLEHomogeneous"]

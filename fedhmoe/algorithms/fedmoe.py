@@ -30,10 +30,10 @@ from fedhmoe.algorithms.base import ClientReply, FederatedStrategy
 from fedhmoe.algorithms.lora_merge import is_lora_key, lora_targets, merge_lora_factors
 from fedhmoe.algorithms.moe_memory import expert_block, moe_memory_model
 from fedhmoe.algorithms.recommend import RecommendConfig, RecommendState, recommend
-from fedhmoe.algorithms.specs import AdapterSpec, ModelFacts, moe_spec, stage1_lora
 from fedhmoe.algorithms.submoe_search import SearchError, estimate_profiles, search_submoe
 from fedhmoe.config import Config, ConfigError
 from fedhmoe.keys import parse_moe_key, profile_key
+from fedhmoe.specs import AdapterSpec, ModelFacts, moe_spec, stage1_lora
 from fedhmoe.utils.seeding import numpy_rng
 
 __all__ = ["FedMoE", "MoEMethod", "RandomMoE"]

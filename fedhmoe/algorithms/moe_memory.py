@@ -2,7 +2,7 @@
 
 FedMoE searches each client's sub-MoE under its memory budget (spec section 3, Eq. 3): :class:`MemoryModel` is the
 memory of a sub-MoE as a function of its expert count, and :func:`moe_memory_model` builds it from
-:class:`~fedhmoe.algorithms.specs.ModelFacts` and the global state's shapes.
+:class:`~fedhmoe.specs.ModelFacts` and the global state's shapes.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedhmoe.algorithms.checks import as_int
-from fedhmoe.algorithms.specs import ModelFacts
 from fedhmoe.config import Config
 from fedhmoe.keys import parse_moe_key
+from fedhmoe.specs import ModelFacts
 
 __all__ = ["MemoryModel", "expert_block", "moe_memory_model"]
 

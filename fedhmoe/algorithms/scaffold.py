@@ -19,8 +19,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedhmoe.algorithms.aggregate import ServerStep
 from fedhmoe.algorithms.base import FederatedStrategy
-from fedhmoe.algorithms.specs import ModelFacts
 from fedhmoe.config import Config
+from fedhmoe.specs import ModelFacts
 from fedhmoe.wire import CONTROL
 
 __all__ = ["Scaffold"]

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedhmoe.algorithms.specs import AdapterSpec
 from fedhmoe.client.evaluate import evaluate_examples
 from fedhmoe.client.stats import amole_embeddings, metric_dp_noise, moe_activation_profile
 from fedhmoe.client.train import TrainResult
@@ -26,6 +25,7 @@ from fedhmoe.data.types import ClientData
 from fedhmoe.keys import profile_key
 from fedhmoe.models.adapters import AdapterKind
 from fedhmoe.protocol import Instructions
+from fedhmoe.specs import AdapterSpec
 from fedhmoe.utils.seeding import numpy_rng
 from fedhmoe.wire import CONTROL
 

@@ -3,7 +3,7 @@
 ``lora``: one LoRA pair per target linear (FedIT and relatives). ``amole``: an adaptive mixture of LoRA experts per
 target linear (FedAMoLE). ``moe``: the (sub-)MoE itself is trained: dense parameters, the held experts and their
 router rows (FedMoE, and FedProx / SCAFFOLD on an MoE backbone). Which kind a round uses is the
-:class:`~fedhmoe.algorithms.specs.AdapterSpec` its method chooses. The runtime, export and strategies call
+:class:`~fedhmoe.specs.AdapterSpec` its method chooses. The runtime, export and strategies call
 :func:`kind_of` and the kind's methods; nothing outside this module branches on a kind's name.
 
 Adding a kind is one :class:`AdapterKind` subclass and one :func:`register_kind` call (see docs/architecture.md).
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedhmoe.algorithms.specs import AdapterSpec
 from fedhmoe.config import ConfigError
 from fedhmoe.models import amole, lora, moe, payload
+from fedhmoe.specs import AdapterSpec
 
 __all__ = ["KINDS", "AMoLEKind", "AdapterKind", "AdapterSpec", "LoRAKind", "MoEKind", "init_global_state", "inject",
            "kind_of", "load_state", "read_state", "register_kind", "trainable"]

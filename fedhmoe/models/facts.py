@@ -1,12 +1,12 @@
-"""The facts strategies may know of a backbone (:class:`~fedhmoe.algorithms.specs.ModelFacts`), read from its
+"""The facts strategies may know of a backbone (:class:`~fedhmoe.specs.ModelFacts`), read from its
 config and its architecture on the meta device: no weights are loaded."""
 
 from __future__ import annotations
 
-from fedhmoe.algorithms.specs import ModelFacts
 from fedhmoe.config import ModelConfig
 from fedhmoe.models import moe
 from fedhmoe.models.backbone import backbone_shapes, is_moe_backbone, model_type
+from fedhmoe.specs import ModelFacts
 
 __all__ = ["model_facts"]
 

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fedhmoe.algorithms.specs import AdapterSpec
 from fedhmoe.config import Config
 from fedhmoe.data.format import PromptFormatter
 from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import load_backbone
+from fedhmoe.specs import AdapterSpec
 from fedhmoe.utils.torch_seeding import torch_generator
 
 __all__ = ["Worker", "build_worker", "get_worker"]

@@ -18,12 +18,12 @@ from flwr.serverapp import Grid
 
 from fedhmoe.algorithms.base import FederatedStrategy, RoundLog
 from fedhmoe.algorithms.registry import ALGORITHMS
-from fedhmoe.algorithms.specs import ModelFacts
 from fedhmoe.config import Config, config_to_toml
 from fedhmoe.evaluation.rundir import RunDirectory, read_metrics, summarize
 from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import backbone_shapes, load_backbone
 from fedhmoe.models.facts import model_facts
+from fedhmoe.specs import ModelFacts
 from fedhmoe.utils.torch_seeding import torch_generator
 from fedhmoe.validate import validate
 from fedhmoe.wire import CONFIG, make_content
