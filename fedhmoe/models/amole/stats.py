@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fedhmoe.keys import client_embedding_key, expert_embedding_key
+from fedhmoe.models.amole.layer import AMoLELinear
 from fedhmoe.models.amole.model import AMoLEStateError, amole_modules, require_modules
 
 __all__ = ["balance_loss", "collect_embeddings", "embedding_stats", "token_mask"]
@@ -35,6 +36,19 @@ def balance_loss(model: nn.Module) -> torch.Tensor:
 
 
 @contextmanager
+def _lending(mods: list[AMoLELinear], attr: str, value: object) -> Iterator[None]:
+    """Set ``attr`` of every module to ``value`` within the block; restore each one's previous value on exit."""
+    previous = [getattr(m, attr) for m in mods]
+    for m in mods:
+        setattr(m, attr, value)
+    try:
+        yield
+    finally:
+        for m, prev in zip(mods, previous, strict=True):
+            setattr(m, attr, prev)
+
+
+@contextmanager
 def token_mask(model: nn.Module, mask: torch.Tensor | None) -> Iterator[None]:
     """Lend every AMoLE module the ``(batch, seq)`` padding mask of the forward run inside the block.
 
@@ -46,16 +60,9 @@ def token_mask(model: nn.Module, mask: torch.Tensor | None) -> Iterator[None]:
         model: A model carrying AMoLE modules (or one :class:`AMoLELinear`).
         mask: Bool or 0/1 tensor of the inputs' leading shape, typically the attention mask.
     """
-    mods = list(amole_modules(model).values())
     flat = None if mask is None else mask.to(torch.bool)
-    previous = [m._token_mask for m in mods]
-    for m in mods:
-        m._token_mask = flat
-    try:
+    with _lending(list(amole_modules(model).values()), "_token_mask", flat):
         yield
-    finally:
-        for m, prev in zip(mods, previous, strict=True):
-            m._token_mask = prev
 
 
 @contextmanager
@@ -69,15 +76,10 @@ def collect_embeddings(model: nn.Module) -> Iterator[None]:
         model: A model carrying AMoLE modules (or one :class:`AMoLELinear`).
     """
     mods = list(amole_modules(model).values())
-    previous = [m._collecting for m in mods]
     for m in mods:
         m._reset_stats()
-        m._collecting = True
-    try:
+    with _lending(mods, "_collecting", True):
         yield
-    finally:
-        for m, prev in zip(mods, previous, strict=True):
-            m._collecting = prev
 
 
 def embedding_stats(model: nn.Module) -> dict[str, np.ndarray]:
