@@ -227,3 +227,23 @@ def test_the_contract_runs_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if build(n).side_records(1, 0)])
+def test_side_records_are_checked_like_arrays(name):
+    s = build(name)
+    sent = list(s.configure_train(1))
+    clean = copy.deepcopy(s)
+    replies = mock_replies(sent)
+    # client 0 returns its control variates without one key: its whole reply is left out
+    content = replies[0].content
+    control = decode_arrays(content[CONTROL])
+    control.pop(sorted(control)[0])
+    content[CONTROL] = encode_arrays(control)
+    s.aggregate_train(1, replies)
+    assert [x.client for x in s.last_train.rejected] == [0]
+    assert "record 'control': missing keys" in s.last_train.rejected[0].reason
+    clean.aggregate_train(1, mock_replies(sent[1:]))
+    assert_same(s.global_state, clean.global_state)
+    assert snapshot(s)[1] == snapshot(clean)[1]
+    assert_same(snapshot(s)[0], snapshot(clean)[0])
