@@ -360,7 +360,7 @@ class FederatedStrategy(Strategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Per-client metrics stay per client (see ``last_eval``); returns their example-weighted means."""
+        """Per-client metrics stay per client (see ``last_eval``); returns their means over the replying clients."""
         good = self._decode(replies, self.last_eval, None)
         keys = sorted({k for r in good for k, v in r.metrics.items() if isinstance(v, float)})
         means: dict[str, int | float | list[int] | list[float]] = {

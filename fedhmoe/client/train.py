@@ -155,7 +155,7 @@ def _record_and_offset_gradients(params: Mapping[str, nn.Parameter], grad_sum: d
             p.grad = off.clone() if p.grad is None else p.grad.add_(off)
 
 
-def train_local(
+def train_local(  # long for its documented arguments; the loop itself is short
     model: nn.Module,
     params: Mapping[str, nn.Parameter],
     formatter: PromptFormatter,
