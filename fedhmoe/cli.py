@@ -46,18 +46,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"{run_dir} is not a run directory (no config.toml)")
-        cfg = load_config(run_dir / "config.toml", args.set)
+        cfg = validate(load_config(run_dir / "config.toml", args.set))
     else:
         if args.config is None:
             raise ConfigError("fedhmoe run needs a CONFIG file (or --resume RUN_DIR)")
-        cfg = load_config(args.config, args.set)
+        cfg = validate(load_config(args.config, args.set))  # before any folder is made
         run_dir = Path(args.out) if args.out else new_run_dir(cfg.run.out_dir, cfg.run.name)
         if args.out:
             if run_dir.exists() and any(run_dir.iterdir()):
                 raise ConfigError(f"--out {run_dir} exists and is not empty (use --resume to continue a run)")
             run_dir.mkdir(parents=True, exist_ok=True)
     engine = args.engine or cfg.federation.engine
-    validate(cfg)
     _check_data(cfg)
     _prepare_model(cfg)
     log.info("run %s: %s on %d clients, %d rounds, engine %s", run_dir, cfg.algorithm.name,
@@ -160,8 +159,9 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
 def cmd_show_config(args: argparse.Namespace) -> int:
     from fedhmoe.config import config_to_documented_toml, load_config
+    from fedhmoe.validate import validate
 
-    print(config_to_documented_toml(load_config(args.config, args.set)))
+    print(config_to_documented_toml(validate(load_config(args.config, args.set))))
     return 0
 
 

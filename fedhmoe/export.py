@@ -37,7 +37,6 @@ from fedhmoe.evaluation.rundir import RunDirectory, read_metrics
 from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import auto_model_class
 from fedhmoe.models.facts import model_facts
-from fedhmoe.models.lora import merge_lora
 from fedhmoe.runtime.backbone_cache import Worker, build_worker
 from fedhmoe.specs import AdapterSpec, moe_spec
 from fedhmoe.store import PersonalStore
@@ -48,7 +47,8 @@ __all__ = ["PACKAGE_FILE", "ClientModel", "export_client", "generate_text", "loa
 
 #: The file that marks an exported client model folder.
 PACKAGE_FILE = "fedhmoe-model.json"
-_FORMAT = 1
+_FORMAT = 2  # 2: the adapter spec is recorded ("adapter"); 1 recorded FedMoE's stage as "round-config"
+_READABLE = (1, 2)
 
 
 @dataclass
@@ -239,7 +239,8 @@ def export_client(run_dir: str | Path, client: int, out: str | Path, round: int 
         (tmp / "config.toml").write_text(config_to_toml(cfg))
         if merge:
             cm.model.to(torch.float32)  # a small update added to bfloat16 weights would mostly round away
-            merge_lora(cm.model)
+            if not kind_of(cm.spec).merge(cm.model, cm.spec):
+                raise ValueError(f"client {client}'s model has no {cm.spec.kind} adapter to merge")
             _own_storage(cm.model)
             cm.model.save_pretrained(tmp)
             cm.formatter.tokenizer.save_pretrained(tmp)
@@ -286,8 +287,8 @@ def load_exported(folder: str | Path) -> ClientModel:
         cfg = load_config(folder / "config.toml")
     except (ValueError, OSError, ConfigError) as e:
         raise ValueError(f"exported model {folder} is corrupt: {e}") from e
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this fedhmoe reads format {_FORMAT}")
+    if meta.get("format") not in _READABLE:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this fedhmoe reads formats {_READABLE}")
     spec = _exported_spec(cfg, meta)
     common = dict(cfg=cfg, client=int(meta["client"]), round=int(meta["round"]), source=str(meta["source"]))
     if meta.get("merged"):
@@ -314,16 +315,16 @@ def load_exported(folder: str | Path) -> ClientModel:
 
 def _exported_spec(cfg: Config, meta: dict[str, Any]) -> AdapterSpec:
     """The adapters an exported model carries: recorded in its metadata (folders written before the record name
-    the method, and FedMoE's stage in ``round-config``)."""
+    the method and the adapter kind, and FedMoE's stage in ``round-config``; nothing of the backbone is read)."""
     if "adapter" in meta:
         try:
             return AdapterSpec.from_json(json.dumps(meta["adapter"]))
         except ValueError as e:
             raise ValueError(f"exported model's adapter record is corrupt: {e}") from e
-    mode = dict(meta.get("round-config", {})).get("moe-train-mode")
-    if mode:
-        return moe_spec(cfg, str(mode))
-    return ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg, model_facts(cfg.model))
+    if meta.get("adapter-kind") == "moe":  # FedMoE's stage recorded in round-config; MoE baselines train in full
+        mode = dict(meta.get("round-config", {})).get("moe-train-mode")
+        return moe_spec(cfg, str(mode) if mode else None)
+    return ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg)  # a dense backbone: no model facts needed
 
 
 def generate_text(cm: ClientModel, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:

@@ -36,7 +36,7 @@ class Instructions:
     Attributes:
         client: The partition id the message is for (checked against the node's own).
         server_round: The round; personal state is saved under it and read from before it.
-        algorithm: Registry name of the method (for logs and run folders; the client does not branch on it).
+        algorithm: Registry name of the method (it names the run in errors; the client does not branch on it).
         run_config: The resolved experiment config as TOML (model, data, training settings).
         adapter: The adapters the client's model carries this round.
         wire_dtype: Transport dtype of tensors both ways (``float32`` or ``bfloat16``).
@@ -46,7 +46,6 @@ class Instructions:
         learning_rate: Local learning rate of this round (training).
         return_arrays: Reply with the trained tensors (training).
         save_personal: Save the trained tensors as personal state (training).
-        use_personal: Score the personal state rather than received tensors when none are sent (evaluation).
         proximal_mu: Weight of FedProx's proximal term; 0 adds none.
         hooks: Client hooks to run, by name, in order (see :mod:`fedhmoe.client.hooks`), e.g. ``scaffold``,
             ``amole-stats``, ``moe-profile``.
@@ -66,7 +65,6 @@ class Instructions:
     learning_rate: float = 0.0
     return_arrays: bool = True
     save_personal: bool = False
-    use_personal: bool = False
     proximal_mu: float = 0.0
     hooks: tuple[str, ...] = ()
     dp_eta: float = 0.0

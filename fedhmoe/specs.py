@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from fedhmoe.config import Config
 
@@ -43,19 +44,49 @@ class AdapterSpec:
 
     @classmethod
     def from_json(cls, text: str) -> AdapterSpec:
-        """Inverse of :meth:`to_json`; an unknown or missing field raises ``ValueError`` naming it."""
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            ValueError: The text is not a JSON object, or a field is missing, unknown or of the wrong type (the
+                message names it): the spec decides what a client trains, so nothing is filled in by default.
+        """
         raw = json.loads(text)
         if not isinstance(raw, dict):
             raise ValueError(f"adapter spec must be a JSON object, got {text[:60]!r}")
         names = set(cls.__dataclass_fields__)
         if unknown := sorted(set(raw) - names):
             raise ValueError(f"adapter spec has unknown fields {unknown}")
-        raw["targets"] = tuple(raw.get("targets", ()))
-        raw["aux_losses"] = tuple((str(n), float(w)) for n, w in raw.get("aux_losses", ()))
-        try:
-            return cls(**raw)
-        except TypeError as e:
-            raise ValueError(f"adapter spec is incomplete: {e}") from e
+        if missing := sorted(names - set(raw)):
+            raise ValueError(f"adapter spec lacks fields {missing}")
+        return cls(**{name: _spec_field(name, raw[name]) for name in sorted(names)})
+
+
+def _spec_field(name: str, value: Any) -> Any:
+    """One :class:`AdapterSpec` field read from JSON, checked against its type."""
+    kind = {"kind": str, "rank": int, "num_experts": int, "top_k": int, "alpha": float, "dropout": float,
+            "label_smoothing": float, "use_shared": bool, "train_dense": bool, "expert_lora": bool}.get(name)
+    ok: bool
+    if name == "targets":
+        ok = isinstance(value, list) and all(isinstance(t, str) for t in value)
+        value = tuple(value) if ok else value
+    elif name == "aux_losses":
+        ok = isinstance(value, list) and all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and _is_number(p[1]) for p in value)
+        value = tuple((str(p[0]), float(p[1])) for p in value) if ok else value
+    elif kind is float:
+        ok = _is_number(value)
+        value = float(value) if ok else value
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) if kind is not None else False
+    if not ok:
+        raise ValueError(f"adapter spec field {name!r} has the wrong type: {value!r}")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.config import Config, ConfigError
 from fedhmoe.data.checks import check_data_source
 from fedhmoe.models.backbone import model_type
-from fedhmoe.specs import ModelFacts
 
 __all__ = ["validate"]
 
@@ -22,6 +21,6 @@ def validate(cfg: Config) -> Config:
     if name not in ALGORITHMS:
         raise ConfigError(f"config key 'algorithm.name': unknown algorithm {name!r}; known: "
                           f"{', '.join(sorted(ALGORITHMS))}")
-    ALGORITHMS[name].check_config(cfg, ModelFacts(model_type=model_type(cfg.model)))
+    ALGORITHMS[name].check_config(cfg, model_type(cfg.model))
     check_data_source(cfg)
     return cfg

@@ -247,3 +247,13 @@ def test_side_records_are_checked_like_arrays(name):
     assert_same(s.global_state, clean.global_state)
     assert snapshot(s)[1] == snapshot(clean)[1]
     assert_same(snapshot(s)[0], snapshot(clean)[0])
+
+
+def test_methods_that_may_train_an_moe_need_the_backbone_s_facts():
+    # without facts FedProx and SCAFFOLD could not tell an MoE backbone from a dense one
+    for name in NAMES:
+        cls = ALGORITHMS[name]
+        if cls.trains_moe_backbones:
+            cfg = config(name)
+            with pytest.raises(ValueError, match="needs the backbone's facts"):
+                cls(cfg, {"w": np.zeros(2, f32)}, {0: 100}, "[run]\n")

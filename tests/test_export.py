@@ -79,8 +79,15 @@ def test_fedmoe_stage1_round_rebuilds_with_lora_on_the_full_moe(runs, tmp_path):
     got = rescore(cm)
     assert got["score"] == pytest.approx(want[1]["score"], abs=1e-9)
     assert got["eval-loss"] == pytest.approx(want[1]["eval-loss"], rel=1e-5)
-    back = load_exported(export_client(d, 1, tmp_path / "stage1", round=1))
+    out = export_client(d, 1, tmp_path / "stage1", round=1)
+    back = load_exported(out)
     assert back.spec.expert_lora and rescore(back) == got
+    # a folder written by the previous format (FedMoE's stage as round-config, no adapter record) still loads
+    meta = json.loads((out / "fedhmoe-model.json").read_text())
+    meta = {k: v for k, v in meta.items() if k != "adapter"} | {"format": 1, "round-config": {"moe-train-mode": "lora"}}
+    (out / "fedhmoe-model.json").write_text(json.dumps(meta))
+    old = load_exported(out)
+    assert old.spec == back.spec and rescore(old) == got
     assert not load_client_model(d, 1).spec.expert_lora  # the last round: stage 2, the weights themselves
 
 

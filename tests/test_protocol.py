@@ -48,8 +48,11 @@ def test_instructions_round_trip_exactly_through_a_config_record():
     ({"hooks": "moe-profile"}, "'hooks' must be"),
     ({"server-round": "3"}, "'server-round' must be int"),
     ({"return-arrays": 1}, "'return-arrays' must be bool"),
-    ({"adapter": {"kind": "lora", "targets": []}}, "'adapter' cannot be read: adapter spec is incomplete"),
+    ({"adapter": {"kind": "lora", "targets": []}}, r"'adapter' cannot be read: adapter spec lacks fields \['alpha'"),
     ({"adapter": {**json.loads(SPEC.to_json()), "rnak": 4}}, r"adapter spec has unknown fields \['rnak'\]"),
+    ({"adapter": {**json.loads(SPEC.to_json()), "rank": "4"}}, "adapter spec field 'rank' has the wrong type"),
+    ({"adapter": {**json.loads(SPEC.to_json()), "targets": "q_proj"}}, "field 'targets' has the wrong type"),
+    ({"adapter": {**json.loads(SPEC.to_json()), "aux_losses": [["z-loss"]]}}, "field 'aux_losses'"),
 ])
 def test_a_missing_unknown_or_mistyped_field_is_an_error_naming_it(change, match):
     with pytest.raises(ProtocolError, match=match):
@@ -98,3 +101,29 @@ def test_a_client_refuses_a_message_with_a_bad_instruction(tmp_path):
     msg = Message(make_content(config=bad), dst_node_id=1000, message_type=MessageType.TRAIN)
     with pytest.raises(ProtocolError, match="save-personl"):
         handle_train(msg, SimpleNamespace(node_config={"partition-id": 0}))
+
+
+def test_every_spec_the_methods_build_round_trips_through_json():
+    from fedhmoe.config import load_config
+    from fedhmoe.specs import amole_spec, lora_spec, moe_spec
+
+    cfg = load_config(SMOKE)
+    for spec in (lora_spec(cfg), amole_spec(cfg), amole_spec(cfg, use_shared=False), moe_spec(cfg),
+                 moe_spec(cfg, "lora"), SPEC):
+        assert AdapterSpec.from_json(spec.to_json()) == spec
+
+
+def test_a_client_of_another_protocol_version_refuses_discovery():
+    from types import SimpleNamespace
+
+    from flwr.app import Message, MessageType
+
+    from fedhmoe.runtime.client_logic import handle_query
+    from fedhmoe.runtime.flower_compat import set_server_identity
+    from fedhmoe.wire import make_content
+
+    set_server_identity()
+    query = {"run-config": SMOKE.read_text(), "protocol-version": PROTOCOL_VERSION + 1}
+    msg = Message(make_content(config=query), dst_node_id=1000, message_type=MessageType.QUERY)
+    with pytest.raises(ProtocolError, match=f"protocol version {PROTOCOL_VERSION + 1}"):
+        handle_query(msg, SimpleNamespace(node_config={"partition-id": 0}))

@@ -75,10 +75,10 @@ class RoundLog:
 
 
 def _check_stats(stats: Mapping[str, np.ndarray]) -> str | None:
-    """Why a reply's statistics must be rejected (not float, or not finite), or None."""
+    """Why a reply's statistics must be rejected (not numeric, or not finite), or None."""
     try:
         for key, value in stats.items():
-            check_array(key, value, what="statistic")
+            check_array(key, value, what="statistic", integers=True)
     except ValueError as e:
         return str(e)
     return None
@@ -114,6 +114,8 @@ class FederatedStrategy(Strategy):
         client_info: Mapping[int, Mapping[str, Any]] | None = None,
         facts: ModelFacts | None = None,
     ) -> None:
+        if facts is None and self.trains_moe_backbones:  # it could not tell an MoE backbone from a dense one
+            raise ValueError(f"algorithm '{self.name}' needs the backbone's facts (fedhmoe.models.facts.model_facts)")
         self.cfg = cfg
         self.facts = facts or ModelFacts()
         self.client_info = {int(c): dict(v) for c, v in (client_info or {}).items()}
@@ -155,8 +157,11 @@ class FederatedStrategy(Strategy):
         return None
 
     @classmethod
-    def check_config(cls, cfg: Config, facts: ModelFacts) -> None:
-        """Raise ``ConfigError`` naming the key when ``cfg`` cannot run this method (default: no checks)."""
+    def check_config(cls, cfg: Config, model_type: str) -> None:
+        """Raise ``ConfigError`` naming the key when ``cfg`` cannot run this method (default: no checks).
+
+        ``model_type`` is the backbone's family as its config names it ('' when that cannot be read here): the
+        checks run at every entry point, before any model is loaded."""
 
     @classmethod
     def global_tensors(cls, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -353,7 +358,7 @@ class FederatedStrategy(Strategy):
         base = dict(config or {})
         for client in self.clients:
             state = {k: self.global_state[k] for k in self.eval_keys(server_round, client)}
-            instructions = self._instructions(server_round, client, base, use_personal=self.eval_mode == "personal")
+            instructions = self._instructions(server_round, client, base)
             msg = self._message(client, state, instructions, MessageType.EVALUATE)
             self.last_eval.bytes_down[client] = content_nbytes(msg.content)
             messages.append(msg)

@@ -59,7 +59,7 @@ class FedAMoLE(FederatedStrategy):
         return amole_spec(cfg, use_shared=cls.use_shared)
 
     @classmethod
-    def check_config(cls, cfg: Config, facts: ModelFacts) -> None:
+    def check_config(cls, cfg: Config, model_type: str) -> None:
         fa = cfg.fedamole
         if fa.top_k < 1:
             raise ConfigError("config key 'fedamole.top-k': must be at least 1")

@@ -61,7 +61,7 @@ class MoEMethod(FederatedStrategy):
         return moe_spec(cfg)
 
     @classmethod
-    def check_config(cls, cfg: Config, facts: ModelFacts) -> None:
+    def check_config(cls, cfg: Config, model_type: str) -> None:
         if cfg.model.name in ("tiny-llama", "smollm2-135m-instruct") and not cfg.model.upcycle_experts:
             raise ConfigError(f"algorithm '{cls.name}' needs an MoE backbone: model.name {cfg.model.name!r} is "
                               "dense; use model.name = 'tiny-mixtral', an MoE checkpoint, or set "
@@ -81,8 +81,8 @@ class FedMoE(MoEMethod):
         return moe_spec(cfg, "lora") if stage1_lora(cfg) else None
 
     @classmethod
-    def check_config(cls, cfg: Config, facts: ModelFacts) -> None:
-        super().check_config(cfg, facts)
+    def check_config(cls, cfg: Config, model_type: str) -> None:
+        super().check_config(cfg, model_type)
         fm = cfg.fedmoe
         if fm.profile_rounds < 1:
             raise ConfigError("config key 'fedmoe.profile-rounds': FedMoE needs at least one profiling round")
@@ -95,7 +95,7 @@ class FedMoE(MoEMethod):
                               "lose stage 1's weight updates (LoRA clients keep their backbone's expert weights); "
                               "use 'lora'")
         if fm.train_mode == "lora" or stage1_lora(cfg):
-            if facts.model_type == "switch_transformers":  # experts are separate modules, no stacked tensors
+            if model_type == "switch_transformers":  # experts are separate modules, no stacked tensors
                 key = "fedmoe.train-mode" if fm.train_mode == "lora" else "fedmoe.profile-train-mode"
                 raise ConfigError(f"config key '{key}': LoRA on experts is not available for Switch Transformers "
                                   f"(it needs stacked expert tensors); set {key} = 'full'")

@@ -34,7 +34,8 @@ class AdapterKind:
         name: The registry name, used in :class:`AdapterSpec.kind`.
         needs_weights: The server's initial state is read from the backbone's real weights (``moe``: the MoE
             itself is trained), not from shapes on the meta device.
-        mergeable: Exports may fold it into the backbone as a plain Hugging Face model.
+        mergeable: :meth:`merge` folds it into the backbone, which exports then write as a plain Hugging Face
+            model.
     """
 
     name: str = ""
@@ -69,6 +70,11 @@ class AdapterKind:
     def client_initial_state(self, model: nn.Module, spec: AdapterSpec, seed: int) -> dict[str, np.ndarray] | None:
         """What a client that received no tensors and holds no personal state starts from (None: it cannot)."""
         return None
+
+    def merge(self, model: nn.Module, spec: AdapterSpec) -> list[str]:
+        """Fold the adapters into the backbone's own weights and remove them; returns the merged module paths
+        (only kinds that are :attr:`mergeable`)."""
+        raise ValueError(f"adapter kind {self.name!r} cannot be merged into the backbone")
 
     def aux_loss(self, model: nn.Module, spec: AdapterSpec, name: str) -> torch.Tensor | None:
         """The auxiliary loss ``name`` (``load-balance``, ``z-loss``) of the last forward, or None when this kind
@@ -117,6 +123,9 @@ class LoRAKind(AdapterKind):
 
     def client_initial_state(self, model: nn.Module, spec: AdapterSpec, seed: int) -> dict[str, np.ndarray] | None:
         return self.init_global_state(model, spec, seed)  # the run's initial adapter, rebuilt from the seed
+
+    def merge(self, model: nn.Module, spec: AdapterSpec) -> list[str]:
+        return lora.merge_lora(model)  # W += alpha/r B A, the LoRALinear replaced by its base linear
 
 
 class AMoLEKind(AdapterKind):

@@ -29,7 +29,7 @@ from fedhmoe.config import Config, load_config
 from fedhmoe.data.splits import client_data
 from fedhmoe.data.types import ClientData
 from fedhmoe.models.adapters import AdapterKind, kind_of
-from fedhmoe.protocol import Instructions
+from fedhmoe.protocol import PROTOCOL_VERSION, Instructions, ProtocolError
 from fedhmoe.runtime.backbone_cache import Worker, get_worker
 from fedhmoe.store import PersonalStore
 from fedhmoe.utils.seeding import derive_seed, numpy_rng
@@ -85,7 +85,11 @@ def _setup_threads(cfg: Config) -> None:
 
 def handle_query(msg: Message, context: Context) -> Message:
     """Identify this node: partition id and the sizes of its splits."""
-    text = dict(msg.content[CONFIG]).get("run-config") if CONFIG in msg.content else None
+    record = dict(msg.content[CONFIG]) if CONFIG in msg.content else {}
+    if record.get("protocol-version") != PROTOCOL_VERSION:
+        raise ProtocolError(f"the server speaks protocol version {record.get('protocol-version')!r}, this client "
+                            f"{PROTOCOL_VERSION}: run the same fedhmoe on the server and the clients")
+    text = record.get("run-config")
     if not isinstance(text, str):
         raise ValueError("query message lacks 'run-config' (the experiment TOML)")
     cfg = _parse(text)

@@ -23,6 +23,7 @@ from fedhmoe.evaluation.rundir import RunDirectory, read_metrics, summarize
 from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import backbone_shapes, load_backbone
 from fedhmoe.models.facts import model_facts
+from fedhmoe.protocol import PROTOCOL_VERSION
 from fedhmoe.specs import ModelFacts
 from fedhmoe.utils.torch_seeding import torch_generator
 from fedhmoe.validate import validate
@@ -62,8 +63,8 @@ def discover_clients(grid: Grid, cfg: Config, toml_text: str) -> tuple[dict[int,
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(nodes)} of {n} clients connected")
         time.sleep(1.0)
-    msgs = [Message(make_content(config={"run-config": toml_text}), dst_node_id=nid, message_type=MessageType.QUERY)
-            for nid in nodes]
+    query = {"run-config": toml_text, "protocol-version": PROTOCOL_VERSION}
+    msgs = [Message(make_content(config=query), dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes]
     node_of: dict[int, int] = {}
     info: dict[int, dict[str, Any]] = {}
     for reply in grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout_s):
