@@ -4,6 +4,8 @@ when a ``Config`` is built; the method's and the data source's checks are :func:
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,16 @@ from fedhmoe.config.sections import (
     TrainConfig,
 )
 
-__all__ = ["Config", "replace"]
+__all__ = ["MAX_EXAMPLES_PER_TASK", "MAX_EXPERTS", "MAX_NEW_TOKENS", "Config", "replace"]
+
+#: Upper bounds on counts that would otherwise stall a run or exhaust memory before it reports anything:
+#: reasoning-gym examples are all generated up front, generation runs token by token, and every expert is a module
+#: (an upcycled one a full copy of the MLP).
+MAX_EXAMPLES_PER_TASK = 100_000
+MAX_NEW_TOKENS = 8192
+MAX_EXPERTS = 1024
+# `cuda:<n>` names the n-th GPU; other strings torch would reject only when the first client starts
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -49,9 +60,24 @@ def _need(cond: bool, key: str, msg: str) -> None:
 def _check_feasible(cfg: Config) -> None:
     """Checks of the config's own fields, section by section (the method's and the data source's are asked by
     :func:`fedhmoe.validate.validate`)."""
+    _check_finite(cfg)
     _check_federation_and_data(cfg)
     _check_training(cfg)
+    _check_counts(cfg)
     _check_fedmoe(cfg)
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every float (and every float in a list) is finite: ``inf`` or ``nan`` passes most range checks (``inf > 0``
+    holds, any comparison with ``nan`` fails silently the other way) and then poisons training."""
+    for sec in dataclasses.fields(cfg):
+        body = getattr(cfg, sec.name)
+        for f in dataclasses.fields(body):
+            value = getattr(body, f.name)
+            values = value if isinstance(value, list) else [value]
+            bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                _need(False, f"{sec.name}.{f.name.replace('_', '-')}", f"must be a finite number, got {bad[0]}")
 
 
 def _check_federation_and_data(cfg: Config) -> None:
@@ -61,6 +87,12 @@ def _check_federation_and_data(cfg: Config) -> None:
     need(0 <= fed.clients_per_round <= fed.num_clients, "federation.clients-per-round",
          f"must be between 0 and federation.num-clients ({fed.num_clients}), got {fed.clients_per_round}")
     need(0.0 < fed.fraction_per_round <= 1.0, "federation.fraction-per-round", "must be in (0, 1]")
+    need(fed.clients_per_round == 0 or fed.fraction_per_round == 1.0, "federation.clients-per-round",
+         f"{fed.clients_per_round} clients per round and federation.fraction-per-round {fed.fraction_per_round} "
+         "both set; set only one of them")
+    need(fed.num_cpus_per_client > 0, "federation.num-cpus-per-client", "must be positive")
+    need(fed.num_gpus_per_client >= 0, "federation.num-gpus-per-client", "must be non-negative")
+    need(fed.round_timeout_s > 0, "federation.round-timeout-s", "must be positive (seconds)")
     fr = {"train": data.train_fraction, "aux": data.aux_fraction, "val": data.val_fraction, "test": data.test_fraction}
     for k, v in fr.items():
         need(0.0 <= v <= 1.0, f"data.{k}-fraction", f"must be in [0, 1], got {v}")
@@ -69,7 +101,8 @@ def _check_federation_and_data(cfg: Config) -> None:
          f"split fractions train+aux+val+test sum to {total:.3f}, above 1")
     need(data.train_fraction > 0, "data.train-fraction", "must be positive")
     need(data.test_fraction > 0, "data.test-fraction", "must be positive (clients are scored on it)")
-    need(data.examples_per_task >= 1, "data.examples-per-task", "must be at least 1")
+    need(1 <= data.examples_per_task <= MAX_EXAMPLES_PER_TASK, "data.examples-per-task",
+         f"must be between 1 and {MAX_EXAMPLES_PER_TASK}, got {data.examples_per_task}")
     need(data.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be positive")
     need(data.tasks_per_client >= 1, "data.tasks-per-client", "must be at least 1")
     need(data.min_examples_per_client >= 1, "data.min-examples-per-client", "must be at least 1")
@@ -94,8 +127,15 @@ def _check_training(cfg: Config) -> None:
     need(tr.batch_size >= 1, "train.batch-size", "must be at least 1")
     need(tr.learning_rate > 0, "train.learning-rate", "must be positive")
     need(tr.lr_decay > 0, "train.lr-decay", "must be positive")
+    need(tr.weight_decay >= 0, "train.weight-decay", "must be non-negative")
+    need(tr.adam_eps > 0, "train.adam-eps", "must be positive")
+    need(tr.max_grad_norm >= 0, "train.max-grad-norm", "must be non-negative (0 disables clipping)")
+    need(tr.num_threads >= 0, "train.num-threads", "must be non-negative (0 keeps torch's default)")
+    need(_DEVICE.fullmatch(mo.device) is not None, "model.device",
+         f"must be auto, cpu, cuda, cuda:<n> or mps, got {mo.device!r}")
     need(ev.every_n_rounds >= 1, "eval.every-n-rounds", "must be at least 1")
-    need(ev.max_new_tokens >= 1, "eval.max-new-tokens", "must be at least 1")
+    need(1 <= ev.max_new_tokens <= MAX_NEW_TOKENS, "eval.max-new-tokens",
+         f"must be between 1 and {MAX_NEW_TOKENS}, got {ev.max_new_tokens}")
     need(ev.batch_size >= 1, "eval.batch-size", "must be at least 1")
     need(mo.max_seq_len >= 8, "model.max-seq-len", "must be at least 8")
     need(mo.lora_rank >= 1, "model.lora-rank", "must be at least 1")
@@ -104,10 +144,27 @@ def _check_training(cfg: Config) -> None:
     need(cfg.algorithm.proximal_mu >= 0, "algorithm.proximal-mu", "must be non-negative")
     need(cfg.algorithm.server_lr > 0, "algorithm.server-lr", "must be positive")
     need(cfg.checkpoint.every_n_rounds >= 0, "checkpoint.every-n-rounds", "must be non-negative")
-    need(mo.upcycle_experts >= 0, "model.upcycle-experts", "must be non-negative")
+    need(mo.lora_alpha > 0, "model.lora-alpha", "must be positive")
+    need(0 <= mo.upcycle_experts <= MAX_EXPERTS, "model.upcycle-experts",
+         f"must be between 0 and {MAX_EXPERTS}, got {mo.upcycle_experts}")
     if mo.upcycle_experts:
         need(1 <= mo.upcycle_top_k <= mo.upcycle_experts, "model.upcycle-top-k",
              f"must be between 1 and model.upcycle-experts ({mo.upcycle_experts}), got {mo.upcycle_top_k}")
+
+
+def _check_counts(cfg: Config) -> None:
+    """Counts and caps whose negative values have no meaning (0 keeps its documented meaning)."""
+    need, data, fa = _need, cfg.data, cfg.fedamole
+    for key, value in (("data.max-examples-per-client", data.max_examples_per_client),
+                       ("data.max-val-examples", data.max_val_examples),
+                       ("data.max-test-examples", data.max_test_examples),
+                       ("checkpoint.keep-last", cfg.checkpoint.keep_last),
+                       ("fedamole.min-experts", fa.min_experts)):
+        need(value >= 0, key, f"must be non-negative, got {value}")
+    need(1 <= fa.num_experts <= MAX_EXPERTS, "fedamole.num-experts",
+         f"must be between 1 and {MAX_EXPERTS}, got {fa.num_experts}")
+    need(fa.clients_per_expert >= 1, "fedamole.clients-per-expert", "must be at least 1")
+    need(fa.max_experts >= 1, "fedamole.max-experts", "must be at least 1")
 
 
 def _check_fedmoe(cfg: Config) -> None:

@@ -44,7 +44,9 @@ class RunConfig:
 class FederationConfig:
     num_clients: int = _f(3, "Clients (data owners) in the federation.")
     num_rounds: int = _f(2, "Federated rounds to run.")
-    clients_per_round: int = _f(0, "Clients sampled per round; 0 means use `fraction-per-round`.")
+    clients_per_round: int = _f(
+        0, "Clients sampled per round; 0 means use `fraction-per-round`. Setting both (a non-zero count and a "
+           "fraction other than 1) is an error: neither silently wins.")
     fraction_per_round: float = _f(1.0, "Fraction of clients sampled per round (at least one).")
     engine: str = _f(
         "simulation",
@@ -52,9 +54,9 @@ class FederationConfig:
         "Simulation Engine on Ray). The CLI flag `--engine` overrides it.",
         ("inprocess", "simulation"),
     )
-    num_cpus_per_client: float = _f(1.0, "CPU cores Ray reserves for each simulated client.")
-    num_gpus_per_client: float = _f(0.0, "GPU share Ray reserves for each simulated client.")
-    round_timeout_s: float = _f(3600.0, "Seconds the server waits for the replies of one round.")
+    num_cpus_per_client: float = _f(1.0, "CPU cores Ray reserves for each simulated client (positive).")
+    num_gpus_per_client: float = _f(0.0, "GPU share Ray reserves for each simulated client (non-negative).")
+    round_timeout_s: float = _f(3600.0, "Seconds the server waits for the replies of one round (positive).")
     sampling: str = _f(
         "standard",
         "How the round's clients are drawn: `standard` (clients-per-round at random) or `enforced` (one client "
@@ -73,16 +75,19 @@ class ModelConfig:
     dtype: str = _f(
         "float32", "Dtype of the frozen backbone. Adapters always train in float32.", ("float32", "bfloat16")
     )
-    device: str = _f("auto", "Torch device for clients: `auto` (CUDA when present), `cpu`, `cuda`.")
+    device: str = _f(
+        "auto", "Torch device for clients: `auto` (CUDA when present), `cpu`, `cuda`, `cuda:<n>` (the n-th GPU) "
+                "or `mps`.")
     max_seq_len: int = _f(256, "Longest tokenised example (prompt + answer); longer prompts are cut on the left.")
     cache_dir: str = _f("", "Where converted models are cached; empty means `$FEDHMOE_CACHE` or ~/.cache/fedhmoe.")
     lora_targets: list[str] = _f(["q_proj", "v_proj"], "Names of the linear layers that receive LoRA.")
-    lora_rank: int = _f(8, "LoRA rank r.")
+    lora_rank: int = _f(8, "LoRA rank r; at most the in and out features of the smallest target layer.")
     lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input during training.")
     upcycle_experts: int = _f(
         0, "Sparse upcycling: turn a dense Llama-family model into a Mixtral-style MoE with this many copies of "
-           "each MLP as experts and a new router; 0 keeps the model as it is.")
+           "each MLP as experts and a new router (at most 1024: each is a full copy of the MLP); 0 keeps the model "
+           "as it is.")
     upcycle_top_k: int = _f(2, "Experts per token of the upcycled MoE.")
 
 
@@ -100,7 +105,9 @@ class DataConfig:
         "Task families (reasoning-gym dataset names) or categories to keep; empty keeps all categories.",
     )
     path: str = _f("", "Local file or folder for `jsonl` and Hub sources (a name `datasets` can load offline).")
-    examples_per_task: int = _f(200, "Examples generated per reasoning-gym family.")
+    examples_per_task: int = _f(
+        200, "Examples generated per reasoning-gym family, at most 100000: every example is generated and held in "
+             "memory before training starts, so a larger count stalls the run before its first round.")
     task_options: dict[str, Any] = _f(
         {}, "Per-family keyword arguments for reasoning-gym, e.g. `basic_arithmetic = {max_terms = 2}`."
     )
@@ -138,7 +145,7 @@ class TrainConfig:
     optimizer: str = _f("adamw", "Local optimizer; a fresh one per client per round.", ("adamw", "adam", "sgd"))
     weight_decay: float = _f(0.0, "Weight decay of the local optimizer.")
     adam_eps: float = _f(1e-8, "Epsilon of Adam and AdamW.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (non-negative); 0 disables clipping.")
     num_threads: int = _f(0, "Torch CPU threads per client process; 0 keeps torch's default.")
 
 
@@ -146,7 +153,9 @@ class TrainConfig:
 class EvalConfig:
     every_n_rounds: int = _f(1, "Evaluate after every n-th round (the last round is always evaluated).")
     before_training: bool = _f(True, "Evaluate the untrained model as round 0 (the 'before' column).")
-    max_new_tokens: int = _f(32, "Greedy generation length for generative tasks.")
+    max_new_tokens: int = _f(
+        32, "Greedy generation length for generative tasks, at most 8192: every evaluation batch generates up to "
+            "this many tokens one step at a time, so a huge value stalls each evaluation.")
     batch_size: int = _f(16, "Examples per evaluation batch.")
     select_metric: str = _f(
         "score",
@@ -173,7 +182,7 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True)
 class FedAMoLEConfig:
-    num_experts: int = _f(30, "Domain experts in the global pool of every AMoLE module (E).")
+    num_experts: int = _f(30, "Domain experts in the global pool of every AMoLE module (E), at most 1024.")
     clients_per_expert: int = _f(2, "Clients each expert selects per round in RSEA (c, `expert_choices`).")
     min_experts: int = _f(0, "Fewest domain experts a client holds per module; 0 means `fedamole.top-k`.")
     max_experts: int = _f(8, "Most domain experts a client holds per module (M).")
@@ -262,4 +271,4 @@ class FedMoEConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_n_rounds: int = _f(1, "Save server and client state every n-th round (and the last); 0 disables.")
-    keep_last: int = _f(0, "Keep only the newest n checkpoints; 0 keeps all.")
+    keep_last: int = _f(0, "Keep only the newest n checkpoints (non-negative); 0 keeps all.")

@@ -177,12 +177,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if path is None:
             text = ""
         else:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file '{p}' does not exist")
-            text = p.read_text()
+            text = _read_text(Path(path))
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config {path or '<text>'} is not valid TOML: {e}") from e
+        raise ConfigError(f"config file '{path or '<text>'}' is not valid TOML: {e}") from e
     return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def _read_text(path: Path) -> str:
+    """The file's text as UTF-8 (what TOML requires), a :class:`ConfigError` naming the file otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read: {e}") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (TOML files must be): byte {e.start} is "
+                          f"{data[e.start:e.start + 1]!r}") from e

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -39,8 +40,8 @@ from fedhmoe.models.tiny import (
 )
 from fedhmoe.utils.seeding import derive_seed
 
-__all__ = ["BUILTIN_MODELS", "auto_model_class", "backbone_shapes", "is_moe_backbone", "load_backbone", "model_type",
-           "resolve_model_path", "torch_dtype"]
+__all__ = ["BUILTIN_MODELS", "auto_model_class", "backbone_shapes", "is_moe_backbone", "linear_features",
+           "load_backbone", "model_type", "resolve_model_path", "torch_dtype"]
 
 TINY_LLAMA = "tiny-llama"
 TINY_MIXTRAL = "tiny-mixtral"
@@ -107,6 +108,14 @@ def _not_available(name: str, err: Exception) -> OSError:
 
 def _load_config(path: str) -> PretrainedConfig:
     """The model config at ``path`` (folder or cached Hub id), without network access."""
+    if not Path(path).is_dir():
+        # ask the cache folder directly: a Hub id missing from it fails at once, whatever the network settings
+        try:
+            cached = try_to_load_from_cache(path, "config.json")
+        except ValueError as err:  # not a well-formed Hub id either
+            raise _not_available(path, err) from err
+        if not isinstance(cached, str):
+            raise _not_available(path, FileNotFoundError(f"no config.json of {path!r} in the Hugging Face cache"))
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -243,3 +252,26 @@ def is_moe_backbone(cfg: ModelConfig) -> bool:
     config = _model_config(cfg)
     return any(isinstance(getattr(config, a, None), int) and getattr(config, a) > 0
                for a in ("num_local_experts", "num_experts"))
+
+
+_LINEARS: dict[tuple[str, str, int, int], dict[str, tuple[int, int]]] = {}
+
+
+def linear_features(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The backbone's linear layers by attribute name (what LoRA targets name), each with the smallest
+    ``(in_features, out_features)`` among the layers of that name; read on the meta device, no weights loaded.
+
+    Raises:
+        OSError: If the model is not a built-in, a local folder or in the local cache (the message says how to
+            provide it).
+    """
+    key = (cfg.name, cfg.cache_dir, cfg.upcycle_experts, cfg.upcycle_top_k)
+    if key not in _LINEARS:
+        out: dict[str, tuple[int, int]] = {}
+        for path, module in backbone_shapes(cfg).named_modules():
+            if isinstance(module, nn.Linear):
+                leaf = path.rsplit(".", 1)[-1]
+                old = out.get(leaf, (module.in_features, module.out_features))
+                out[leaf] = (min(old[0], module.in_features), min(old[1], module.out_features))
+        _LINEARS[key] = out
+    return dict(_LINEARS[key])
