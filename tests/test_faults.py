@@ -44,7 +44,8 @@ def wrong_shaped_stats(reply: Message) -> None:
 
 #: damage -> (how to apply it to a reply, words of the rejection's reason)
 DAMAGE: dict[str, tuple[Callable[[Message], None], str]] = {
-    "negative-examples": (set_metric("num-examples", -24), "num-examples -24 outside"),
+    # (-5 keeps the weights' sum positive: -24 would make it negative, and the server fall back to uniform)
+    "negative-examples": (set_metric("num-examples", -5), "num-examples -5 outside"),
     "huge-examples": (set_metric("num-examples", 10**9), "num-examples 1000000000 outside"),
     "float-examples": (set_metric("num-examples", 10.5), "num-examples must be an integer"),
     "nan-metric": (set_metric("train-loss", float("nan")), "NaN or Inf"),
