@@ -12,6 +12,7 @@ PURE_MODULES = [
     "fedhmoe.algorithms.lora_merge",
     "fedhmoe.algorithms.moe_memory",
     "fedhmoe.algorithms.recommend",
+    "fedhmoe.algorithms.replies",
     "fedhmoe.algorithms.submoe_search",
     "fedhmoe.arrays",
     "fedhmoe.keys",

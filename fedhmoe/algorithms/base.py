@@ -2,8 +2,9 @@
 
 A strategy holds the global state (every trainable tensor, keyed by name) and per-client structure. It builds
 **one message per sampled client** holding only the tensors that client holds, checks every reply (unknown
-keys, wrong shapes, NaN or Inf are rejected and reported, the round goes on), and aggregates with the one
-keyed rule of :mod:`fedhmoe.algorithms.aggregate`. What a client is told is one
+keys, wrong shapes, NaN or Inf, an unbelievable ``num-examples``, statistics the method cannot read are rejected
+and reported, the round goes on), and aggregates with the one keyed rule of
+:mod:`fedhmoe.algorithms.aggregate` (optionally robust: ``algorithm.robust``). What a client is told is one
 :class:`~fedhmoe.protocol.Instructions` per message. Subclasses override the hooks ``client_keys``,
 ``train_config``, ``server_step`` and ``after_aggregate``; the math lives in pure functions. Strategies load no
 model: what they know of it comes in as :class:`~fedhmoe.specs.ModelFacts`.
@@ -21,7 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedhmoe.algorithms.aggregate import PLAIN, ServerStep, aggregate_by_key, validate_update
+from fedhmoe.algorithms.aggregate import PLAIN, Robust, ServerStep, aggregate_by_key, validate_update
+from fedhmoe.algorithms.replies import check_metrics, check_num_examples, check_stats
 from fedhmoe.arrays import check_array
 from fedhmoe.config import Config, ConfigError
 from fedhmoe.protocol import Instructions
@@ -72,16 +74,6 @@ class RoundLog:
     bytes_up: dict[int, int] = field(default_factory=dict)
     replies: list[ClientReply] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
-
-
-def _check_stats(stats: Mapping[str, np.ndarray]) -> str | None:
-    """Why a reply's statistics must be rejected (not numeric, or not finite), or None."""
-    try:
-        for key, value in stats.items():
-            check_array(key, value, what="statistic", integers=True)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 class FederatedStrategy(Strategy):
@@ -208,6 +200,24 @@ class FederatedStrategy(Strategy):
         """How the average of ``key`` over its holders becomes its new value (default: the average)."""
         return PLAIN
 
+    def check_stats(self, client: int, stats: Mapping[str, np.ndarray]) -> str | None:
+        """Why a reply's statistics cannot be used by this method (a statistic it reads with the wrong shape,
+        dtype or key), or None; called when the reply is read, so a bad one is a rejection, not a crash later
+        (default: no checks beyond numeric and finite)."""
+        return None
+
+    def max_examples(self, client: int) -> int | None:
+        """The most ``num-examples`` a training reply of ``client`` may claim: its training split as reported at
+        discovery, or ``algorithm.max-examples`` when set (the smaller of both); None when neither is known."""
+        bounds = [int(b) for b in (self.client_info.get(client, {}).get("num-train"),
+                                   self.cfg.algorithm.max_examples or None) if b is not None]
+        return min(bounds) if bounds else None
+
+    def robust_rule(self) -> Robust:
+        """The robust aggregation rule of ``algorithm.robust`` and its parameters."""
+        a = self.cfg.algorithm
+        return Robust(a.robust, a.clip_factor, a.trim_fraction)
+
     def aggregation_weight(self, reply: ClientReply) -> float:
         """Weight of one client's update: its training examples, or 1 (``algorithm.weighting``)."""
         if self.cfg.algorithm.weighting == "uniform":
@@ -317,10 +327,11 @@ class FederatedStrategy(Strategy):
             return None, str(e)
         metrics = dict(content[METRICS]) if METRICS in content else {}
         reason = self._check_reply(shapes.get(client, {}), arrays, side) if shapes is not None else None
-        if reason is None:
-            reason = _check_stats(stats)
-        if reason is None and not all(np.isfinite(float(v)) for v in metrics.values() if isinstance(v, (int, float))):
-            reason = "metrics hold NaN or Inf"
+        # each check runs only when the earlier passed: a later one may assume what they established
+        for check in (lambda: check_stats(stats), lambda: check_metrics(metrics),
+                      lambda: check_num_examples(metrics, self.max_examples(client)) if shapes is not None else None,
+                      lambda: self.check_stats(client, stats)):
+            reason = reason or check()
         return ClientReply(client, arrays, metrics, stats, content_nbytes(content), side), reason
 
     def _check_reply(self, sent: Mapping[str, Mapping[str, tuple]], arrays: Mapping[str, np.ndarray],
@@ -343,7 +354,7 @@ class FederatedStrategy(Strategy):
             updates = [(self.aggregation_weight(r), r.arrays) for r in good]
             if sum(w for w, _ in updates) <= 0:  # every client reported zero examples: fall back to uniform
                 updates = [(1.0, a) for _, a in updates]
-            self.global_state = aggregate_by_key(self.global_state, updates, self.server_step)
+            self.global_state = aggregate_by_key(self.global_state, updates, self.server_step, self.robust_rule())
         self.after_aggregate(server_round, good)
         n = sum(int(r.metrics.get("num-examples", 0)) for r in good)
         return ArrayRecord(), MetricRecord({"num-replies": len(good), "num-examples": n})

@@ -154,6 +154,22 @@ class FedAMoLE(FederatedStrategy):
         collect = self.scores == "rsea" and not self.static  # the embeddings RSEA scores with
         return {"hooks": ("amole-stats",) if collect else (), "dp_eta": self.cfg.fedamole.dp_eta}
 
+    def check_stats(self, client: int, stats: Mapping[str, np.ndarray]) -> str | None:
+        """An embedding statistic must name a module of the model (and an expert of its pool) and be a float
+        vector of shape ``(rank,)``: RSEA stacks them, so one of another shape would fail the whole round."""
+        rank = self.cfg.model.lora_rank
+        for key, value in stats.items():
+            stat = keys.parse_amole_stat_key(key)
+            if stat is None:
+                continue  # not an embedding: never read here
+            if stat.path not in self.client_emb:
+                return f"statistic '{key}': no such AMoLE module"
+            if stat.expert is not None and not 0 <= stat.expert < self.num_experts:
+                return f"statistic '{key}': expert {stat.expert} outside the pool of {self.num_experts}"
+            if value.shape != (rank,) or not np.issubdtype(value.dtype, np.floating):
+                return f"statistic '{key}': expected a float vector of shape ({rank},), got {value.dtype} {value.shape}"
+        return None
+
     def after_aggregate(self, server_round: int, replies: list[ClientReply]) -> None:
         """Keep the embeddings the clients uploaded, then reassign experts for the next round."""
         self.trained |= {r.client for r in replies}

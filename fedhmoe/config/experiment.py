@@ -143,6 +143,10 @@ def _check_training(cfg: Config) -> None:
     need(len(mo.lora_targets) > 0, "model.lora-targets", "needs at least one target module name")
     need(cfg.algorithm.proximal_mu >= 0, "algorithm.proximal-mu", "must be non-negative")
     need(cfg.algorithm.server_lr > 0, "algorithm.server-lr", "must be positive")
+    need(cfg.algorithm.clip_factor >= 1, "algorithm.clip-factor", "must be at least 1")
+    need(0 <= cfg.algorithm.trim_fraction < 0.5, "algorithm.trim-fraction",
+         f"must be in [0, 0.5), got {cfg.algorithm.trim_fraction}")
+    need(cfg.algorithm.max_examples >= 0, "algorithm.max-examples", "must be non-negative (0: no cap)")
     need(cfg.checkpoint.every_n_rounds >= 0, "checkpoint.every-n-rounds", "must be non-negative")
     need(mo.lora_alpha > 0, "model.lora-alpha", "must be positive")
     need(0 <= mo.upcycle_experts <= MAX_EXPERTS, "model.upcycle-experts",

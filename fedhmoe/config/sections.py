@@ -178,6 +178,18 @@ class AlgorithmConfig:
     transport_dtype: str = _f(
         "float32", "Dtype of tensors on the wire; clients and server compute in float32.", ("float32", "bfloat16")
     )
+    robust: str = _f(
+        "none",
+        "Robust aggregation per key over the clients that returned it: `none` (the weighted mean), `clip` (each "
+        "update scaled to at most `algorithm.clip-factor` times the holders' median update norm), `trimmed-mean` "
+        "(coordinate-wise, the plain mean after cutting `algorithm.trim-fraction` of the holders from each end) "
+        "or `median` (coordinate-wise).",
+        ("none", "clip", "trimmed-mean", "median"),
+    )
+    clip_factor: float = _f(3.0, "`clip`: largest update norm allowed, in multiples of the holders' median norm.")
+    trim_fraction: float = _f(0.2, "`trimmed-mean`: fraction of a key's holders cut from each end, in [0, 0.5).")
+    max_examples: int = _f(0, "Largest `num-examples` a training reply may claim; 0: no cap beyond the client's "
+                              "training split reported at discovery.")
 
 
 @dataclass(frozen=True)
