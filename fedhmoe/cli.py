@@ -38,8 +38,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedhmoe.config import load_config
-    from fedhmoe.evaluation.report import client_table, write_run_report
-    from fedhmoe.evaluation.rundir import new_run_dir
+    from fedhmoe.evaluation.rundir import RunLockedError, new_run_dir, run_lock
     from fedhmoe.validate import validate
 
     if args.resume:
@@ -48,6 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{run_dir} is not a run directory (no config.toml)")
         cfg = validate(load_config(run_dir / "config.toml", args.set))
     else:
+        if args.allow_config_change:
+            raise ConfigError("--allow-config-change applies to --resume only")
         if args.config is None:
             raise ConfigError("fedhmoe run needs a CONFIG file (or --resume RUN_DIR)")
         cfg = validate(load_config(args.config, args.set))  # before any folder is made
@@ -56,6 +57,26 @@ def cmd_run(args: argparse.Namespace) -> int:
             if run_dir.exists() and any(run_dir.iterdir()):
                 raise ConfigError(f"--out {run_dir} exists and is not empty (use --resume to continue a run)")
             run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_lock(run_dir):  # held through the engine (its server runs in this process)
+            return _run_locked(args, cfg, run_dir)
+    except RunLockedError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _run_locked(args: argparse.Namespace, cfg, run_dir: Path) -> int:  # type: ignore[no-untyped-def]
+    from fedhmoe.evaluation.report import client_table, write_run_report
+    from fedhmoe.evaluation.rundir import LOCK_FILE, RunDirectory
+    from fedhmoe.runtime.server import check_resume
+
+    if args.out and not args.resume and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        # another run filled the folder between the check above and taking the lock
+        raise ConfigError(f"--out {run_dir} exists and is not empty (use --resume to continue a run)")
+    if args.resume:  # every check before any worker starts; the run folder is left as it is when one fails
+        try:
+            check_resume(RunDirectory(run_dir), cfg, args.allow_config_change)
+        except ValueError as e:
+            raise ConfigError(f"cannot resume {run_dir}: {e}") from e
     engine = args.engine or cfg.federation.engine
     _check_data(cfg)
     _prepare_model(cfg)
@@ -64,11 +85,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if engine == "inprocess":
         from fedhmoe.runtime.engines import run_inprocess
 
-        summary = run_inprocess(cfg, run_dir, resume=bool(args.resume))
+        summary = run_inprocess(cfg, run_dir, resume=bool(args.resume), allow_config_change=args.allow_config_change)
     else:
         from fedhmoe.runtime.engines import run_simulation_engine
 
-        summary = run_simulation_engine(cfg, run_dir, resume=bool(args.resume))
+        summary = run_simulation_engine(cfg, run_dir, resume=bool(args.resume),
+                                        allow_config_change=args.allow_config_change)
     report = write_run_report(run_dir)
     print()
     print(f"{cfg.algorithm.name} on {cfg.model.name}: test score per client (data.source = {cfg.data.source})")
@@ -174,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", choices=["inprocess", "simulation"], help="default: federation.engine")
     r.add_argument("--out", help="run directory (default: <run.out-dir>/<run.name>-<UTC timestamp>)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    r.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from its newest checkpoint (from round 1 when it has none)")
+    r.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept a config that differs from the checkpoint's (recorded in the run)")
     r.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="compare finished runs (markdown table and plots)")
     rep.add_argument("runs", nargs="+", help="run directories")

@@ -13,11 +13,20 @@ never sees half an entry; a write that fails removes its temporary, and one kill
 name that round discovery ignores and the next write of that round clears. Renaming is atomic against a crash of
 the process; the files are not fsynced, so a power cut may still lose the newest round.
 
+Every entry carries a checksum of its tensors (names, dtypes, shapes and bytes) in the safetensors header, checked
+on reading: a file damaged or edited in place is an error naming it. Entries written before checksums existed
+carry none and are read unchecked.
+
+Pruning (``keep_last``) can follow a checkpoint schedule (``checkpoint_every``): a client's store then keeps every
+entry a resume from any checkpoint the server may still hold would read, including when the process is killed
+between the client's save of a round and the server's checkpoint of it.
+
 Only numpy and safetensors are needed here (no torch, no Flower).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -28,9 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-__all__ = ["PersonalStore", "RoundEntry", "RoundStore"]
+__all__ = ["CHECKSUM_KEY", "PersonalStore", "RoundEntry", "RoundStore", "checkpoint_schedule_floor",
+           "recorded_checksum", "tensors_checksum"]
+
+CHECKSUM_KEY = "fedhmoe-sha256"
+"""The safetensors header field holding :func:`tensors_checksum` of the file's tensors."""
 
 # canonical decimal only: "round-07" would name a different path than the round it parses to
 _ROUND = r"round-(0|[1-9][0-9]*)"
@@ -51,6 +65,43 @@ class RoundEntry:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def tensors_checksum(tensors: Mapping[str, np.ndarray]) -> str:
+    """A sha256 over the tensors' names, dtypes, shapes and bytes, in name order (hex)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def recorded_checksum(path: str | Path) -> str | None:
+    """The checksum written in a safetensors file's header, or None (an entry older than checksums).
+
+    Raises:
+        ValueError: Naming the file, if it cannot be read.
+    """
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return (f.metadata() or {}).get(CHECKSUM_KEY)
+    except Exception as e:  # safetensors raises several types for missing or truncated files
+        raise ValueError(f"{path} is missing or corrupt: {e}") from e
+
+
+def checkpoint_schedule_floor(server_round: int, keep_last: int, every: int) -> int:
+    """The oldest server checkpoint a resume may still start from once round ``server_round`` is being saved.
+
+    The server checkpoints rounds that are multiples of ``every`` (and the last round, which only adds newer
+    ones: the ``keep_last`` newest of a larger set are no older), keeping the ``keep_last`` newest; its checkpoint
+    of ``server_round`` itself may not exist yet. Returns 0 when every round must be kept (no pruning, or fewer
+    than ``keep_last`` checkpoints before this round).
+    """
+    if keep_last <= 0 or every <= 0:
+        return 0
+    done = list(range(every, server_round, every))
+    return done[-keep_last] if len(done) >= keep_last else 0
+
+
 def _remove(path: Path) -> None:
     """Delete a file or a folder tree; one already gone is fine (two writers may prune the same round)."""
     if path.is_dir() and not path.is_symlink():
@@ -68,14 +119,19 @@ class RoundStore:
             ``round-<r>/`` folder per round holding ``<bundle>.safetensors`` and ``<bundle>.json``.
         keep_last: After each save keep only this many newest rounds (0 keeps all).
         label: What an entry is, for error messages (``"checkpoint"``, ``"personal state"``).
+        checkpoint_every: For a store that a server checkpoint must be able to find again (a client's): the
+            server's ``checkpoint.every-n-rounds``; pruning then keeps every entry newer than the oldest server
+            checkpoint that may still exist, and the newest entry at or before it (``keep_last`` counts server
+            checkpoints). None prunes to the ``keep_last`` newest entries.
     """
 
     def __init__(self, folder: str | Path, *, bundle: str | None = None, keep_last: int = 0,
-                 label: str = "state") -> None:
+                 label: str = "state", checkpoint_every: int | None = None) -> None:
         self.dir = Path(folder)
         self.bundle = bundle
         self.keep_last = keep_last
         self.label = label
+        self.checkpoint_every = checkpoint_every
         self._pattern = re.compile(_ROUND if bundle else _ROUND + r"\.safetensors")
 
     def entry_path(self, server_round: int) -> Path:
@@ -118,20 +174,21 @@ class RoundStore:
         final, tmp = self.entry_path(server_round), self._temp_path(server_round)
         _remove(tmp)  # left by a write that was killed
         arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        header = {CHECKSUM_KEY: tensors_checksum(arrays)}
         try:
             if self.bundle:
                 tmp.mkdir()
-                save_file(arrays, str(tmp / f"{self.bundle}.safetensors"))
+                save_file(arrays, str(tmp / f"{self.bundle}.safetensors"), metadata=header)
                 text = json.dumps({"round": server_round, **(meta or {})}, indent=1)
                 (tmp / f"{self.bundle}.json").write_text(text)
                 self._replace_folder(tmp, final)
             else:
-                save_file(arrays, str(tmp))
+                save_file(arrays, str(tmp), metadata=header)
                 os.replace(tmp, final)
         except BaseException:
             _remove(tmp)
             raise
-        self.prune()
+        self.prune(server_round)
         return final
 
     def _replace_folder(self, tmp: Path, final: Path) -> None:
@@ -150,11 +207,27 @@ class RoundStore:
             raise
         _remove(old)
 
-    def prune(self) -> None:
-        """Delete all but the ``keep_last`` newest rounds (nothing when ``keep_last`` is 0)."""
-        if self.keep_last > 0:
-            for r in self.rounds()[: -self.keep_last]:
-                _remove(self.entry_path(r))
+    def prune(self, server_round: int | None = None) -> None:
+        """Delete the rounds ``keep_last`` no longer keeps (nothing when ``keep_last`` is 0).
+
+        Args:
+            server_round: The round just saved; with ``checkpoint_every`` it fixes which server checkpoints may
+                still be resumed from (default: the newest stored round).
+        """
+        if self.keep_last <= 0:
+            return
+        rounds = self.rounds()
+        if self.checkpoint_every is None:
+            doomed = rounds[: -self.keep_last]
+        else:
+            # why: a resume from server checkpoint C reads the newest entry at or before C, so that entry must
+            # outlive C for every C the server may still hold, even before the server's checkpoint of this round
+            floor = checkpoint_schedule_floor(server_round or max(rounds, default=0), self.keep_last,
+                                              self.checkpoint_every)
+            at_floor = [r for r in rounds if r <= floor]
+            doomed = at_floor[:-1]
+        for r in doomed:
+            _remove(self.entry_path(r))
 
     def load(self, server_round: int) -> RoundEntry:
         """Read one round.
@@ -190,9 +263,14 @@ class RoundStore:
 
     def _read_tensors(self, path: Path) -> dict[str, np.ndarray]:
         try:
-            return load_file(str(path))
+            tensors = load_file(str(path))
+            recorded = recorded_checksum(path)
         except Exception as e:  # safetensors raises several types for missing or truncated files
             raise ValueError(f"{self.label} {path} is missing or corrupt: {e}") from e
+        if recorded is not None and tensors_checksum(tensors) != recorded:
+            raise ValueError(f"{self.label} {path} is corrupt: its tensors do not match the checksum written "
+                             "with them")
+        return tensors
 
 
 class PersonalStore:
@@ -201,12 +279,16 @@ class PersonalStore:
     Args:
         root: The folder holding every client's folder.
         client: The client id (or a name such as ``"3-scaffold"`` for a second store of client 3).
-        keep_last: After each save keep only this many newest rounds (0 keeps all).
+        keep_last: The server's ``checkpoint.keep-last`` (0 keeps all).
+        checkpoint_every: The server's ``checkpoint.every-n-rounds``: pruning then keeps what a resume from any
+            server checkpoint still kept reads (see :class:`RoundStore`). None keeps the ``keep_last`` newest.
     """
 
-    def __init__(self, root: str | Path, client: int | str, keep_last: int = 0) -> None:
+    def __init__(self, root: str | Path, client: int | str, keep_last: int = 0,
+                 checkpoint_every: int | None = None) -> None:
         self.dir = Path(root) / f"client-{client}"
-        self._store = RoundStore(self.dir, keep_last=keep_last, label="personal state")
+        self._store = RoundStore(self.dir, keep_last=keep_last, label="personal state",
+                                 checkpoint_every=checkpoint_every)
 
     @property
     def keep_last(self) -> int:

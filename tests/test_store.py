@@ -264,3 +264,45 @@ def test_damaged_checkpoint_raises_naming_the_file(tmp_path: Path, damage: str) 
 def test_loading_an_absent_round_raises_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=re.escape(f"state {tmp_path / 'round-5.safetensors'} is missing or corrupt")):
         RoundStore(tmp_path).load(5)
+
+
+# ------------------------------------------------------------------ checksums and pruning against a checkpoint schedule
+@pytest.mark.parametrize("bundle", [None, "server"])
+def test_a_tensor_changed_in_place_fails_its_checksum_naming_the_file(bundle, tmp_path: Path) -> None:
+    store = RoundStore(tmp_path, bundle=bundle, label="checkpoint")
+    path = store.save(1, _state(1.0), {} if bundle else None)
+    file = path / "server.safetensors" if bundle else path
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x01
+    file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(str(file)) + ".*checksum"):
+        store.load(1)
+
+
+def test_checksum_covers_names_dtypes_shapes_and_bytes() -> None:
+    base = store_mod.tensors_checksum(_state(1.0))
+    assert base == store_mod.tensors_checksum(dict(reversed(list(_state(1.0).items()))))
+    assert base != store_mod.tensors_checksum({"a2": _state(1.0)["a"], "b": _state(1.0)["b"]})
+    assert base != store_mod.tensors_checksum({**_state(1.0), "a": _state(1.0)["a"].reshape(3, 2)})
+    assert base != store_mod.tensors_checksum({**_state(1.0), "b": _state(1.0)["b"].astype(np.int32)})
+    assert base != store_mod.tensors_checksum(_state(2.0))
+
+
+@pytest.mark.parametrize("round_,keep,every,floor", [
+    (1, 1, 1, 0), (2, 1, 1, 1), (5, 1, 1, 4), (5, 2, 1, 3), (5, 1, 2, 4), (4, 1, 2, 2), (3, 1, 2, 2),
+    (2, 1, 2, 0), (9, 3, 2, 4), (5, 0, 1, 0), (5, 1, 0, 0)])
+def test_checkpoint_schedule_floor(round_: int, keep: int, every: int, floor: int) -> None:
+    assert store_mod.checkpoint_schedule_floor(round_, keep, every) == floor
+
+
+@pytest.mark.parametrize("every,kept", [(1, [3, 4]), (2, [2, 3, 4]), (3, [3, 4])])
+def test_a_client_store_keeps_the_state_each_kept_checkpoint_reads(every: int, kept: list[int],
+                                                                     tmp_path: Path) -> None:
+    store = PersonalStore(tmp_path, 0, keep_last=1, checkpoint_every=every)
+    for r in range(1, 5):
+        store.save(r, _state(float(r)))
+    assert store.rounds() == kept
+    plain = PersonalStore(tmp_path, 1, keep_last=1)  # without a schedule: the newest only, as before
+    for r in range(1, 5):
+        plain.save(r, _state(float(r)))
+    assert plain.rounds() == [4]

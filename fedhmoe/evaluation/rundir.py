@@ -4,25 +4,102 @@ Layout (``runs/<name>-<UTC timestamp>/``):
 - ``config.toml``: the fully resolved config;
 - ``metrics.jsonl``: one JSON object per line with ``round``, ``client``, ``split`` and metric names; train rows
   carry ``bytes-up``, ``bytes-down``, ``train-seconds``; eval rows carry the bytes of the evaluation exchange;
+  a ``resume`` row records the config changes a resume was allowed to make;
 - ``summary.json``: per-client scores before training, at the end, and at the round chosen on validation;
-- ``checkpoints/round-<r>/``: server tensors and structure; client personal state lives under ``clients/``.
+- ``checkpoints/round-<r>/``: server tensors and structure, the resolved config they were made with, and the round
+  and checksum of each client state under ``clients/`` (personal states, SCAFFOLD's control variates) they need;
+- ``.lock``: the pid of the process writing the run, while it runs.
+
+Rows are appended one batch per write, flushed and synced, so a crash leaves at most one torn last line; readers
+drop such a line with a warning.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedhmoe.store import RoundStore
+from fedhmoe.store import RoundStore, recorded_checksum
 
-__all__ = ["RunDirectory", "new_run_dir", "read_metrics", "summarize"]
+__all__ = ["LOCK_FILE", "RunDirectory", "RunLockedError", "new_run_dir", "read_metrics", "run_lock", "summarize"]
+
+log = logging.getLogger("fedhmoe")
+
+LOCK_FILE = ".lock"
+"""The lock file's name inside a run directory."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM  # alive, owned by another user
+    return True
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` (this process's pid) while the body runs, so that two runs never write into one
+    folder. The same process may nest it (the command line and the round loop both take it).
+
+    Raises:
+        RunLockedError: Naming the folder and the holder's pid, if a live process holds the lock. A lock left by
+            a dead process is taken over, with a warning.
+    """
+    path = Path(run_dir) / LOCK_FILE
+    me = os.getpid()
+    if _read_pid(path) == me:  # nested: the outer holder releases it
+        yield
+        return
+    _acquire(path, me)
+    try:
+        yield
+    finally:
+        if _read_pid(path) == me:
+            path.unlink(missing_ok=True)
+
+
+def _acquire(path: Path, me: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # written under a private name and linked into place: the lock never exists without its pid
+    tmp = path.with_name(f"{LOCK_FILE}.{me}.tmp")
+    tmp.write_text(f"{me}\n")
+    try:
+        while True:
+            try:
+                os.link(tmp, path)
+                return
+            except FileExistsError:
+                holder = _read_pid(path)
+                if holder is not None and _pid_alive(holder):
+                    raise RunLockedError(f"run directory {path.parent} is in use by process {holder} (lock file "
+                                         f"{path}); wait for it to end, or stop it") from None
+                log.warning("run directory %s: taking over the lock of process %s, which is no longer running",
+                            path.parent, holder)
+                path.unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
@@ -61,14 +138,29 @@ class RunDirectory:
         (self.path / "config.toml").write_text(toml_text)
 
     def log(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append rows in one write, flushed and synced (a crash tears at most the last line)."""
+        text = "".join(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n" for row in rows)
+        if not text:
+            return
         with self.metrics_path.open("a") as f:
-            for row in rows:
-                f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
     def truncate_metrics(self, last_round: int) -> None:
-        """Drop rows of rounds after ``last_round`` (used when resuming)."""
+        """Keep only the rows of rounds up to ``last_round`` (used when resuming); a torn last line is dropped.
+        The file is replaced whole or not at all."""
         rows = [r for r in read_metrics(self.path) if r.get("round", 0) <= last_round]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self._write_metrics(rows)
+
+    def clear_metrics(self) -> None:
+        """Remove every row (a run started again from round 1)."""
+        self._write_metrics([])
+
+    def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        tmp = self.path / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.metrics_path)
 
     # ----------------------------------------------------------------- checkpoints
     def _checkpoints(self, keep_last: int = 0) -> RoundStore:
@@ -90,6 +182,56 @@ class RunDirectory:
         entry = self._checkpoints().load(server_round)
         return entry.tensors, entry.meta
 
+    def checkpoint_path(self, server_round: int) -> Path:
+        """The folder of one checkpoint."""
+        return self._checkpoints().entry_path(server_round)
+
+    # ----------------------------------------------------------------- personal states beside the run
+    def _client_stores(self) -> list[RoundStore]:
+        root = self.client_state_dir
+        if not root.is_dir():
+            return []
+        return [RoundStore(d, label="personal state") for d in sorted(root.iterdir())
+                if d.is_dir() and d.name.startswith("client-")]
+
+    def personal_manifest(self, server_round: int) -> dict[str, dict[str, Any]]:
+        """For each client store under ``clients/`` (personal states, SCAFFOLD's control variates): the newest
+        round saved at or before ``server_round`` and its checksum, as a checkpoint records them. Empty when the
+        clients keep their state elsewhere (a SuperNode's own state-dir)."""
+        manifest = {}
+        for store in self._client_stores():
+            rounds = [r for r in store.rounds() if r <= server_round]
+            if rounds:
+                path = store.entry_path(rounds[-1])
+                manifest[store.dir.name] = {"round": rounds[-1], "sha256": recorded_checksum(path)}
+        return manifest
+
+    def check_personal(self, manifest: Mapping[str, Mapping[str, Any]]) -> None:
+        """Check that every client state a checkpoint recorded is still there and intact.
+
+        Raises:
+            ValueError: Naming the file that is missing, corrupt, or not the one the checkpoint recorded.
+        """
+        for name, want in sorted(manifest.items()):
+            store = RoundStore(self.client_state_dir / name, label="personal state")
+            r = int(want["round"])
+            path = store.entry_path(r)
+            if not path.is_file():
+                raise ValueError(f"personal state {path} is missing; the checkpoint expects it (a client would "
+                                 "otherwise restart from the initial adapter)")
+            store.load(r)  # raises naming the file when it is corrupt
+            if recorded_checksum(path) != want.get("sha256"):
+                raise ValueError(f"personal state {path} is not the one the checkpoint recorded (it was replaced "
+                                 "or edited)")
+
+    def drop_client_states_after(self, server_round: int) -> None:
+        """Delete client states saved after ``server_round`` under ``clients/`` (left by a run that was killed;
+        a resume from that round writes them again)."""
+        for store in self._client_stores():
+            for r in store.rounds():
+                if r > server_round:
+                    store.entry_path(r).unlink(missing_ok=True)
+
     def write_json(self, relative: str, obj: Any) -> None:
         """Write ``obj`` as JSON at a path inside the run directory."""
         path = self.path / relative
@@ -104,11 +246,29 @@ class RunDirectory:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All rows of a run's ``metrics.jsonl``."""
+    """All rows of a run's ``metrics.jsonl``; a torn last line (a write cut short by a crash) is dropped with a
+    warning.
+
+    Raises:
+        ValueError: Naming the file and line, if a line other than the last is not a JSON object.
+    """
     p = Path(run_dir) / "metrics.jsonl"
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(p.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            if n == len(lines) - 1:
+                log.warning("%s: dropping a torn last line %d (a write cut short): %.60s", p, i, line)
+                break
+            raise ValueError(f"{p} line {i} is not JSON: {e}") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{p} line {i} is not a JSON object")
+        rows.append(row)
+    return rows
 
 
 def _mean_std(values: list[float]) -> dict[str, float | None]:

@@ -75,7 +75,7 @@ def _store(context: Context, instructions: Instructions, cfg: Config, client: in
         root = instructions.state_dir
     if not root:
         raise ValueError("no state directory: set node config 'state-dir' or send 'state-dir'")
-    return PersonalStore(str(root), client, cfg.checkpoint.keep_last)
+    return PersonalStore(str(root), client, cfg.checkpoint.keep_last, cfg.checkpoint.every_n_rounds)
 
 
 def _setup_threads(cfg: Config) -> None:
@@ -143,7 +143,8 @@ def _hook_context(msg: Message, rnd: _Round) -> HookContext:
     w = rnd.worker
 
     def open_store(suffix: str) -> PersonalStore:  # e.g. client-<id>-scaffold/ beside the personal store
-        return PersonalStore(rnd.store.dir.parent, f"{rnd.client}-{suffix}", rnd.cfg.checkpoint.keep_last)
+        return PersonalStore(rnd.store.dir.parent, f"{rnd.client}-{suffix}", rnd.cfg.checkpoint.keep_last,
+                             rnd.cfg.checkpoint.every_n_rounds)
 
     return HookContext(rnd.instructions, rnd.cfg, rnd.client, w.model, rnd.kind, w.formatter, w.device, rnd.data,
                        received, open_store)

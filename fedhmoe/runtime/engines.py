@@ -94,14 +94,17 @@ class InProcessGrid(Grid):
         return list(self.pull_messages(list(self.push_messages(messages))))
 
 
-def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: ClientApp | None = None) -> dict:
-    """Run the experiment in this process (no Ray) and return its summary."""
+def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: ClientApp | None = None,
+                  allow_config_change: bool = False) -> dict:
+    """Run the experiment in this process (no Ray) and return its summary (see :func:`run_federation` for
+    ``resume`` and ``allow_config_change``)."""
     _set_task_identity()
     grid = InProcessGrid(client_app or default_client_app, cfg.federation.num_clients)
-    return run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine="inprocess")
+    return run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine="inprocess",
+                          allow_config_change=allow_config_change)
 
 
-def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False, allow_config_change: bool = False) -> dict:
     """Run the experiment on Flower's Simulation Engine (Ray): one virtual SuperNode per client."""
     from flwr.simulation import run_simulation  # loads Ray (seconds): only when this engine runs
 
@@ -112,8 +115,9 @@ def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False) -> d
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
                       "logging_level": logging.WARNING, "log_to_driver": True},
     }
-    run_simulation(server_app=make_server_app(cfg, run_dir, resume, engine="simulation"), client_app=default_client_app,
-                   num_supernodes=fed.num_clients, backend_config=backend)
+    server_app = make_server_app(cfg, run_dir, resume, engine="simulation", allow_config_change=allow_config_change)
+    run_simulation(server_app=server_app, client_app=default_client_app, num_supernodes=fed.num_clients,
+                   backend_config=backend)
     summary_path = Path(run_dir) / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")

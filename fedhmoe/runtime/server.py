@@ -18,8 +18,8 @@ from flwr.serverapp import Grid
 
 from fedhmoe.algorithms.base import FederatedStrategy, RoundLog
 from fedhmoe.algorithms.registry import ALGORITHMS
-from fedhmoe.config import Config, config_to_toml
-from fedhmoe.evaluation.rundir import RunDirectory, read_metrics, summarize
+from fedhmoe.config import Config, ConfigError, config_to_dict, config_to_toml, load_config
+from fedhmoe.evaluation.rundir import RunDirectory, read_metrics, run_lock, summarize
 from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import backbone_shapes, load_backbone
 from fedhmoe.models.facts import model_facts
@@ -31,7 +31,7 @@ from fedhmoe.wire import CONFIG, make_content
 
 log = logging.getLogger("fedhmoe")
 
-__all__ = ["discover_clients", "initial_state", "run_federation"]
+__all__ = ["check_resume", "discover_clients", "initial_state", "run_federation"]
 
 
 def initial_state(cfg: Config, facts: ModelFacts | None = None) -> dict[str, np.ndarray]:
@@ -128,23 +128,119 @@ def _evaluate(grid: Grid, strategy: FederatedStrategy, r: int, run: RunDirectory
              len(strategy.last_eval.replies))
 
 
-def _resume(run: RunDirectory, strategy: FederatedStrategy) -> int:
-    """Restore the strategy from the run's newest checkpoint and drop the metrics of later rounds; returns the
-    first round to run."""
+def _config_changes(old_text: str, cfg: Config, done: int) -> dict[str, list[Any]]:
+    """The keys whose values differ between a checkpoint's config and ``cfg``, as ``key: [old, new]``;
+    ``federation.num-rounds`` may grow past the checkpointed round."""
+    try:
+        old = config_to_dict(load_config(text=old_text))
+    except ConfigError as e:
+        return {"(the checkpoint's config no longer reads)": [str(e), None]}
+    new = config_to_dict(cfg)
+    changes = {}
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                changes[f"{section}.{key}"] = [a.get(key), b.get(key)]
+    rounds = changes.get("federation.num-rounds")
+    if rounds is not None and isinstance(rounds[1], int) and rounds[1] >= done:
+        del changes["federation.num-rounds"]
+    return changes
+
+
+def _load_newest(run: RunDirectory, done: list[int]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The newest checkpoint; when it is damaged, the error says which older one is intact."""
+    try:
+        return run.load_checkpoint(done[-1])
+    except ValueError as e:
+        for older in reversed(done[:-1]):
+            try:
+                run.load_checkpoint(older)
+            except ValueError:
+                continue
+            raise ValueError(f"{e}; the checkpoint of round {older} is intact: remove "
+                             f"{run.checkpoint_path(done[-1])} to resume from it") from e
+        raise
+
+
+def check_resume(run: RunDirectory, cfg: Config, allow_config_change: bool = False
+                 ) -> tuple[int, dict[str, np.ndarray], dict[str, Any], dict[str, list[Any]]]:
+    """Check that ``run`` can be resumed with ``cfg``; changes nothing in the run.
+
+    The newest checkpoint must read (its checksum included), its config must be ``cfg`` (bar a larger
+    ``federation.num-rounds``) unless ``allow_config_change``, the client states it recorded must be there and
+    intact, and ``metrics.jsonl`` must read (a torn last line is dropped).
+
+    Returns:
+        The round it was made after (0: no checkpoint, the run starts again), its tensors and meta, and the config
+        changes allowed (``key: [old, new]``).
+
+    Raises:
+        ValueError: Naming the damaged or missing file.
+        ConfigError: Naming the keys that differ.
+    """
     done = run.checkpoint_rounds()
+    read_metrics(run.path)  # a damaged metrics file fails here, before anything is written
     if not done:
-        raise ValueError(f"{run.path} has no checkpoint to resume from")
-    tensors, meta = run.load_checkpoint(done[-1])
+        return 0, {}, {}, {}
+    tensors, meta = _load_newest(run, done)
+    changes = _config_changes(meta["config"], cfg, done[-1]) if "config" in meta else {}
+    if changes and not allow_config_change:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise ConfigError(f"the config differs from the one checkpoint round {done[-1]} of {run.path} was made "
+                          f"with ({listed}); resume with --allow-config-change to accept this")
+    written_by = meta.get("strategy", {}).get("name")
+    if written_by is not None and written_by != cfg.algorithm.name:  # the strategy would refuse it later
+        raise ValueError(f"checkpoint {run.checkpoint_path(done[-1])} was written by {written_by!r}, not "
+                         f"{cfg.algorithm.name!r}")
+    run.check_personal(meta.get("personal", {}))
+    return done[-1], tensors, meta, changes
+
+
+def _resume(run: RunDirectory, strategy: FederatedStrategy, cfg: Config,
+            allow_config_change: bool) -> tuple[int, dict[str, list[Any]]]:
+    """:func:`check_resume`, then restore the strategy; nothing in the run is changed here, so a resume that
+    fails leaves the run as it was. Returns the round to continue after and the config changes allowed."""
+    done, tensors, meta, changes = check_resume(run, cfg, allow_config_change)
+    if not done:
+        log.warning("%s has no checkpoint: starting it again from round 1", run.path)
+        return 0, {}
     strategy.load_state_dict(tensors, meta.get("strategy", {}))
-    run.truncate_metrics(done[-1])
-    log.info("resuming after round %d", done[-1])
-    return done[-1] + 1
+    return done, changes
+
+
+def _restart_after(run: RunDirectory, done: int, toml_text: str, changes: dict[str, list[Any]]) -> None:
+    """Bring the run back to the end of round ``done`` (0: its start) once every resume check passed."""
+    run.write_config(toml_text)
+    if done:
+        run.truncate_metrics(done)
+    else:
+        run.clear_metrics()
+    run.drop_client_states_after(done)
+    if changes:
+        log.warning("resuming with a changed config: %s", ", ".join(changes))
+        run.log([{"round": done, "split": "resume", "config-changes": changes}])
+    if done:
+        log.info("resuming after round %d", done)
+    else:
+        log.info("metrics and client states cleared; starting from round 1")
 
 
 def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = False,
-                   engine: str = "flower-app") -> dict[str, Any]:
+                   engine: str = "flower-app", allow_config_change: bool = False) -> dict[str, Any]:
     """Run (or resume) one experiment on ``grid`` and return its summary (which records ``engine``: ``inprocess``,
-    ``simulation``, or ``flower-app`` under ``flwr run``)."""
+    ``simulation``, or ``flower-app`` under ``flwr run``).
+
+    The run directory is locked for the run's duration (a second run into it fails). A resume continues from the
+    newest checkpoint (from round 1 when there is none) and refuses a config other than the checkpoint's unless
+    ``allow_config_change`` (``federation.num-rounds`` may grow).
+    """
+    with run_lock(run.path):
+        return _run_federation(grid, cfg, run, resume, engine, allow_config_change)
+
+
+def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, engine: str,
+                    allow_config_change: bool) -> dict[str, Any]:
     validate(cfg)
     toml_text = config_to_toml(cfg)
     t0 = time.perf_counter()
@@ -158,14 +254,16 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
     # a folder named after the run inside it
     base = {"state-dir": str(run.client_state_dir.resolve()), "run-key": run.path.resolve().name}
     timeout = cfg.federation.round_timeout_s
-    first = 1
-    run.write_config(toml_text)
+    done = 0
     if resume:
-        first = _resume(run, strategy)
-    elif cfg.eval.before_training:
+        done, changes = _resume(run, strategy, cfg, allow_config_change)
+        _restart_after(run, done, toml_text, changes)
+    else:
+        run.write_config(toml_text)
+    if done == 0 and cfg.eval.before_training:
         _evaluate(grid, strategy, 0, run, base, timeout)
     last = cfg.federation.num_rounds
-    for r in range(first, last + 1):
+    for r in range(done + 1, last + 1):
         t_round = time.perf_counter()
         _record_structure(run, strategy, r)
         replies = grid.send_and_receive(strategy.configure_train(r, config=ConfigRecord(base)), timeout=timeout)
@@ -185,12 +283,21 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
         every = cfg.checkpoint.every_n_rounds
         if every and (r % every == 0 or r == last):
             tensors, meta = strategy.state_dict()
-            run.save_checkpoint(r, tensors, {"strategy": meta}, cfg.checkpoint.keep_last)
+            # the config and the client states it was made with, checked when resuming from it
+            run.save_checkpoint(r, tensors, {"strategy": meta, "config": toml_text,
+                                             "personal": run.personal_manifest(r)}, cfg.checkpoint.keep_last)
         run.log([{"round": r, "split": "server", "train-phase-seconds": t_train, "eval-phase-seconds": t_eval,
                   "round-seconds": time.perf_counter() - t_round}])
-    summary = summarize(read_metrics(run.path), cfg.algorithm.name, client_tasks, cfg.eval.select_metric,
-                        extra={"run-name": cfg.run.name, "seed": cfg.run.seed, "engine": engine,
-                               "run-key": base["run-key"],
-                               "wall-seconds": time.perf_counter() - t0})
+    summary = _summary(run, cfg, client_tasks, {"run-name": cfg.run.name, "seed": cfg.run.seed, "engine": engine,
+                                                "run-key": base["run-key"], "wall-seconds": time.perf_counter() - t0})
     run.write_summary(summary)
     return summary
+
+
+def _summary(run: RunDirectory, cfg: Config, client_tasks: dict[int, list[str]], extra: dict[str, Any]
+             ) -> dict[str, Any]:
+    """The run's summary; config changes accepted on resuming are listed in it."""
+    rows = read_metrics(run.path)
+    changed = [r["config-changes"] for r in rows if r.get("split") == "resume"]
+    return summarize(rows, cfg.algorithm.name, client_tasks, cfg.eval.select_metric,
+                     extra=extra | ({"config-changes": changed} if changed else {}))

@@ -21,13 +21,16 @@ from fedhmoe.runtime.server import run_federation
 __all__ = ["app", "make_server_app"]
 
 
-def make_server_app(cfg: Config, run_dir: Path, resume: bool = False, engine: str = "flower-app") -> ServerApp:
-    """A ServerApp that runs ``cfg`` into ``run_dir`` (``engine`` is recorded in the summary)."""
+def make_server_app(cfg: Config, run_dir: Path, resume: bool = False, engine: str = "flower-app",
+                    allow_config_change: bool = False) -> ServerApp:
+    """A ServerApp that runs ``cfg`` into ``run_dir`` (``engine`` is recorded in the summary; see
+    :func:`run_federation` for ``resume`` and ``allow_config_change``)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine=engine)
+        run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine=engine,
+                       allow_config_change=allow_config_change)
 
     return server
 
