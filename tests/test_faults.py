@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 from test_contract import NAMES, assert_same, build, f32, mock_replies
 
 from fedhmoe.algorithms.fedamole import FedAMoLE
+from fedhmoe.algorithms.fedmoe import FedMoE
 from fedhmoe.protocol import Instructions
 from fedhmoe.wire import CONFIG, METRICS, STATS, decode_arrays, encode_arrays
 
@@ -84,6 +85,9 @@ def test_statistics_of_the_wrong_shape_never_raise(name):
         if isinstance(s, FedAMoLE) and s.scores == "rsea" and not s.static:
             assert [x.client for x in s.last_train.rejected] == [1]
             assert "expected a float vector of shape" in s.last_train.rejected[0].reason
+        if isinstance(s, FedMoE) and s.last_train.replies + s.last_train.rejected:
+            assert [x.client for x in s.last_train.rejected] == [1]
+            assert "non-negative float shares" in s.last_train.rejected[0].reason
     assert s.structure_errors() == []
 
 
@@ -117,3 +121,15 @@ def test_the_examples_cap_bounds_num_examples_without_discovery_and_below_it():
     s = build("fedit")
     s.client_info = {}
     assert s.max_examples(0) is None
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if issubclass(build(n).__class__, FedMoE)])
+def test_fedmoe_rejects_profiles_of_unknown_or_missing_blocks_and_negative_shares(name):
+    s = build(name)
+    row = np.full(4, 0.25, f32)
+    whole = {f"profile:model.layers.{i}.mlp": row for i in range(2)}
+    assert s.check_stats(0, whole) is None and s.check_stats(0, {}) is None
+    assert "unknown MoE blocks" in (s.check_stats(0, whole | {"profile:model.layers.7.mlp": row}) or "")
+    assert "lacks MoE blocks" in (s.check_stats(0, {"profile:model.layers.0.mlp": row}) or "")
+    negative = whole | {"profile:model.layers.1.mlp": np.array([0.5, 0.5, 0.5, -0.5], f32)}
+    assert "non-negative float shares" in (s.check_stats(0, negative) or "")

@@ -32,7 +32,7 @@ from fedhmoe.algorithms.moe_memory import expert_block, moe_memory_model
 from fedhmoe.algorithms.recommend import RecommendConfig, RecommendState, recommend
 from fedhmoe.algorithms.submoe_search import SearchError, estimate_profiles, search_submoe
 from fedhmoe.config import Config, ConfigError
-from fedhmoe.keys import parse_moe_key, profile_key
+from fedhmoe.keys import parse_moe_key, parse_profile_key, profile_key
 from fedhmoe.specs import AdapterSpec, ModelFacts, moe_spec, stage1_lora
 from fedhmoe.utils.seeding import numpy_rng
 
@@ -269,6 +269,26 @@ class FedMoE(MoEMethod):
             self.global_state = merge_lora_factors(self.global_state, m.lora_alpha / m.lora_rank)
             self._drop_lora()
         return out
+
+    def check_stats(self, client: int, stats: Mapping[str, np.ndarray]) -> str | None:
+        """An activation profile must cover every MoE block of the model, each row a float vector of
+        ``(num_experts,)`` non-negative shares: the sub-MoE search and recommendation read them as distributions."""
+        found: dict[str, np.ndarray] = {}
+        for key, value in stats.items():
+            block = parse_profile_key(key)
+            if block is not None:
+                found[block] = value
+        if not found:
+            return None  # no profile this round
+        if unknown := sorted(set(found) - set(self.blocks)):
+            return f"profile of unknown MoE blocks {unknown[:3]}"
+        if missing := sorted(set(self.blocks) - set(found)):
+            return f"profile lacks MoE blocks {missing[:3]}"
+        for block, row in found.items():
+            if row.shape != (self.num_experts,) or not np.issubdtype(row.dtype, np.floating) or (row < 0).any():
+                return (f"profile of '{block}': expected {self.num_experts} non-negative float shares, got "
+                        f"{row.dtype} {row.shape}")
+        return None
 
     def _profile_of(self, reply: ClientReply) -> np.ndarray | None:
         """The reply's activation profile ``(L, E)`` in the server's block order (rows travel keyed by block
