@@ -302,11 +302,10 @@ class FederatedStrategy(Strategy):
                 log_.rejected.append(Rejection(client, f"client error: {msg.error.reason}"))
                 continue
             log_.bytes_up[client] = content_nbytes(msg.content)
-            reply, reason = self._read_reply(client, msg, shapes)
-            if reply is None or reason is not None:
-                reason = reason or "unreadable reply"
-                log.warning("round reply of client %s rejected: %s", client, reason)
-                log_.rejected.append(Rejection(client, reason))
+            reply = self._read_reply(client, msg, shapes)
+            if isinstance(reply, str):  # why it is rejected
+                log.warning("round reply of client %s rejected: %s", client, reply)
+                log_.rejected.append(Rejection(client, reply))
                 continue
             out.append(reply)
         out.sort(key=lambda r: r.client)
@@ -314,25 +313,25 @@ class FederatedStrategy(Strategy):
         return out
 
     def _read_reply(self, client: int, msg: Message, shapes: Mapping[int, Mapping[str, Mapping[str, tuple]]] | None
-                    ) -> tuple[ClientReply | None, str | None]:
-        """A reply's records, and why it must be rejected (None when it is well formed)."""
+                    ) -> ClientReply | str:
+        """A well-formed reply's records, or why the reply must be rejected."""
         if client < 0:
-            return None, f"reply from unknown node {msg.metadata.src_node_id}"
+            return f"reply from unknown node {msg.metadata.src_node_id}"
         content = msg.content
         try:
             arrays = read_arrays(content, ARRAYS, self.wire_dtype)
             stats = read_arrays(content, STATS)
             side = {name: read_arrays(content, name, self.wire_dtype) for name in SIDE_RECORDS if name in content}
         except ValueError as e:
-            return None, str(e)
+            return str(e)
         metrics = dict(content[METRICS]) if METRICS in content else {}
-        reason = self._check_reply(shapes.get(client, {}), arrays, side) if shapes is not None else None
+        training = shapes is not None  # (evaluation replies carry no tensors and no example weight)
         # each check runs only when the earlier passed: a later one may assume what they established
-        for check in (lambda: check_stats(stats), lambda: check_metrics(metrics),
-                      lambda: check_num_examples(metrics, self.max_examples(client)) if shapes is not None else None,
-                      lambda: self.check_stats(client, stats)):
-            reason = reason or check()
-        return ClientReply(client, arrays, metrics, stats, content_nbytes(content), side), reason
+        reason = ((self._check_reply(shapes.get(client, {}), arrays, side) if shapes is not None else None)
+                  or check_stats(stats) or check_metrics(metrics)
+                  or (check_num_examples(metrics, self.max_examples(client)) if training else None)
+                  or self.check_stats(client, stats))
+        return reason or ClientReply(client, arrays, metrics, stats, content_nbytes(content), side)
 
     def _check_reply(self, sent: Mapping[str, Mapping[str, tuple]], arrays: Mapping[str, np.ndarray],
                      side: Mapping[str, Mapping[str, np.ndarray]]) -> str | None:

@@ -238,15 +238,16 @@ class FedMoE(MoEMethod):
         """Every client holds sorted, distinct, valid experts, at least ``fedmoe.min-experts-per-layer`` per layer,
         and after stage 1 no more than its budget can train."""
         fm, errors = self.cfg.fedmoe, []
+        counts = self.counts()
+        searched = len(self.history) >= fm.profile_rounds  # stage 1 holds the full MoE
         for c in self.clients:
             for b, ids in self.held[c].items():
                 if ids != sorted(set(ids)) or not all(0 <= g < self.num_experts for g in ids):
                     errors.append(f"client {c}, {b}: experts {ids} are not sorted distinct ids")
                 if len(ids) < min(fm.min_experts_per_layer, self.num_experts):
                     errors.append(f"client {c}, {b}: {len(ids)} experts, fewer than fedmoe.min-experts-per-layer")
-            searched = len(self.history) >= fm.profile_rounds  # stage 1 holds the full MoE
-            if searched and self.counts()[c] > self.max_experts(c):
-                errors.append(f"client {c}: {self.counts()[c]} experts exceed its budget's {self.max_experts(c)}")
+            if searched and counts[c] > self.max_experts(c):
+                errors.append(f"client {c}: {counts[c]} experts exceed its budget's {self.max_experts(c)}")
         return errors
 
     def structure(self) -> dict[str, Any]:

@@ -158,13 +158,13 @@ def _train(rnd: _Round, ctx: HookContext) -> TrainResult:
     terms = [(name, coef) for name, coef in spec.aux_losses if coef > 0]
 
     def extra_loss() -> torch.Tensor:  # auxiliary losses of the routed modules, weighted
-        total: Any = 0.0
+        weighted = []
         for name, coef in terms:
             loss = kind.aux_loss(model, spec, name)
             if loss is None:
                 raise ValueError(f"adapter kind {spec.kind!r} has no auxiliary loss {name!r}")
-            total = coef * loss if isinstance(total, float) else total + coef * loss
-        return total
+            weighted.append(coef * loss)
+        return sum(weighted[1:], weighted[0])
 
     torch.manual_seed(derive_seed(cfg.run.seed, "dropout", r, rnd.client))
     return train_local(

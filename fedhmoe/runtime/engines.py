@@ -20,7 +20,7 @@ from flwr.supercore.run import Run  # only because the public Grid base class ty
 from fedhmoe.config import Config
 from fedhmoe.evaluation.rundir import RunDirectory
 from fedhmoe.runtime.client_app import app as default_client_app
-from fedhmoe.runtime.flower_compat import RUN_ID, SERVER_NODE, set_message_id, set_server_identity
+from fedhmoe.runtime.flower_compat import RUN_ID, set_message_id, set_server_identity
 from fedhmoe.runtime.server import run_federation
 from fedhmoe.runtime.server_app import make_server_app
 
@@ -28,12 +28,6 @@ log = logging.getLogger("fedhmoe")
 
 __all__ = ["InProcessGrid", "run_inprocess", "run_simulation_engine"]
 
-_RUN_ID, _SERVER_NODE = RUN_ID, SERVER_NODE
-
-
-def _set_task_identity() -> None:
-    """This process is the in-process engine's server task (see :mod:`fedhmoe.runtime.flower_compat`)."""
-    set_server_identity(_RUN_ID, _SERVER_NODE)
 
 
 class InProcessGrid(Grid):
@@ -46,12 +40,12 @@ class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
         self.client_app = client_app
         self.contexts = {
-            1000 + i: Context(run_id=_RUN_ID, node_id=1000 + i,
+            1000 + i: Context(run_id=RUN_ID, node_id=1000 + i,
                               node_config={"partition-id": i, "num-partitions": num_nodes},
                               state=RecordDict(), run_config={})
             for i in range(num_nodes)
         }
-        self._run = Run.create_empty(run_id=_RUN_ID)
+        self._run = Run.create_empty(run_id=RUN_ID)
         self._pending: dict[str, Message] = {}
         self._next_id = 0
 
@@ -98,7 +92,7 @@ def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: 
                   allow_config_change: bool = False) -> dict:
     """Run the experiment in this process (no Ray) and return its summary (see :func:`run_federation` for
     ``resume`` and ``allow_config_change``)."""
-    _set_task_identity()
+    set_server_identity()
     grid = InProcessGrid(client_app or default_client_app, cfg.federation.num_clients)
     return run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine="inprocess",
                           allow_config_change=allow_config_change)
