@@ -82,15 +82,17 @@ def _run_locked(args: argparse.Namespace, cfg, run_dir: Path) -> int:  # type: i
     _prepare_model(cfg)
     log.info("run %s: %s on %d clients, %d rounds, engine %s", run_dir, cfg.algorithm.name,
              cfg.federation.num_clients, cfg.federation.num_rounds, engine)
-    if engine == "inprocess":
-        from fedhmoe.runtime.engines import run_inprocess
+    from fedhmoe.runtime.discovery import DiscoveryError
+    from fedhmoe.runtime.engines import run_inprocess, run_simulation_engine
+    from fedhmoe.runtime.server import RoundFailed
 
-        summary = run_inprocess(cfg, run_dir, resume=bool(args.resume), allow_config_change=args.allow_config_change)
-    else:
-        from fedhmoe.runtime.engines import run_simulation_engine
-
-        summary = run_simulation_engine(cfg, run_dir, resume=bool(args.resume),
-                                        allow_config_change=args.allow_config_change)
+    run = run_inprocess if engine == "inprocess" else run_simulation_engine
+    try:
+        summary = run(cfg, run_dir, resume=bool(args.resume), allow_config_change=args.allow_config_change)
+    except (RoundFailed, DiscoveryError) as e:  # the run cannot go on: say why, exit non-zero
+        print(f"fedhmoe: the run stopped: {e}\nrun directory (rows and checkpoints so far): {run_dir}",
+              file=sys.stderr)
+        return 1
     report = write_run_report(run_dir)
     print()
     print(f"{cfg.algorithm.name} on {cfg.model.name}: test score per client (data.source = {cfg.data.source})")

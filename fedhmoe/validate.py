@@ -8,7 +8,7 @@ from __future__ import annotations
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.config import Config, ConfigError
 from fedhmoe.data.checks import check_data_source
-from fedhmoe.models.backbone import is_moe_backbone, linear_features, model_type
+from fedhmoe.models.backbone import expert_smallest_dim, is_moe_backbone, linear_features, model_type
 from fedhmoe.specs import AdapterSpec, ModelFacts
 
 __all__ = ["validate"]
@@ -52,6 +52,11 @@ def _check_model(cfg: Config) -> None:
     for spec in (method.adapter_spec(cfg, facts), method.profiling_spec(cfg)):
         if spec is not None and spec.targets:
             _check_targets(cfg, spec, linears)
+        if spec is not None and spec.expert_lora and spec.rank > 0:
+            smallest = expert_smallest_dim(cfg.model)
+            if smallest is not None and spec.rank > smallest:
+                raise ConfigError(f"config key 'model.lora-rank': rank {spec.rank} of the LoRA on the experts exceeds "
+                                  f"their smallest dimension ({smallest}) in {cfg.model.name!r}")
 
 
 def _check_targets(cfg: Config, spec: AdapterSpec, linears: dict[str, tuple[int, int]]) -> None:

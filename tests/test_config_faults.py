@@ -46,6 +46,15 @@ def check(*overrides: str, path: Path | None = None) -> Config:
     ("eval.max-new-tokens=1000000000", "eval.max-new-tokens"),
     ("model.upcycle-experts=1000000", "model.upcycle-experts"),
     ("fedamole.num-experts=1000000", "fedamole.num-experts"),
+    ("federation.num-clients=1000000000", "federation.num-clients"),
+    ("federation.num-rounds=1000000000", "federation.num-rounds"),
+    ("train.local-steps=1000000000", "train.local-steps"),
+    ("train.batch-size=1000000000", "train.batch-size"),
+    ("eval.batch-size=1000000000", "eval.batch-size"),
+    ("model.max-seq-len=1000000000", "model.max-seq-len"),
+    ("federation.min-available-clients=4", "federation.min-available-clients"),
+    ("federation.min-available-clients=-1", "federation.min-available-clients"),
+    ("federation.discovery-timeout-s=0.0", "federation.discovery-timeout-s"),
 ])
 def test_bad_value_is_a_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{re.escape(key)}'"):
@@ -102,6 +111,15 @@ def test_lora_targets_and_rank_checked_against_the_model(overrides, key, monkeyp
     monkeypatch.setattr(backbone, "load_backbone", no_weights)
     with pytest.raises(ConfigError, match=f"'{re.escape(key)}'"):
         check("data.examples-per-task=30", *overrides, path=SMOKE)
+
+
+def test_the_rank_of_lora_on_experts_is_checked_against_the_experts():
+    base = ("data.examples-per-task=30", "algorithm.name=fedmoe", "model.name=tiny-mixtral", "fedmoe.train-mode=lora",
+            "fedmoe.lora-targets=[]")
+    check(*base, "model.lora-rank=64", path=SMOKE)  # tiny-mixtral's experts: width 64, hidden 128
+    with pytest.raises(ConfigError, match=r"'model.lora-rank': rank 65 of the LoRA on the experts exceeds their "
+                                          r"smallest dimension \(64\)"):
+        check(*base, "model.lora-rank=65", path=SMOKE)
 
 
 def test_lora_targets_of_the_method_pass():

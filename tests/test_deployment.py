@@ -1,5 +1,6 @@
 """The same app on Flower's Deployment Engine: a SuperLink and two SuperNodes on loopback, `flwr run`."""
 
+import contextlib
 import json
 import os
 import signal
@@ -26,8 +27,10 @@ def _start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
                             start_new_session=True)
 
 
-@pytest.mark.slow
-def test_flwr_run_on_superlink_and_supernodes(tmp_path):
+@contextlib.contextmanager
+def federation(tmp_path: Path, node_configs: list[str]):
+    """A SuperLink and one SuperNode per node config on loopback; yields (env for ``flwr``, SuperNode processes).
+    Every process is stopped afterwards."""
     home = tmp_path / "flwr-home"
     home.mkdir()
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
@@ -40,41 +43,15 @@ def test_flwr_run_on_superlink_and_supernodes(tmp_path):
                      "--disable-runtime-dependency-installation"], tmp_path / "superlink.log", env)]
     try:
         time.sleep(3)
-        for i in range(2):
-            procs.append(_start([
-                str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
-                "--port", str(_free_port()),
-                "--node-config", f"partition-id={i} num-partitions=2 state-dir='{tmp_path / f'state-{i}'}'",
-            ], tmp_path / f"node{i}.log", env))
-        overrides = ("federation.num-clients=2 federation.num-rounds=1 algorithm.name=local "
-                     "data.max-test-examples=2 data.max-val-examples=2 eval.before-training=false")
-        out = subprocess.run(
-            [str(BIN / "flwr"), "run", ".", "test", "--stream", "--run-config",
-             f"config='configs/smoke.toml' out-dir='{tmp_path / 'runs'}' overrides='{overrides}'"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-        assert out.returncode == 0, out.stdout + out.stderr
-        runs = list((tmp_path / "runs").glob("smoke-*"))
-        assert len(runs) == 1, out.stdout + (tmp_path / "superlink.log").read_text()[-3000:]
-        summary = json.loads((runs[0] / "summary.json").read_text())
-        assert summary["algorithm"] == "local" and set(summary["clients"]) == {"0", "1"}
-        assert all(c["final"] is not None for c in summary["clients"].values())
-        # each SuperNode kept its personal adapter in its own state directory, in a folder for this run
-        for i in range(2):
-            assert (tmp_path / f"state-{i}" / runs[0].name / f"client-{i}" / "round-1.safetensors").is_file()
-        # the owner of client 1 gets the model it was scored with, from its own state directory
-        from fedhmoe.export import load_client_model
-
-        from fedhmoe.client.evaluate import evaluate_examples
-        from fedhmoe.data.splits import client_data
-
-        cm = load_client_model(runs[0], 1, state_dir=tmp_path / "state-1")
-        assert cm.source == "personal" and cm.state
-        test = client_data(cm.cfg, 1).test
-        assert evaluate_examples(cm.model, cm.formatter, test, cm.cfg.eval, cm.device)["score"] == pytest.approx(
-            summary["clients"]["1"]["final"], abs=1e-9)
+        nodes = [_start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
+                         "--port", str(_free_port()), "--node-config", node_config], tmp_path / f"node{i}.log", env)
+                 for i, node_config in enumerate(node_configs)]
+        procs += nodes
+        yield env, nodes
     finally:
         for p in procs:
             try:
+                os.killpg(p.pid, signal.SIGCONT)
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
@@ -83,3 +60,61 @@ def test_flwr_run_on_superlink_and_supernodes(tmp_path):
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def flwr_run(tmp_path: Path, env: dict, overrides: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "flwr"), "run", ".", "test", "--stream", "--run-config",
+         f"config='configs/smoke.toml' out-dir='{tmp_path / 'runs'}' overrides='{overrides}'"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_flwr_run_on_superlink_and_supernodes_where_one_client_raises_and_one_dies(tmp_path):
+    """Three SuperNodes under ``flwr run``. Client 1 raises at its training call (its state directory is a file);
+    once the run has started, the SuperNode of client 2 is killed (``kill -9``). The run goes on with client 0,
+    names each failure by its client (the SuperLink's "node unavailable" error included), and ends normally;
+    client 0's owner then exports its model from its own machine."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    configs = [f"partition-id={i} num-partitions=3 state-dir='{blocker if i == 1 else tmp_path / f'state-{i}'}'"
+               for i in range(3)]
+    with federation(tmp_path, configs) as (env, nodes):
+        overrides = ("federation.num-clients=3 federation.num-rounds=1 algorithm.name=local "
+                     "data.max-test-examples=2 data.max-val-examples=2 eval.before-training=false "
+                     "federation.round-timeout-s=40")
+        proc = flwr_run(tmp_path, env, overrides)
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "runs").glob("*/config.toml")):  # written once every client answered discovery
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.5)
+        os.killpg(nodes[2].pid, signal.SIGKILL)
+        stdout, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stdout
+    runs = list((tmp_path / "runs").glob("smoke-*"))
+    assert len(runs) == 1, stdout + (tmp_path / "superlink.log").read_text()[-3000:]
+    rows = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    why = {(r["round"], r["client"], r["phase"]): r["reason"] for r in rows if r["split"] == "rejected"}
+    assert sorted(why) == [(1, 1, "train"), (1, 2, "evaluate"), (1, 2, "train")], why
+    assert why[1, 1, "train"].startswith("client error") and "not-a-folder" in why[1, 1, "train"]
+    # the dead node's client is named whether the round's deadline or the SuperLink's heartbeat check came first
+    assert all(why[1, 2, p] in ("absent: no reply within federation.round-timeout-s = 40 s",
+                                "client error: Error: Node Unavailable \u2014 The destination node failed to report a "
+                                "heartbeat within 2 \u00d7 its expected interval.") for p in ("train", "evaluate")), why
+    assert [(r["round"], r["client"]) for r in rows if r["split"] == "train"] == [(1, 0)]
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["algorithm"] == "local" and set(summary["clients"]) == {"0", "1", "2"}
+    assert summary["totals"]["rejected-replies"] == 3
+    # each SuperNode kept its personal adapter in its own state directory, in a folder for this run
+    assert (tmp_path / "state-0" / runs[0].name / "client-0" / "round-1.safetensors").is_file()
+    # the owner of client 0 gets the model it was scored with, from its own state directory
+    from fedhmoe.export import load_client_model
+
+    from fedhmoe.client.evaluate import evaluate_examples
+    from fedhmoe.data.splits import client_data
+
+    cm = load_client_model(runs[0], 0, state_dir=tmp_path / "state-0")
+    assert cm.source == "personal" and cm.state
+    test = client_data(cm.cfg, 0).test
+    assert evaluate_examples(cm.model, cm.formatter, test, cm.cfg.eval, cm.device)["score"] == pytest.approx(
+        summary["clients"]["0"]["final"], abs=1e-9)

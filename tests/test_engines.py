@@ -17,11 +17,12 @@ TIMING = {"engine", "run-key", "wall-seconds", "train-seconds", "eval-seconds", 
           "round-seconds"}
 
 
-def _strip(obj):
+def strip_timing(obj):
+    """``obj`` without what may differ between two runs of the same config (see ``TIMING``)."""
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in TIMING}
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING}
     if isinstance(obj, list):
-        return [_strip(v) for v in obj]
+        return [strip_timing(v) for v in obj]
     return obj
 
 
@@ -32,11 +33,11 @@ def test_simulation_engine_matches_inprocess(tmp_path):
     # run directories of equal path length: the state directory travels in every message config
     a = run_inprocess(cfg, tmp_path / "a")
     b = run_simulation_engine(cfg, tmp_path / "b")
-    assert _strip(a) == _strip(b)
+    assert strip_timing(a) == strip_timing(b)
     on_disk = json.loads((tmp_path / "b" / "summary.json").read_text())
-    assert _strip(on_disk) == _strip(a)
+    assert strip_timing(on_disk) == strip_timing(a)
     rows = lambda d: sorted(  # noqa: E731
-        (json.dumps(_strip(r), sort_keys=True) for r in read_metrics(d) if r.get("split") != "server"))
+        (json.dumps(strip_timing(r), sort_keys=True) for r in read_metrics(d) if r.get("split") != "server"))
     assert rows(tmp_path / "a") == rows(tmp_path / "b")
     # the Ray run really trained: bytes moved both ways and the personal adapters were written by the workers
     assert b["totals"]["bytes-up"] > 0 and b["totals"]["bytes-down"] > 0

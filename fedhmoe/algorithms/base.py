@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedhmoe.algorithms.aggregate import PLAIN, Robust, ServerStep, aggregate_by_key, validate_update
-from fedhmoe.algorithms.replies import check_metrics, check_num_examples, check_stats
+from fedhmoe.algorithms.replies import check_metrics, check_num_examples, check_stats, error_reason
 from fedhmoe.arrays import check_array
 from fedhmoe.config import Config, ConfigError
 from fedhmoe.protocol import Instructions
@@ -74,6 +74,8 @@ class RoundLog:
     bytes_up: dict[int, int] = field(default_factory=dict)
     replies: list[ClientReply] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    #: the messages sent; the grid gives each its id when it pushes it, and a reply names the id it answers
+    sent: list[Message] = field(default_factory=list)
 
 
 class FederatedStrategy(Strategy):
@@ -227,6 +229,27 @@ class FederatedStrategy(Strategy):
     def after_aggregate(self, server_round: int, replies: list[ClientReply]) -> None:
         """Structure updates after aggregation (expert assignment, recommendation); default none."""
 
+    # ------------------------------------------------------------------ membership
+    def add_client(self, client: int, node_id: int, info: Mapping[str, Any]) -> str | None:
+        """Take in a client that answered discovery after the run started (it is sampled from the next round on),
+        or a known client now served by another node (a SuperNode that came back). Returns why the method cannot
+        take the client in, or None. Methods with per-client structure fixed at the start refuse newcomers
+        (:meth:`accepts_newcomers`)."""
+        if client not in self.node_of:
+            why = self.accepts_newcomers()
+            if why is not None:
+                return why
+            self.clients = sorted([*self.clients, client])
+        self.client_of.pop(self.node_of.get(client, -1), None)
+        self.node_of[client] = node_id
+        self.client_of[node_id] = client
+        self.client_info[client] = dict(info)
+        return None
+
+    def accepts_newcomers(self) -> str | None:
+        """Why a client unknown at the start cannot join this method's run later, or None (it can)."""
+        return None
+
     # ------------------------------------------------------------------ sampling
     def client_task(self, client: int) -> str:
         """A client's task label (its tasks joined by '+'), from discovery; '' when unknown."""
@@ -290,16 +313,27 @@ class FederatedStrategy(Strategy):
             msg = self._message(client, state, instructions, MessageType.TRAIN, side)
             self.last_train.bytes_down[client] = content_nbytes(msg.content)
             messages.append(msg)
+        self.last_train.sent = list(messages)
         return messages
 
     def _decode(self, replies: Iterable[Message], log_: RoundLog,
                 shapes: Mapping[int, Mapping[str, Mapping[str, tuple]]] | None) -> list[ClientReply]:
-        """The well-formed replies, sorted by client; the others are logged in ``log_.rejected``."""
-        out = []
+        """The well-formed replies, sorted by client; the others, and the clients sent a message that did not
+        answer within the round's timeout, are logged in ``log_.rejected``.
+
+        A reply is matched to its client through the message it answers, so an error the SuperLink writes for
+        a node that went down (sent from the SuperLink, not from the node) still names the node's client.
+        """
+        addressee = {m.metadata.message_id: self.client_of.get(m.metadata.dst_node_id, -1)
+                     for m in log_.sent if m.metadata.message_id}
+        out, answered = [], set()
         for msg in replies:
-            client = self.client_of.get(msg.metadata.src_node_id, -1)
+            client = addressee.get(msg.metadata.reply_to_message_id, self.client_of.get(msg.metadata.src_node_id, -1))
+            answered.add(client)
             if msg.has_error():
-                log_.rejected.append(Rejection(client, f"client error: {msg.error.reason}"))
+                reason = error_reason(msg.error.reason or "")
+                log.warning("client %s failed: %s", client, reason)
+                log_.rejected.append(Rejection(client, f"client error: {reason}"))
                 continue
             log_.bytes_up[client] = content_nbytes(msg.content)
             reply = self._read_reply(client, msg, shapes)
@@ -308,6 +342,11 @@ class FederatedStrategy(Strategy):
                 log_.rejected.append(Rejection(client, reply))
                 continue
             out.append(reply)
+        timeout = self.cfg.federation.round_timeout_s
+        for client in sorted(set(addressee.values()) - answered):
+            why = f"absent: no reply within federation.round-timeout-s = {timeout:g} s"
+            log.warning("client %s is %s", client, why)
+            log_.rejected.append(Rejection(client, why))
         out.sort(key=lambda r: r.client)
         log_.replies = out
         return out
@@ -372,6 +411,7 @@ class FederatedStrategy(Strategy):
             msg = self._message(client, state, instructions, MessageType.EVALUATE)
             self.last_eval.bytes_down[client] = content_nbytes(msg.content)
             messages.append(msg)
+        self.last_eval.sent = list(messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

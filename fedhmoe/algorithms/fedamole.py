@@ -98,6 +98,10 @@ class FedAMoLE(FederatedStrategy):
         self.assignment: dict[str, dict[int, list[int]]] = self._assign(0, random=True)
         self.trained: set[int] = set()
 
+    def accepts_newcomers(self) -> str | None:
+        return ("FedAMoLE's expert assignment is sized for the clients present at the start; set "
+                "federation.min-available-clients to the full federation to wait for every client")
+
     # ------------------------------------------------------------------ structure
     def _assign(self, server_round: int, random: bool) -> dict[str, dict[int, list[int]]]:
         """RSEA for every module: scores, softmax over clients, exact assignment (spec 2.2-2.5)."""

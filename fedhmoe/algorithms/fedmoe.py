@@ -151,8 +151,11 @@ class FedMoE(MoEMethod):
         budgets = self.cfg.fedmoe.memory_budgets_gb
         if not budgets:
             return {c: float("inf") for c in self.clients}
-        vals = budgets * len(self.clients) if len(budgets) == 1 else budgets
-        return {c: float(vals[i]) * _GIB for i, c in enumerate(self.clients)}
+        return {c: float(budgets[0] if len(budgets) == 1 else budgets[c]) * _GIB for c in self.clients}
+
+    def accepts_newcomers(self) -> str | None:
+        return ("FedMoE chooses the stage-1 profilers and every sub-MoE among the clients present at the start; "
+                "set federation.min-available-clients to the full federation to wait for every client")
 
     def _check_budgets(self) -> list[int]:
         """The clients whose budget can train the full MoE in stage 1 (the profilers); raise ``ConfigError``

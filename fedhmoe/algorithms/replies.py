@@ -6,6 +6,7 @@ client's bad reply costs only that reply.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,7 +14,24 @@ import numpy as np
 
 from fedhmoe.arrays import check_array
 
-__all__ = ["check_metrics", "check_num_examples", "check_stats"]
+__all__ = ["check_metrics", "check_num_examples", "check_stats", "error_reason"]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_WRAPPED = re.compile(r"<class '(?:[\w.]+\.)?([\w()]+)'>:<'(.*)'>", re.S)
+
+
+def error_reason(reason: str, limit: int = 400) -> str:
+    """A client's error reply in one line: terminal colours removed, an engine's wrapping of the exception undone,
+    a traceback reduced to its last line (what was raised), at most ``limit`` characters."""
+    text = _ANSI.sub("", reason).strip()
+    wrapped = _WRAPPED.fullmatch(text)
+    if wrapped:
+        text = f"{wrapped.group(1)}: {wrapped.group(2)}".strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        text = lines[-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_stats(stats: Mapping[str, np.ndarray]) -> str | None:

@@ -23,7 +23,8 @@ from fedhmoe.config.sections import (
     TrainConfig,
 )
 
-__all__ = ["MAX_EXAMPLES_PER_TASK", "MAX_EXPERTS", "MAX_NEW_TOKENS", "Config", "replace"]
+__all__ = ["MAX_BATCH_SIZE", "MAX_CLIENTS", "MAX_EXAMPLES_PER_TASK", "MAX_EXPERTS", "MAX_LOCAL_STEPS", "MAX_NEW_TOKENS",
+           "MAX_ROUNDS", "MAX_SEQ_LEN", "Config", "replace"]
 
 #: Upper bounds on counts that would otherwise stall a run or exhaust memory before it reports anything:
 #: reasoning-gym examples are all generated up front, generation runs token by token, and every expert is a module
@@ -31,6 +32,13 @@ __all__ = ["MAX_EXAMPLES_PER_TASK", "MAX_EXPERTS", "MAX_NEW_TOKENS", "Config", "
 MAX_EXAMPLES_PER_TASK = 100_000
 MAX_NEW_TOKENS = 8192
 MAX_EXPERTS = 1024
+#: a typo's order of magnitude (1e9 rounds, steps, clients, tokens per sequence) would run for ever or fail on
+#: memory after the first client started; each bound is far above any real use on one federation
+MAX_CLIENTS = 100_000
+MAX_ROUNDS = 100_000
+MAX_LOCAL_STEPS = 10_000_000
+MAX_BATCH_SIZE = 65_536
+MAX_SEQ_LEN = 1_048_576
 # `cuda:<n>` names the n-th GPU; other strings torch would reject only when the first client starts
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -82,8 +90,10 @@ def _check_finite(cfg: Config) -> None:
 
 def _check_federation_and_data(cfg: Config) -> None:
     need, fed, data = _need, cfg.federation, cfg.data
-    need(fed.num_clients >= 1, "federation.num-clients", "must be at least 1")
-    need(fed.num_rounds >= 1, "federation.num-rounds", "must be at least 1")
+    need(1 <= fed.num_clients <= MAX_CLIENTS, "federation.num-clients",
+         f"must be between 1 and {MAX_CLIENTS}, got {fed.num_clients}")
+    need(1 <= fed.num_rounds <= MAX_ROUNDS, "federation.num-rounds",
+         f"must be between 1 and {MAX_ROUNDS}, got {fed.num_rounds}")
     need(0 <= fed.clients_per_round <= fed.num_clients, "federation.clients-per-round",
          f"must be between 0 and federation.num-clients ({fed.num_clients}), got {fed.clients_per_round}")
     need(0.0 < fed.fraction_per_round <= 1.0, "federation.fraction-per-round", "must be in (0, 1]")
@@ -93,6 +103,9 @@ def _check_federation_and_data(cfg: Config) -> None:
     need(fed.num_cpus_per_client > 0, "federation.num-cpus-per-client", "must be positive")
     need(fed.num_gpus_per_client >= 0, "federation.num-gpus-per-client", "must be non-negative")
     need(fed.round_timeout_s > 0, "federation.round-timeout-s", "must be positive (seconds)")
+    need(fed.discovery_timeout_s > 0, "federation.discovery-timeout-s", "must be positive (seconds)")
+    need(0 <= fed.min_available_clients <= fed.num_clients, "federation.min-available-clients",
+         f"must be between 0 (all) and federation.num-clients ({fed.num_clients}), got {fed.min_available_clients}")
     fr = {"train": data.train_fraction, "aux": data.aux_fraction, "val": data.val_fraction, "test": data.test_fraction}
     for k, v in fr.items():
         need(0.0 <= v <= 1.0, f"data.{k}-fraction", f"must be in [0, 1], got {v}")
@@ -123,8 +136,10 @@ def _check_federation_and_data(cfg: Config) -> None:
 
 def _check_training(cfg: Config) -> None:
     need, tr, ev, mo = _need, cfg.train, cfg.eval, cfg.model
-    need(tr.local_steps >= 1, "train.local-steps", "must be at least 1")
-    need(tr.batch_size >= 1, "train.batch-size", "must be at least 1")
+    need(1 <= tr.local_steps <= MAX_LOCAL_STEPS, "train.local-steps",
+         f"must be between 1 and {MAX_LOCAL_STEPS}, got {tr.local_steps}")
+    need(1 <= tr.batch_size <= MAX_BATCH_SIZE, "train.batch-size",
+         f"must be between 1 and {MAX_BATCH_SIZE}, got {tr.batch_size}")
     need(tr.learning_rate > 0, "train.learning-rate", "must be positive")
     need(tr.lr_decay > 0, "train.lr-decay", "must be positive")
     need(tr.weight_decay >= 0, "train.weight-decay", "must be non-negative")
@@ -136,8 +151,10 @@ def _check_training(cfg: Config) -> None:
     need(ev.every_n_rounds >= 1, "eval.every-n-rounds", "must be at least 1")
     need(1 <= ev.max_new_tokens <= MAX_NEW_TOKENS, "eval.max-new-tokens",
          f"must be between 1 and {MAX_NEW_TOKENS}, got {ev.max_new_tokens}")
-    need(ev.batch_size >= 1, "eval.batch-size", "must be at least 1")
-    need(mo.max_seq_len >= 8, "model.max-seq-len", "must be at least 8")
+    need(1 <= ev.batch_size <= MAX_BATCH_SIZE, "eval.batch-size",
+         f"must be between 1 and {MAX_BATCH_SIZE}, got {ev.batch_size}")
+    need(8 <= mo.max_seq_len <= MAX_SEQ_LEN, "model.max-seq-len",
+         f"must be between 8 and {MAX_SEQ_LEN}, got {mo.max_seq_len}")
     need(mo.lora_rank >= 1, "model.lora-rank", "must be at least 1")
     need(0.0 <= mo.lora_dropout < 1.0, "model.lora-dropout", "must be in [0, 1)")
     need(len(mo.lora_targets) > 0, "model.lora-targets", "needs at least one target module name")

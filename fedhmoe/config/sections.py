@@ -56,7 +56,16 @@ class FederationConfig:
     )
     num_cpus_per_client: float = _f(1.0, "CPU cores Ray reserves for each simulated client (positive).")
     num_gpus_per_client: float = _f(0.0, "GPU share Ray reserves for each simulated client (non-negative).")
-    round_timeout_s: float = _f(3600.0, "Seconds the server waits for the replies of one round (positive).")
+    round_timeout_s: float = _f(
+        3600.0, "Seconds the server waits for the replies of one round (positive). A client that has not answered "
+                "by then is absent for the round; on Ray its worker ends the late call and is restarted.")
+    min_available_clients: int = _f(
+        0, "Clients that must answer discovery before the run starts (0: all). When fewer than all answered within "
+           "`discovery-timeout-s`, the run starts with those and the others join at the round after they answer "
+           "(FedAMoLE and FedMoE fix their structure at the start and leave latecomers out).")
+    discovery_timeout_s: float = _f(
+        600.0, "Seconds to wait at start-up for clients to answer discovery (positive); Ray's cold start counts here, "
+               "not in `round-timeout-s`.")
     sampling: str = _f(
         "standard",
         "How the round's clients are drawn: `standard` (clients-per-round at random) or `enforced` (one client "

@@ -254,6 +254,15 @@ def is_moe_backbone(cfg: ModelConfig) -> bool:
                for a in ("num_local_experts", "num_experts"))
 
 
+def expert_smallest_dim(cfg: ModelConfig) -> int | None:
+    """The smallest of an MoE backbone's expert dimensions (its model width and expert hidden size), which bounds
+    the rank of LoRA on the experts; None when the config names neither."""
+    config = _model_config(cfg)
+    dims = [getattr(config, a) for a in ("hidden_size", "d_model", "intermediate_size", "moe_intermediate_size",
+                                         "d_ff") if isinstance(getattr(config, a, None), int)]
+    return min(dims) if dims else None
+
+
 _LINEARS: dict[tuple[str, str, int, int], dict[str, tuple[int, int]]] = {}
 
 

@@ -6,8 +6,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedhmoe.runtime.client_logic import handle_evaluate, handle_query, handle_train
+from fedhmoe.runtime.watchdog import round_deadline
 
-app = ClientApp()
+#: on a Ray worker, a call that outlives its round ends the worker (see :mod:`fedhmoe.runtime.watchdog`)
+app = ClientApp(mods=[round_deadline])
 
 
 @app.query()

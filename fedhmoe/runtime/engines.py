@@ -66,11 +66,14 @@ class InProcessGrid(Grid):
     def _deliver(self, msg: Message) -> Message:
         self._next_id += 1
         set_message_id(msg, f"m{self._next_id}")
+        return self._call(msg)
+
+    def _call(self, msg: Message) -> Message:
+        """The ClientApp's reply to ``msg`` (an error reply when it raises)."""
         try:
             return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
         except Exception as e:  # a failing client must not stop the federation: reply with an error
-            log.warning("client on node %s failed: %s", msg.metadata.dst_node_id, e)
-            log.debug("%s", traceback.format_exc())
+            log.debug("client on node %s failed: %s", msg.metadata.dst_node_id, traceback.format_exc())
             return Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -98,20 +101,33 @@ def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: 
                           allow_config_change=allow_config_change)
 
 
-def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False, allow_config_change: bool = False) -> dict:
-    """Run the experiment on Flower's Simulation Engine (Ray): one virtual SuperNode per client."""
+def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False, allow_config_change: bool = False,
+                          client_app: ClientApp | None = None) -> dict:
+    """Run the experiment on Flower's Simulation Engine (Ray): one virtual SuperNode per client.
+
+    A worker process that dies (a client's crash, an out-of-memory kill, a call past the round's deadline: see
+    :mod:`fedhmoe.runtime.watchdog`) is restarted by Ray, and a call it took with it, or one handed to it while it
+    restarts, is tried once more: Flower passes ``client_resources`` on as the actor's options, where
+    ``max_restarts`` and ``max_task_retries`` live. Without them Flower keeps handing later messages to the dead
+    actor, and every one of them fails, whichever client it is for.
+    """
     from flwr.simulation import run_simulation  # loads Ray (seconds): only when this engine runs
 
     fed = cfg.federation
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     backend = {
-        "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
+        "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client,
+                             "max_restarts": -1, "max_task_retries": 1},
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
                       "logging_level": logging.WARNING, "log_to_driver": True},
     }
-    server_app = make_server_app(cfg, run_dir, resume, engine="simulation", allow_config_change=allow_config_change)
-    run_simulation(server_app=server_app, client_app=default_client_app, num_supernodes=fed.num_clients,
+    errors: list[BaseException] = []
+    server_app = make_server_app(cfg, run_dir, resume, engine="simulation", allow_config_change=allow_config_change,
+                                 errors=errors)
+    run_simulation(server_app=server_app, client_app=client_app or default_client_app, num_supernodes=fed.num_clients,
                    backend_config=backend)
+    if errors:  # the server stopped the run (a failed round, too few clients): the same error as in process
+        raise errors[0]
     summary_path = Path(run_dir) / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from fedhmoe.algorithms.base import FederatedStrategy, RoundLog
@@ -23,15 +23,18 @@ from fedhmoe.evaluation.rundir import RunDirectory, read_metrics, run_lock, summ
 from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import backbone_shapes, load_backbone
 from fedhmoe.models.facts import model_facts
-from fedhmoe.protocol import PROTOCOL_VERSION
+from fedhmoe.runtime.discovery import Roster
 from fedhmoe.specs import ModelFacts
 from fedhmoe.utils.torch_seeding import torch_generator
 from fedhmoe.validate import validate
-from fedhmoe.wire import CONFIG, make_content
 
 log = logging.getLogger("fedhmoe")
 
-__all__ = ["check_resume", "discover_clients", "initial_state", "run_federation"]
+
+class RoundFailed(RuntimeError):
+    """Every reply of a round was rejected: the run stops (its rows and checkpoints so far are kept)."""
+
+__all__ = ["RoundFailed", "check_resume", "initial_state", "run_federation"]
 
 
 def initial_state(cfg: Config, facts: ModelFacts | None = None) -> dict[str, np.ndarray]:
@@ -53,32 +56,6 @@ def initial_state(cfg: Config, facts: ModelFacts | None = None) -> dict[str, np.
         early_kind.inject(model, early, generator=torch_generator(cfg.run.seed, "lora-init"))
         state |= early_kind.init_fresh_state(model, early, cfg.run.seed)
     return dict(sorted(state.items()))
-
-
-def discover_clients(grid: Grid, cfg: Config, toml_text: str) -> tuple[dict[int, int], dict[int, dict[str, Any]]]:
-    """Wait for ``num-clients`` nodes, then ask each which partition it serves."""
-    n = cfg.federation.num_clients
-    deadline = time.monotonic() + cfg.federation.round_timeout_s
-    while len(nodes := sorted(grid.get_node_ids())) < n:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(nodes)} of {n} clients connected")
-        time.sleep(1.0)
-    query = {"run-config": toml_text, "protocol-version": PROTOCOL_VERSION}
-    msgs = [Message(make_content(config=query), dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes]
-    node_of: dict[int, int] = {}
-    info: dict[int, dict[str, Any]] = {}
-    for reply in grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout_s):
-        if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
-        rec = dict(reply.content[CONFIG])
-        c = int(rec["client"])
-        if not 0 <= c < n or c in node_of:
-            raise RuntimeError(f"node {reply.metadata.src_node_id} claims partition {c} (expected unique ids < {n})")
-        node_of[c] = reply.metadata.src_node_id
-        info[c] = rec
-    if len(node_of) < n:
-        raise RuntimeError(f"only partitions {sorted(node_of)} answered; expected {n}")
-    return node_of, info
 
 
 def _rows_train(r: int, rl: RoundLog) -> list[dict[str, Any]]:
@@ -119,10 +96,29 @@ def _record_structure(run: RunDirectory, strategy: FederatedStrategy, r: int) ->
         run.write_json(f"assignments/round-{r}.json", structure)
 
 
+def _check_some_accepted(r: int, phase: str, rl: RoundLog) -> None:
+    """Raise :class:`RoundFailed` when every client sent a message in this phase was rejected or absent."""
+    if rl.rejected and not rl.replies:
+        reasons = "; ".join(f"client {x.client}: {x.reason}" for x in rl.rejected)
+        raise RoundFailed(f"round {r}: every {phase} reply was rejected, so the run stops ({reasons})")
+
+
+def _admit_newcomers(roster: Roster, strategy: FederatedStrategy, client_tasks: dict[int, list[str]]) -> None:
+    """Clients that answered discovery since the last round (or came back on another node) join from this round."""
+    for c in roster.poll():
+        why = strategy.add_client(c, roster.node_of[c], roster.info[c])
+        if why is None:
+            client_tasks[c] = list(roster.info[c].get("tasks", []))
+            log.info("client %d joins from this round", c)
+        else:
+            log.warning("client %d answered discovery after the start and is left out: %s", c, why)
+
+
 def _evaluate(grid: Grid, strategy: FederatedStrategy, r: int, run: RunDirectory, base: dict, timeout: float) -> None:
     replies = grid.send_and_receive(strategy.configure_evaluate(r, config=ConfigRecord(base)), timeout=timeout)
     means = strategy.aggregate_evaluate(r, replies)
     run.log(_rows_eval(r, strategy.last_eval))
+    _check_some_accepted(r, "evaluation", strategy.last_eval)
     test = (means or {}).get("test.score")
     log.info("round %d: mean test score %s over %d clients", r, "n/a" if test is None else f"{test:.4f}",
              len(strategy.last_eval.replies))
@@ -244,12 +240,13 @@ def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, en
     validate(cfg)
     toml_text = config_to_toml(cfg)
     t0 = time.perf_counter()
-    node_of, info = discover_clients(grid, cfg, toml_text)
-    client_tasks = {c: list(info[c].get("tasks", [])) for c in sorted(info)}
-    log.info("%d clients: %s", len(node_of), ", ".join(f"{c}={'+'.join(t)}" for c, t in client_tasks.items()))
+    roster = Roster(grid, cfg, toml_text)
+    roster.start()
+    client_tasks = {c: list(roster.info[c].get("tasks", [])) for c in sorted(roster.info)}
+    log.info("%d clients: %s", len(client_tasks), ", ".join(f"{c}={'+'.join(t)}" for c, t in client_tasks.items()))
     facts = model_facts(cfg.model)
-    strategy = ALGORITHMS[cfg.algorithm.name](cfg, initial_state(cfg, facts), node_of, toml_text, client_info=info,
-                                              facts=facts)
+    strategy = ALGORITHMS[cfg.algorithm.name](cfg, initial_state(cfg, facts), roster.node_of, toml_text,
+                                              client_info=roster.info, facts=facts)
     # where clients keep personal state: the run's clients/ folder, or (SuperNodes with their own state-dir)
     # a folder named after the run inside it
     base = {"state-dir": str(run.client_state_dir.resolve()), "run-key": run.path.resolve().name}
@@ -265,6 +262,7 @@ def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, en
     last = cfg.federation.num_rounds
     for r in range(done + 1, last + 1):
         t_round = time.perf_counter()
+        _admit_newcomers(roster, strategy, client_tasks)
         _record_structure(run, strategy, r)
         replies = grid.send_and_receive(strategy.configure_train(r, config=ConfigRecord(base)), timeout=timeout)
         strategy.aggregate_train(r, replies)
@@ -272,6 +270,7 @@ def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, en
             run.write_json(name, obj)
         t_train = time.perf_counter() - t_round
         run.log(_rows_train(r, strategy.last_train))
+        _check_some_accepted(r, "training", strategy.last_train)
         tl = [rep.metrics.get("train-loss", float("nan")) for rep in strategy.last_train.replies]
         log.info("round %d/%d: %d replies (%d rejected), mean train loss %.4f, %.1f s", r, last,
                  len(strategy.last_train.replies), len(strategy.last_train.rejected),
