@@ -38,7 +38,9 @@ demo: prepare-model
 test: $(STAMP)
 	$(VENV)/bin/ruff check fedhmoe
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -m "not slow" tests
+	# the fast tests on two workers (each test has its own folders); the slow ones one at a time, since their
+	# Ray clusters and SuperNodes need the machine's cores within their round timeouts
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 	$(PY) -m pytest -q -m slow tests
 
 clean:

@@ -1,4 +1,5 @@
-"""The same app on Flower's Deployment Engine: a SuperLink and two SuperNodes on loopback, `flwr run`."""
+"""The same app on Flower's Deployment Engine: a SuperLink and three SuperNodes on loopback, `flwr run`, one client
+that raises and one SuperNode killed mid-run."""
 
 import contextlib
 import json
@@ -72,9 +73,9 @@ def flwr_run(tmp_path: Path, env: dict, overrides: str, **popen) -> subprocess.P
 @pytest.mark.slow
 def test_flwr_run_on_superlink_and_supernodes_where_one_client_raises_and_one_dies(tmp_path):
     """Three SuperNodes under ``flwr run``. Client 1 raises at its training call (its state directory is a file);
-    once the run has started, the SuperNode of client 2 is killed (``kill -9``). The run goes on with client 0,
-    names each failure by its client (the SuperLink's "node unavailable" error included), and ends normally;
-    client 0's owner then exports its model from its own machine."""
+    once the round's training is aggregated, the SuperNode of client 2 is killed (``kill -9``). The run goes on,
+    names each failure by its client (absent, or the SuperLink's "node unavailable" error for it), and ends
+    normally; client 0's owner then exports its model from its own machine."""
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     configs = [f"partition-id={i} num-partitions=3 state-dir='{blocker if i == 1 else tmp_path / f'state-{i}'}'"
@@ -85,7 +86,7 @@ def test_flwr_run_on_superlink_and_supernodes_where_one_client_raises_and_one_di
                      "federation.round-timeout-s=40")
         proc = flwr_run(tmp_path, env, overrides)
         deadline = time.monotonic() + 300
-        while not list((tmp_path / "runs").glob("*/config.toml")):  # written once every client answered discovery
+        while not any('"train"' in f.read_text() for f in (tmp_path / "runs").glob("*/metrics.jsonl")):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
             time.sleep(0.5)
         os.killpg(nodes[2].pid, signal.SIGKILL)
@@ -95,16 +96,16 @@ def test_flwr_run_on_superlink_and_supernodes_where_one_client_raises_and_one_di
     assert len(runs) == 1, stdout + (tmp_path / "superlink.log").read_text()[-3000:]
     rows = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
     why = {(r["round"], r["client"], r["phase"]): r["reason"] for r in rows if r["split"] == "rejected"}
-    assert sorted(why) == [(1, 1, "train"), (1, 2, "evaluate"), (1, 2, "train")], why
+    assert sorted(why) == [(1, 1, "train"), (1, 2, "evaluate")], why
     assert why[1, 1, "train"].startswith("client error") and "not-a-folder" in why[1, 1, "train"]
     # the dead node's client is named whether the round's deadline or the SuperLink's heartbeat check came first
-    assert all(why[1, 2, p] in ("absent: no reply within federation.round-timeout-s = 40 s",
-                                "client error: Error: Node Unavailable \u2014 The destination node failed to report a "
-                                "heartbeat within 2 \u00d7 its expected interval.") for p in ("train", "evaluate")), why
-    assert [(r["round"], r["client"]) for r in rows if r["split"] == "train"] == [(1, 0)]
+    assert why[1, 2, "evaluate"] in ("absent: no reply within federation.round-timeout-s = 40 s",
+                                     "client error: Error: Node Unavailable \u2014 The destination node failed to "
+                                     "report a heartbeat within 2 \u00d7 its expected interval."), why
+    assert sorted((r["round"], r["client"]) for r in rows if r["split"] == "train") == [(1, 0), (1, 2)]
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["algorithm"] == "local" and set(summary["clients"]) == {"0", "1", "2"}
-    assert summary["totals"]["rejected-replies"] == 3
+    assert summary["totals"]["rejected-replies"] == 2
     # each SuperNode kept its personal adapter in its own state directory, in a folder for this run
     assert (tmp_path / "state-0" / runs[0].name / "client-0" / "round-1.safetensors").is_file()
     # the owner of client 0 gets the model it was scored with, from its own state directory

@@ -258,3 +258,22 @@ def test_on_ray_a_client_that_raises_exits_or_hangs_costs_only_its_own_round(tmp
     assert rows(metrics, "test") == [(r, c, "") for r in (1, 2, 3) for c in range(3)]
     assert "client 2's train call of round 2 ran past federation.round-timeout-s" in done.stdout + done.stderr
     assert wall < 300  # the hung call sleeps for days: the run did not wait for it
+
+
+def test_discovery_has_its_own_timeout_not_the_rounds(tmp_path):
+    """Workers that take longer to start than a round may last (a Ray cold start) are waited for at discovery."""
+    import time
+
+    class SlowStart(InProcessGrid):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            self.t0 = time.monotonic()
+
+        def pull_messages(self, message_ids):
+            if time.monotonic() - self.t0 < 0.6:  # nobody answers during the first 0.6 s
+                return []
+            return super().pull_messages(message_ids)
+
+    summary, metrics = run(tmp_path, SlowStart(default_client_app, 3), "federation.round-timeout-s=0.2",
+                           "federation.discovery-timeout-s=30", "federation.num-rounds=1")
+    assert sorted(summary["clients"]) == ["0", "1", "2"] and rows(metrics, "rejected") == []
