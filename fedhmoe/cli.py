@@ -84,11 +84,13 @@ def _run_locked(args: argparse.Namespace, cfg, run_dir: Path) -> int:  # type: i
              cfg.federation.num_clients, cfg.federation.num_rounds, engine)
     from fedhmoe.runtime.discovery import DiscoveryError
     from fedhmoe.runtime.engines import run_inprocess, run_simulation_engine
+    from fedhmoe.runtime.progress import make_progress
     from fedhmoe.runtime.server import RoundFailed
 
     run = run_inprocess if engine == "inprocess" else run_simulation_engine
     try:
-        summary = run(cfg, run_dir, resume=bool(args.resume), allow_config_change=args.allow_config_change)
+        summary = run(cfg, run_dir, resume=bool(args.resume), allow_config_change=args.allow_config_change,
+                      progress=make_progress(args.quiet))
     except (RoundFailed, DiscoveryError) as e:  # the run cannot go on: say why, exit non-zero
         print(f"fedhmoe: the run stopped: {e}\nrun directory (rows and checkpoints so far): {run_dir}",
               file=sys.stderr)
@@ -202,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a run from its newest checkpoint (from round 1 when it has none)")
     r.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept a config that differs from the checkpoint's (recorded in the run)")
+    r.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress display (a live line on a terminal, plain log lines otherwise)")
     r.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="compare finished runs (markdown table and plots)")
     rep.add_argument("runs", nargs="+", help="run directories")

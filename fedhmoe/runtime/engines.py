@@ -21,6 +21,7 @@ from fedhmoe.config import Config
 from fedhmoe.evaluation.rundir import RunDirectory
 from fedhmoe.runtime.client_app import app as default_client_app
 from fedhmoe.runtime.flower_compat import RUN_ID, set_message_id, set_server_identity
+from fedhmoe.runtime.progress import Progress
 from fedhmoe.runtime.server import run_federation
 from fedhmoe.runtime.server_app import make_server_app
 
@@ -92,17 +93,17 @@ class InProcessGrid(Grid):
 
 
 def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: ClientApp | None = None,
-                  allow_config_change: bool = False) -> dict:
+                  allow_config_change: bool = False, progress: Progress | None = None) -> dict:
     """Run the experiment in this process (no Ray) and return its summary (see :func:`run_federation` for
-    ``resume`` and ``allow_config_change``)."""
+    ``resume``, ``allow_config_change`` and ``progress``)."""
     set_server_identity()
     grid = InProcessGrid(client_app or default_client_app, cfg.federation.num_clients)
     return run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine="inprocess",
-                          allow_config_change=allow_config_change)
+                          allow_config_change=allow_config_change, progress=progress)
 
 
 def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False, allow_config_change: bool = False,
-                          client_app: ClientApp | None = None) -> dict:
+                          client_app: ClientApp | None = None, progress: Progress | None = None) -> dict:
     """Run the experiment on Flower's Simulation Engine (Ray): one virtual SuperNode per client.
 
     A worker process that dies (a client's crash, an out-of-memory kill, a call past the round's deadline: see
@@ -123,7 +124,7 @@ def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False, allo
     }
     errors: list[BaseException] = []
     server_app = make_server_app(cfg, run_dir, resume, engine="simulation", allow_config_change=allow_config_change,
-                                 errors=errors)
+                                 errors=errors, progress=progress)
     run_simulation(server_app=server_app, client_app=client_app or default_client_app, num_supernodes=fed.num_clients,
                    backend_config=backend)
     if errors:  # the server stopped the run (a failed round, too few clients): the same error as in process

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedhmoe.algorithms.base import FederatedStrategy, RoundLog
@@ -24,6 +24,7 @@ from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import backbone_shapes, load_backbone
 from fedhmoe.models.facts import model_facts
 from fedhmoe.runtime.discovery import Roster
+from fedhmoe.runtime.progress import Progress, exchange, reply_metrics
 from fedhmoe.specs import ModelFacts
 from fedhmoe.utils.torch_seeding import torch_generator
 from fedhmoe.validate import validate
@@ -114,8 +115,17 @@ def _admit_newcomers(roster: Roster, strategy: FederatedStrategy, client_tasks: 
             log.warning("client %d answered discovery after the start and is left out: %s", c, why)
 
 
-def _evaluate(grid: Grid, strategy: FederatedStrategy, r: int, run: RunDirectory, base: dict, timeout: float) -> None:
-    replies = grid.send_and_receive(strategy.configure_evaluate(r, config=ConfigRecord(base)), timeout=timeout)
+def _exchange(grid: Grid, messages: list[Message], r: int, phase: str, timeout: float,
+              progress: Progress) -> list[Message]:
+    """Send one phase's messages and collect the replies, reporting each to ``progress`` as it arrives."""
+    progress.begin(r, phase, len(messages))
+    return exchange(grid, messages, timeout, lambda reply: progress.reply(reply_metrics(reply)))
+
+
+def _evaluate(grid: Grid, strategy: FederatedStrategy, r: int, run: RunDirectory, base: dict, timeout: float,
+              progress: Progress) -> None:
+    messages = list(strategy.configure_evaluate(r, config=ConfigRecord(base)))
+    replies = _exchange(grid, messages, r, "evaluate", timeout, progress)
     means = strategy.aggregate_evaluate(r, replies)
     run.log(_rows_eval(r, strategy.last_eval))
     _check_some_accepted(r, "evaluation", strategy.last_eval)
@@ -223,23 +233,31 @@ def _restart_after(run: RunDirectory, done: int, toml_text: str, changes: dict[s
 
 
 def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = False,
-                   engine: str = "flower-app", allow_config_change: bool = False) -> dict[str, Any]:
+                   engine: str = "flower-app", allow_config_change: bool = False,
+                   progress: Progress | None = None) -> dict[str, Any]:
     """Run (or resume) one experiment on ``grid`` and return its summary (which records ``engine``: ``inprocess``,
     ``simulation``, or ``flower-app`` under ``flwr run``).
 
     The run directory is locked for the run's duration (a second run into it fails). A resume continues from the
     newest checkpoint (from round 1 when there is none) and refuses a config other than the checkpoint's unless
-    ``allow_config_change`` (``federation.num-rounds`` may grow).
+    ``allow_config_change`` (``federation.num-rounds`` may grow). ``progress`` is told what the run is doing
+    (:mod:`fedhmoe.runtime.progress`; default: nothing is shown).
     """
+    progress = progress or Progress()
     with run_lock(run.path):
-        return _run_federation(grid, cfg, run, resume, engine, allow_config_change)
+        try:
+            return _run_federation(grid, cfg, run, resume, engine, allow_config_change, progress)
+        finally:
+            progress.end()
 
 
 def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, engine: str,
-                    allow_config_change: bool) -> dict[str, Any]:
+                    allow_config_change: bool, progress: Progress) -> dict[str, Any]:
     validate(cfg)
     toml_text = config_to_toml(cfg)
     t0 = time.perf_counter()
+    progress.start(cfg.federation.num_rounds)
+    progress.begin(0, "discovery", cfg.federation.num_clients)
     roster = Roster(grid, cfg, toml_text)
     roster.start()
     client_tasks = {c: list(roster.info[c].get("tasks", [])) for c in sorted(roster.info)}
@@ -257,14 +275,17 @@ def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, en
         _restart_after(run, done, toml_text, changes)
     else:
         run.write_config(toml_text)
+    progress.from_round(done + 1)
     if done == 0 and cfg.eval.before_training:
-        _evaluate(grid, strategy, 0, run, base, timeout)
+        _evaluate(grid, strategy, 0, run, base, timeout, progress)
     last = cfg.federation.num_rounds
     for r in range(done + 1, last + 1):
         t_round = time.perf_counter()
         _admit_newcomers(roster, strategy, client_tasks)
         _record_structure(run, strategy, r)
-        replies = grid.send_and_receive(strategy.configure_train(r, config=ConfigRecord(base)), timeout=timeout)
+        messages = list(strategy.configure_train(r, config=ConfigRecord(base)))
+        replies = _exchange(grid, messages, r, "train", timeout, progress)
+        progress.begin(r, "aggregate")
         strategy.aggregate_train(r, replies)
         for name, obj in strategy.artifacts(r).items():
             run.write_json(name, obj)
@@ -277,7 +298,7 @@ def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, en
                  float(np.mean(tl)) if tl else float("nan"), time.perf_counter() - t_round)
         t_eval = time.perf_counter()
         if r % cfg.eval.every_n_rounds == 0 or r == last:
-            _evaluate(grid, strategy, r, run, base, timeout)
+            _evaluate(grid, strategy, r, run, base, timeout, progress)
         t_eval = time.perf_counter() - t_eval
         every = cfg.checkpoint.every_n_rounds
         if every and (r % every == 0 or r == last):

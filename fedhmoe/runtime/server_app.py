@@ -16,13 +16,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedhmoe.config import Config, load_config
 from fedhmoe.evaluation.rundir import RunDirectory, new_run_dir
+from fedhmoe.runtime.progress import Progress, make_progress
 from fedhmoe.runtime.server import run_federation
 
 __all__ = ["app", "make_server_app"]
 
 
 def make_server_app(cfg: Config, run_dir: Path, resume: bool = False, engine: str = "flower-app",
-                    allow_config_change: bool = False, errors: list[BaseException] | None = None) -> ServerApp:
+                    allow_config_change: bool = False, errors: list[BaseException] | None = None,
+                    progress: Progress | None = None) -> ServerApp:
     """A ServerApp that runs ``cfg`` into ``run_dir`` (``engine`` is recorded in the summary; see
     :func:`run_federation` for ``resume`` and ``allow_config_change``). An exception that stops the run is
     appended to ``errors`` (the Simulation Engine only logs it) before it propagates."""
@@ -32,7 +34,7 @@ def make_server_app(cfg: Config, run_dir: Path, resume: bool = False, engine: st
     def main(grid: Grid, context: Context) -> None:
         try:
             run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine=engine,
-                           allow_config_change=allow_config_change)
+                           allow_config_change=allow_config_change, progress=progress)
         except BaseException as e:
             if errors is not None:
                 errors.append(e)
@@ -54,4 +56,4 @@ def main(grid: Grid, context: Context) -> None:
         path = Path(__file__).resolve().parents[2] / path
     cfg = load_config(path, overrides)
     run_dir = new_run_dir(str(rc.get("out-dir", cfg.run.out_dir)), cfg.run.name)
-    run_federation(grid, cfg, RunDirectory(run_dir))
+    run_federation(grid, cfg, RunDirectory(run_dir), progress=make_progress())
