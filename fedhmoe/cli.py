@@ -146,18 +146,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         out = export_client(args.run, args.client, args.out, round=args.round, state_dir=args.state_dir,
-                            merge=args.merge)
-    except (ValueError, OSError) as e:  # unknown client or round, corrupt state, impossible merge, no backbone
+                            merge=args.merge, format=args.format)
+    except (ValueError, OSError) as e:  # unknown client or round, corrupt state, impossible merge or PEFT form
         raise ConfigError(str(e)) from e
     print(out)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from fedhmoe.export import PACKAGE_FILE, generate_text, load_client_model, load_exported
+    from fedhmoe.export import PACKAGE_FILE, PEFT_CONFIG_FILE, generate_text, load_client_model, load_exported
 
     path = Path(args.model)
     try:
+        if (path / PEFT_CONFIG_FILE).is_file() and not (path / PACKAGE_FILE).is_file():
+            raise ConfigError(f"{path} is a PEFT adapter: load it with peft.PeftModel.from_pretrained on its base "
+                              "model (its README.md says how); fedhmoe generate reads a native export or a run")
         if (path / PACKAGE_FILE).is_file():
             if args.client is not None or args.round is not None or args.state_dir:
                 raise ConfigError(f"{path} is an exported model (one client, one round): --client, --round and "
@@ -219,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--state-dir", help="personal states (default: <run>/clients; a SuperNode's state-dir)")
     ex.add_argument("--merge", action="store_true",
                     help="LoRA methods: fold the adapter into the weights, write a plain Hugging Face model")
+    ex.add_argument("--format", choices=["native", "peft"], default="native",
+                    help="native: fedhmoe's folder (default); peft: PEFT's adapter_config.json and "
+                         "adapter_model.safetensors (LoRA methods on a dense backbone)")
     ex.set_defaults(func=cmd_export)
     gen = sub.add_parser("generate", help="answer prompts with one client's model (one JSON line per prompt)")
     gen.add_argument("model", help="an exported folder, or a run directory with --client")

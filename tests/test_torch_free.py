@@ -24,6 +24,7 @@ PURE_MODULES = [
     "fedhmoe.data.partition",
     "fedhmoe.data.scoring",
     "fedhmoe.data.types",
+    "fedhmoe.evaluation.card",
 ]
 
 

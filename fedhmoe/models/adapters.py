@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedhmoe.config import ConfigError
-from fedhmoe.models import amole, lora, moe, payload
+from fedhmoe.models import amole, lora, moe, payload, peft_format
 from fedhmoe.specs import AdapterSpec
 
 __all__ = ["KINDS", "AMoLEKind", "AdapterKind", "AdapterSpec", "LoRAKind", "MoEKind", "init_global_state", "inject",
@@ -36,11 +37,13 @@ class AdapterKind:
             itself is trained), not from shapes on the meta device.
         mergeable: :meth:`merge` folds it into the backbone, which exports then write as a plain Hugging Face
             model.
+        peft_expressible: :meth:`peft_adapter` writes it in PEFT's own format (PEFT's LoRA computes the same).
     """
 
     name: str = ""
     needs_weights: bool = False
     mergeable: bool = False
+    peft_expressible: bool = False
 
     def inject(self, model: nn.Module, spec: AdapterSpec, generator: torch.Generator | None = None) -> list[str]:
         """Put the spec's modules into ``model``; returns the adapted module paths."""
@@ -76,6 +79,12 @@ class AdapterKind:
         (only kinds that are :attr:`mergeable`)."""
         raise ValueError(f"adapter kind {self.name!r} cannot be merged into the backbone")
 
+    def peft_adapter(self, model: nn.Module, spec: AdapterSpec,
+                     state: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """PEFT's form of ``state`` (wire names) on ``model``: the adapter's fields of ``adapter_config.json`` and
+        its tensors by PEFT's names (only kinds that are :attr:`peft_expressible`)."""
+        raise ValueError(f"PEFT has no adapter that computes what adapter kind {self.name!r} computes")
+
     def aux_loss(self, model: nn.Module, spec: AdapterSpec, name: str) -> torch.Tensor | None:
         """The auxiliary loss ``name`` (``load-balance``, ``z-loss``) of the last forward, or None when this kind
         has none of that name."""
@@ -105,6 +114,7 @@ class LoRAKind(AdapterKind):
 
     name = "lora"
     mergeable = True
+    peft_expressible = True
 
     def inject(self, model: nn.Module, spec: AdapterSpec, generator: torch.Generator | None = None) -> list[str]:
         return lora.inject_lora(model, list(spec.targets), spec.rank, spec.alpha, spec.dropout, generator=generator)
@@ -126,6 +136,10 @@ class LoRAKind(AdapterKind):
 
     def merge(self, model: nn.Module, spec: AdapterSpec) -> list[str]:
         return lora.merge_lora(model)  # W += alpha/r B A, the LoRALinear replaced by its base linear
+
+    def peft_adapter(self, model: nn.Module, spec: AdapterSpec,
+                     state: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return peft_format.peft_lora_adapter(model, spec.dropout, state)  # PEFT's LoRA: alpha / r, no bias
 
 
 class AMoLEKind(AdapterKind):
