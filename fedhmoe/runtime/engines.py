@@ -19,6 +19,7 @@ from flwr.supercore.run import Run  # only because the public Grid base class ty
 
 from fedhmoe.config import Config
 from fedhmoe.evaluation.rundir import RunDirectory
+from fedhmoe.evaluation.tracking import Tracker
 from fedhmoe.runtime.client_app import app as default_client_app
 from fedhmoe.runtime.flower_compat import RUN_ID, set_message_id, set_server_identity
 from fedhmoe.runtime.server import run_federation
@@ -92,17 +93,17 @@ class InProcessGrid(Grid):
 
 
 def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: ClientApp | None = None,
-                  allow_config_change: bool = False) -> dict:
+                  allow_config_change: bool = False, tracker: Tracker | None = None) -> dict:
     """Run the experiment in this process (no Ray) and return its summary (see :func:`run_federation` for
-    ``resume`` and ``allow_config_change``)."""
+    ``resume``, ``allow_config_change`` and ``tracker``)."""
     set_server_identity()
     grid = InProcessGrid(client_app or default_client_app, cfg.federation.num_clients)
     return run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine="inprocess",
-                          allow_config_change=allow_config_change)
+                          allow_config_change=allow_config_change, tracker=tracker)
 
 
 def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False, allow_config_change: bool = False,
-                          client_app: ClientApp | None = None) -> dict:
+                          client_app: ClientApp | None = None, tracker: Tracker | None = None) -> dict:
     """Run the experiment on Flower's Simulation Engine (Ray): one virtual SuperNode per client.
 
     A worker process that dies (a client's crash, an out-of-memory kill, a call past the round's deadline: see
@@ -122,8 +123,9 @@ def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False, allo
                       "logging_level": logging.WARNING, "log_to_driver": True},
     }
     errors: list[BaseException] = []
+    # the ServerApp runs in a thread of this process, so it logs to the caller's trackers
     server_app = make_server_app(cfg, run_dir, resume, engine="simulation", allow_config_change=allow_config_change,
-                                 errors=errors)
+                                 errors=errors, tracker=tracker)
     run_simulation(server_app=server_app, client_app=client_app or default_client_app, num_supernodes=fed.num_clients,
                    backend_config=backend)
     if errors:  # the server stopped the run (a failed round, too few clients): the same error as in process
