@@ -65,8 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_locked(args: argparse.Namespace, cfg, run_dir: Path) -> int:  # type: ignore[no-untyped-def]
-    from fedhmoe.evaluation.report import client_table, write_run_report
+    from fedhmoe.evaluation.report import client_table, report_images, write_run_report
     from fedhmoe.evaluation.rundir import LOCK_FILE, RunDirectory
+    from fedhmoe.evaluation.tracking import open_tracker
     from fedhmoe.runtime.server import check_resume
 
     if args.out and not args.resume and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
@@ -88,14 +89,18 @@ def _run_locked(args: argparse.Namespace, cfg, run_dir: Path) -> int:  # type: i
     from fedhmoe.runtime.server import RoundFailed
 
     run = run_inprocess if engine == "inprocess" else run_simulation_engine
-    try:
-        summary = run(cfg, run_dir, resume=bool(args.resume), allow_config_change=args.allow_config_change,
-                      progress=make_progress(args.quiet))
-    except (RoundFailed, DiscoveryError) as e:  # the run cannot go on: say why, exit non-zero
-        print(f"fedhmoe: the run stopped: {e}\nrun directory (rows and checkpoints so far): {run_dir}",
-              file=sys.stderr)
-        return 1
-    report = write_run_report(run_dir)
+    # the trackers stay open past the rounds, for the report's plots
+    with open_tracker(cfg, run_dir) as tracker:
+        try:
+            summary = run(cfg, run_dir, resume=bool(args.resume), allow_config_change=args.allow_config_change,
+                          progress=make_progress(args.quiet), tracker=tracker)
+        except (RoundFailed, DiscoveryError) as e:  # the run cannot go on: say why, exit non-zero
+            tracker.close(failed=True)
+            print(f"fedhmoe: the run stopped: {e}\nrun directory (rows and checkpoints so far): {run_dir}",
+                  file=sys.stderr)
+            return 1
+        report = write_run_report(run_dir)
+        tracker.log_images(report_images(run_dir))
     print()
     print(f"{cfg.algorithm.name} on {cfg.model.name}: test score per client (data.source = {cfg.data.source})")
     print(client_table(summary))

@@ -94,7 +94,7 @@ def _run_config(run_dir: Path) -> tuple[Config, str]:
     path = run_dir / "config.toml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.toml)")
-    cfg = validate(load_config(path))
+    cfg = validate(load_config(path), check_trackers=False)  # an export logs nothing
     return cfg, config_to_toml(cfg)
 
 

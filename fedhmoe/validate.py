@@ -1,13 +1,14 @@
 """One check of an experiment before any work starts, called by every entry point (the CLI, the ServerApp and the
 ClientApp): the config's own fields (checked when it was built), then the method's and the data source's
-feasibility checks, then the model itself (its name and the method's LoRA targets), each naming the config key at
-fault."""
+feasibility checks, then the model itself (its name and the method's LoRA targets), then that the experiment
+trackers it names are installed, each naming the config key at fault."""
 
 from __future__ import annotations
 
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.config import Config, ConfigError
 from fedhmoe.data.checks import check_data_source
+from fedhmoe.evaluation.tracking import check_tracking
 from fedhmoe.models.backbone import expert_smallest_dim, is_moe_backbone, linear_features, model_type
 from fedhmoe.specs import AdapterSpec, ModelFacts
 
@@ -17,7 +18,7 @@ __all__ = ["validate"]
 _TARGET_KEYS = {"lora": "model.lora-targets", "amole": "fedamole.lora-targets", "moe": "fedmoe.lora-targets"}
 
 
-def validate(cfg: Config, *, check_model: bool = True) -> Config:
+def validate(cfg: Config, *, check_model: bool = True, check_trackers: bool = True) -> Config:
     """Raise :class:`~fedhmoe.config.ConfigError` naming the key when ``cfg`` cannot run; return ``cfg``.
 
     Reads nothing heavier than the backbone's config file and its architecture on the meta device (no weights, no
@@ -29,6 +30,9 @@ def validate(cfg: Config, *, check_model: bool = True) -> Config:
             Hugging Face cache) and that the method's LoRA targets and ``model.lora-rank`` fit its layers. Every
             entry point keeps it on; it is off only where a config is checked on a machine that is not meant to
             run it (the shipped configs naming Hub models the user provides).
+        check_trackers: Also check that the experiment trackers of ``tracking.backends`` are installed (a
+            :class:`~fedhmoe.config.ConfigError` naming the extra otherwise; none is imported). Off where the
+            config is read by a process that logs nothing: a client, an export.
     """
     name = cfg.algorithm.name
     if name not in ALGORITHMS:
@@ -38,6 +42,8 @@ def validate(cfg: Config, *, check_model: bool = True) -> Config:
     check_data_source(cfg)
     if check_model:
         _check_model(cfg)
+    if check_trackers:
+        check_tracking(cfg)
     return cfg
 
 

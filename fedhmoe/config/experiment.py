@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedhmoe.config.sections import (
+    TRACKING_BACKENDS,
     AlgorithmConfig,
     CheckpointConfig,
     ConfigError,
@@ -20,6 +21,7 @@ from fedhmoe.config.sections import (
     FedMoEConfig,
     ModelConfig,
     RunConfig,
+    TrackingConfig,
     TrainConfig,
 )
 
@@ -55,6 +57,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fedamole: FedAMoLEConfig = field(default_factory=FedAMoLEConfig)
     fedmoe: FedMoEConfig = field(default_factory=FedMoEConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _check_feasible(self)
@@ -73,6 +76,7 @@ def _check_feasible(cfg: Config) -> None:
     _check_training(cfg)
     _check_counts(cfg)
     _check_fedmoe(cfg)
+    _check_tracking(cfg)
 
 
 def _check_finite(cfg: Config) -> None:
@@ -208,6 +212,16 @@ def _check_fedmoe(cfg: Config) -> None:
     need(0.0 < fm.single_holder_lr <= 1.0, "fedmoe.single-holder-lr", "must be in (0, 1]")
     need(fm.min_holders >= 1, "fedmoe.min-holders", "must be at least 1")
     need(0.0 <= fm.profile_ema < 1.0, "fedmoe.profile-ema", f"must be in [0, 1), got {fm.profile_ema}")
+
+
+def _check_tracking(cfg: Config) -> None:
+    """Known tracker names, each once (whether each is installed is :func:`fedhmoe.validate.validate`'s check)."""
+    backends = cfg.tracking.backends
+    unknown = [b for b in backends if b not in TRACKING_BACKENDS]
+    _need(not unknown, "tracking.backends", f"unknown tracker(s) {unknown} (known: {', '.join(TRACKING_BACKENDS)})")
+    twice = sorted({b for b in backends if backends.count(b) > 1})
+    _need(not twice, "tracking.backends", f"{', '.join(twice)} named more than once")
+    _need(bool(cfg.tracking.project.strip()), "tracking.project", "must not be empty")
 
 
 def replace(cfg: Config, **sections: Any) -> Config:

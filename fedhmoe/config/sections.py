@@ -17,6 +17,8 @@ __all__ = [
     "FederationConfig",
     "ModelConfig",
     "RunConfig",
+    "TRACKING_BACKENDS",
+    "TrackingConfig",
     "TrainConfig",
 ]
 
@@ -293,3 +295,17 @@ class FedMoEConfig:
 class CheckpointConfig:
     every_n_rounds: int = _f(1, "Save server and client state every n-th round (and the last); 0 disables.")
     keep_last: int = _f(0, "Keep only the newest n checkpoints (non-negative); 0 keeps all.")
+
+
+#: The experiment trackers `[tracking] backends` may name, each the optional extra that installs it.
+TRACKING_BACKENDS = ("tensorboard", "wandb", "mlflow")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    backends: list[str] = _f(
+        [], "Experiment trackers that mirror every row of metrics.jsonl, the resolved config and the report's plots, "
+            "all offline and under `<run>/tracking/`: `tensorboard` (event files), `wandb` (an offline W&B run) and "
+            "`mlflow` (a local SQLite store); any subset, none by default. Each is an optional extra: "
+            "pip install 'fedhmoe[tensorboard]' (or wandb, mlflow).")
+    project: str = _f("fedhmoe", "The W&B project and the MLflow experiment the run is logged under.")

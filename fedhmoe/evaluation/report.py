@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 
 from fedhmoe.evaluation.rundir import read_metrics
 
-__all__ = ["client_table", "compare_runs", "load_summary", "plot_runs", "write_run_report"]
+__all__ = ["client_table", "compare_runs", "load_summary", "plot_runs", "report_images", "write_run_report"]
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -351,3 +352,9 @@ def write_run_report(run_dir: str | Path) -> Path:
     path = run_dir / "report.md"
     path.write_text("\n".join(text) + "\n")
     return path
+
+
+def report_images(run_dir: str | Path) -> list[Path]:
+    """The images a run's ``report.md`` shows, in its order (the plots the experiment trackers log at the end)."""
+    run_dir = Path(run_dir)
+    return [run_dir / link for link in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", (run_dir / "report.md").read_text())]

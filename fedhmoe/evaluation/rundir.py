@@ -11,7 +11,8 @@ Layout (``runs/<name>-<UTC timestamp>/``):
 - ``.lock``: the pid of the process writing the run, while it runs.
 
 Rows are appended one batch per write, flushed and synced, so a crash leaves at most one torn last line; readers
-drop such a line with a warning.
+drop such a line with a warning. Each batch, as written, is then handed to the run's mirrors (the experiment
+trackers of :mod:`fedhmoe.evaluation.tracking`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,6 +130,8 @@ class RunDirectory:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
+        #: called with every batch of rows :meth:`log` writes, as written (the experiment trackers)
+        self.mirrors: list[Callable[[list[dict[str, Any]]], None]] = []
 
     @property
     def client_state_dir(self) -> Path:
@@ -138,14 +141,17 @@ class RunDirectory:
         (self.path / "config.toml").write_text(toml_text)
 
     def log(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Append rows in one write, flushed and synced (a crash tears at most the last line)."""
-        text = "".join(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n" for row in rows)
-        if not text:
+        """Append rows in one write, flushed and synced (a crash tears at most the last line), then hand them, as
+        written, to each of :attr:`mirrors`."""
+        clean = [{k: _clean(v) for k, v in row.items()} for row in rows]
+        if not clean:
             return
         with self.metrics_path.open("a") as f:
-            f.write(text)
+            f.write("".join(json.dumps(row) + "\n" for row in clean))
             f.flush()
             os.fsync(f.fileno())
+        for mirror in self.mirrors:
+            mirror(clean)
 
     def truncate_metrics(self, last_round: int) -> None:
         """Keep only the rows of rounds up to ``last_round`` (used when resuming); a torn last line is dropped.

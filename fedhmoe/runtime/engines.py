@@ -19,6 +19,7 @@ from flwr.supercore.run import Run  # only because the public Grid base class ty
 
 from fedhmoe.config import Config
 from fedhmoe.evaluation.rundir import RunDirectory
+from fedhmoe.evaluation.tracking import Tracker
 from fedhmoe.runtime.client_app import app as default_client_app
 from fedhmoe.runtime.flower_compat import RUN_ID, set_message_id, set_server_identity
 from fedhmoe.runtime.progress import Progress
@@ -93,17 +94,19 @@ class InProcessGrid(Grid):
 
 
 def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: ClientApp | None = None,
-                  allow_config_change: bool = False, progress: Progress | None = None) -> dict:
+                  allow_config_change: bool = False, progress: Progress | None = None,
+                  tracker: Tracker | None = None) -> dict:
     """Run the experiment in this process (no Ray) and return its summary (see :func:`run_federation` for
-    ``resume``, ``allow_config_change`` and ``progress``)."""
+    ``resume``, ``allow_config_change``, ``progress`` and ``tracker``)."""
     set_server_identity()
     grid = InProcessGrid(client_app or default_client_app, cfg.federation.num_clients)
     return run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine="inprocess",
-                          allow_config_change=allow_config_change, progress=progress)
+                          allow_config_change=allow_config_change, progress=progress, tracker=tracker)
 
 
 def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False, allow_config_change: bool = False,
-                          client_app: ClientApp | None = None, progress: Progress | None = None) -> dict:
+                          client_app: ClientApp | None = None, progress: Progress | None = None,
+                          tracker: Tracker | None = None) -> dict:
     """Run the experiment on Flower's Simulation Engine (Ray): one virtual SuperNode per client.
 
     A worker process that dies (a client's crash, an out-of-memory kill, a call past the round's deadline: see
@@ -123,8 +126,9 @@ def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False, allo
                       "logging_level": logging.WARNING, "log_to_driver": True},
     }
     errors: list[BaseException] = []
+    # the ServerApp runs in a thread of this process, so it logs to the caller's trackers
     server_app = make_server_app(cfg, run_dir, resume, engine="simulation", allow_config_change=allow_config_change,
-                                 errors=errors, progress=progress)
+                                 errors=errors, progress=progress, tracker=tracker)
     run_simulation(server_app=server_app, client_app=client_app or default_client_app, num_supernodes=fed.num_clients,
                    backend_config=backend)
     if errors:  # the server stopped the run (a failed round, too few clients): the same error as in process

@@ -8,8 +8,10 @@ multi-stage schedules and personalized evaluation need their own loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -18,8 +20,9 @@ from flwr.serverapp import Grid
 
 from fedhmoe.algorithms.base import FederatedStrategy, RoundLog
 from fedhmoe.algorithms.registry import ALGORITHMS
-from fedhmoe.config import Config, ConfigError, config_to_dict, config_to_toml, load_config
+from fedhmoe.config import Config, ConfigError, TrackingConfig, config_to_dict, config_to_toml, load_config
 from fedhmoe.evaluation.rundir import RunDirectory, read_metrics, run_lock, summarize
+from fedhmoe.evaluation.tracking import Tracker, open_tracker
 from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import backbone_shapes, load_backbone
 from fedhmoe.models.facts import model_facts
@@ -134,16 +137,23 @@ def _evaluate(grid: Grid, strategy: FederatedStrategy, r: int, run: RunDirectory
              len(strategy.last_eval.replies))
 
 
+def _message_config(cfg: Config) -> str:
+    """The config text every message carries: the resolved config with ``[tracking]`` at its defaults. Clients log
+    nothing, and a message's bytes (``bytes-down``) must not depend on which trackers the server mirrors to."""
+    return config_to_toml(dataclasses.replace(cfg, tracking=TrackingConfig()))
+
+
 def _config_changes(old_text: str, cfg: Config, done: int) -> dict[str, list[Any]]:
     """The keys whose values differ between a checkpoint's config and ``cfg``, as ``key: [old, new]``;
-    ``federation.num-rounds`` may grow past the checkpointed round."""
+    ``federation.num-rounds`` may grow past the checkpointed round, and ``[tracking]`` may change (trackers mirror
+    a run and change none of its results)."""
     try:
         old = config_to_dict(load_config(text=old_text))
     except ConfigError as e:
         return {"(the checkpoint's config no longer reads)": [str(e), None]}
     new = config_to_dict(cfg)
     changes = {}
-    for section in sorted(set(old) | set(new)):
+    for section in sorted((set(old) | set(new)) - {"tracking"}):
         a, b = old.get(section, {}), new.get(section, {})
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key):
@@ -234,7 +244,7 @@ def _restart_after(run: RunDirectory, done: int, toml_text: str, changes: dict[s
 
 def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = False,
                    engine: str = "flower-app", allow_config_change: bool = False,
-                   progress: Progress | None = None) -> dict[str, Any]:
+                   progress: Progress | None = None, tracker: Tracker | None = None) -> dict[str, Any]:
     """Run (or resume) one experiment on ``grid`` and return its summary (which records ``engine``: ``inprocess``,
     ``simulation``, or ``flower-app`` under ``flwr run``).
 
@@ -242,28 +252,36 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
     newest checkpoint (from round 1 when there is none) and refuses a config other than the checkpoint's unless
     ``allow_config_change`` (``federation.num-rounds`` may grow). ``progress`` is told what the run is doing
     (:mod:`fedhmoe.runtime.progress`; default: nothing is shown).
+
+    Every row is mirrored to the experiment trackers of ``tracking.backends``: to ``tracker`` when the caller opened
+    them (and closes them, after logging the report's plots: the command line), else to trackers opened and closed
+    here.
     """
     progress = progress or Progress()
     with run_lock(run.path):
-        try:
-            return _run_federation(grid, cfg, run, resume, engine, allow_config_change, progress)
-        finally:
-            progress.end()
+        validate(cfg)  # before any tracker opens or any model loads
+        with nullcontext(tracker) if tracker is not None else open_tracker(cfg, run.path) as tracking:
+            run.mirrors.append(tracking.log_rows)
+            try:
+                return _run_federation(grid, cfg, run, resume, engine, allow_config_change, tracking, progress)
+            finally:
+                run.mirrors.remove(tracking.log_rows)
+                progress.end()
 
 
 def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, engine: str,
-                    allow_config_change: bool, progress: Progress) -> dict[str, Any]:
-    validate(cfg)
+                    allow_config_change: bool, tracker: Tracker, progress: Progress) -> dict[str, Any]:
     toml_text = config_to_toml(cfg)
+    wire_text = _message_config(cfg)
     t0 = time.perf_counter()
     progress.start(cfg.federation.num_rounds)
     progress.begin(0, "discovery", cfg.federation.num_clients)
-    roster = Roster(grid, cfg, toml_text)
+    roster = Roster(grid, cfg, wire_text)
     roster.start()
     client_tasks = {c: list(roster.info[c].get("tasks", [])) for c in sorted(roster.info)}
     log.info("%d clients: %s", len(client_tasks), ", ".join(f"{c}={'+'.join(t)}" for c, t in client_tasks.items()))
     facts = model_facts(cfg.model)
-    strategy = ALGORITHMS[cfg.algorithm.name](cfg, initial_state(cfg, facts), roster.node_of, toml_text,
+    strategy = ALGORITHMS[cfg.algorithm.name](cfg, initial_state(cfg, facts), roster.node_of, wire_text,
                                               client_info=roster.info, facts=facts)
     # where clients keep personal state: the run's clients/ folder, or (SuperNodes with their own state-dir)
     # a folder named after the run inside it
@@ -272,8 +290,10 @@ def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, en
     done = 0
     if resume:
         done, changes = _resume(run, strategy, cfg, allow_config_change)
+        tracker.log_config(cfg, resumed_after=done)
         _restart_after(run, done, toml_text, changes)
     else:
+        tracker.log_config(cfg)
         run.write_config(toml_text)
     progress.from_round(done + 1)
     if done == 0 and cfg.eval.before_training:

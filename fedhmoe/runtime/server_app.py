@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedhmoe.config import Config, load_config
 from fedhmoe.evaluation.rundir import RunDirectory, new_run_dir
+from fedhmoe.evaluation.tracking import Tracker
 from fedhmoe.runtime.progress import Progress, make_progress
 from fedhmoe.runtime.server import run_federation
 
@@ -24,17 +25,17 @@ __all__ = ["app", "make_server_app"]
 
 def make_server_app(cfg: Config, run_dir: Path, resume: bool = False, engine: str = "flower-app",
                     allow_config_change: bool = False, errors: list[BaseException] | None = None,
-                    progress: Progress | None = None) -> ServerApp:
+                    progress: Progress | None = None, tracker: Tracker | None = None) -> ServerApp:
     """A ServerApp that runs ``cfg`` into ``run_dir`` (``engine`` is recorded in the summary; see
-    :func:`run_federation` for ``resume`` and ``allow_config_change``). An exception that stops the run is
-    appended to ``errors`` (the Simulation Engine only logs it) before it propagates."""
+    :func:`run_federation` for ``resume``, ``allow_config_change`` and ``tracker``). An exception that stops the run
+    is appended to ``errors`` (the Simulation Engine only logs it) before it propagates."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
             run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine=engine,
-                           allow_config_change=allow_config_change, progress=progress)
+                           allow_config_change=allow_config_change, progress=progress, tracker=tracker)
         except BaseException as e:
             if errors is not None:
                 errors.append(e)
