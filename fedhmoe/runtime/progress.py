@@ -4,7 +4,8 @@ message, the mean training loss so far, the elapsed time and an estimate of the 
 The server reports to a :class:`Progress`: :class:`LiveProgress` draws one live status line on a terminal (with
 ``rich``, which Flower installs), :class:`LogProgress` writes plain log lines (output that is not a terminal: CI,
 files, a SuperLink's log), :class:`Progress` itself shows nothing (``--quiet``). Clients are counted as their replies
-arrive through the engine (:func:`exchange`), so the count is the same in process, on Ray workers and on SuperNodes.
+arrive through the engine (the server's round loop reports each), so the count is the same in process, on Ray
+workers and on SuperNodes.
 """
 
 from __future__ import annotations
@@ -14,17 +15,11 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
-
-from flwr.app import Message
-from flwr.serverapp import Grid
-
-from fedhmoe.wire import METRICS
 
 log = logging.getLogger("fedhmoe")
 
-__all__ = ["LiveProgress", "LogProgress", "Progress", "exchange", "make_progress"]
+__all__ = ["LiveProgress", "LogProgress", "Progress", "make_progress"]
 
 
 class Progress:
@@ -174,31 +169,6 @@ def make_progress(quiet: bool = False, stream: Any = None) -> Progress:
         return Progress()
     stream = sys.stdout if stream is None else stream
     return LiveProgress() if getattr(stream, "isatty", lambda: False)() else LogProgress()
-
-
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: Callable[[Message], None],
-             poll_s: float = 0.2) -> list[Message]:
-    """Send ``messages`` and collect their replies until all arrived or ``timeout`` seconds passed (what
-    ``Grid.send_and_receive`` does), calling ``on_reply`` as each arrives."""
-    waiting = {i for i in grid.push_messages(list(messages)) if i}
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while waiting:
-        for reply in grid.pull_messages(list(waiting)):
-            waiting.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
-            on_reply(reply)
-        if not waiting or time.monotonic() >= deadline:
-            break
-        time.sleep(poll_s)
-    return replies
-
-
-def reply_metrics(reply: Message) -> dict[str, Any]:
-    """A reply's metrics for display (empty for an error or a reply without metrics)."""
-    if reply.has_error() or METRICS not in reply.content:
-        return {}
-    return dict(reply.content[METRICS])
 
 
 def _clock(seconds: float) -> str:

@@ -27,10 +27,11 @@ from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import backbone_shapes, load_backbone
 from fedhmoe.models.facts import model_facts
 from fedhmoe.runtime.discovery import Roster
-from fedhmoe.runtime.progress import Progress, exchange, reply_metrics
+from fedhmoe.runtime.progress import Progress
 from fedhmoe.specs import ModelFacts
 from fedhmoe.utils.torch_seeding import torch_generator
 from fedhmoe.validate import validate
+from fedhmoe.wire import METRICS
 
 log = logging.getLogger("fedhmoe")
 
@@ -118,11 +119,24 @@ def _admit_newcomers(roster: Roster, strategy: FederatedStrategy, client_tasks: 
             log.warning("client %d answered discovery after the start and is left out: %s", c, why)
 
 
-def _exchange(grid: Grid, messages: list[Message], r: int, phase: str, timeout: float,
-              progress: Progress) -> list[Message]:
-    """Send one phase's messages and collect the replies, reporting each to ``progress`` as it arrives."""
+def _exchange(grid: Grid, messages: list[Message], r: int, phase: str, timeout: float, progress: Progress,
+              poll_s: float = 0.2) -> list[Message]:
+    """Send one phase's messages and collect their replies until all arrived or ``timeout`` seconds passed (what
+    ``Grid.send_and_receive`` does), reporting each reply to ``progress`` as it arrives."""
     progress.begin(r, phase, len(messages))
-    return exchange(grid, messages, timeout, lambda reply: progress.reply(reply_metrics(reply)))
+    waiting = {i for i in grid.push_messages(messages) if i}
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while waiting:
+        for reply in grid.pull_messages(list(waiting)):
+            waiting.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            ok = not reply.has_error() and METRICS in reply.content
+            progress.reply(dict(reply.content[METRICS]) if ok else {})
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    return replies
 
 
 def _evaluate(grid: Grid, strategy: FederatedStrategy, r: int, run: RunDirectory, base: dict, timeout: float,
