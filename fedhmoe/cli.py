@@ -29,8 +29,10 @@ _OFFLINE_ENV = {
 
 
 def _setup_logging(verbose: bool) -> None:
+    from fedhmoe.utils.logs import formatter
+
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s fedhmoe %(levelname)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(formatter())
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
@@ -58,16 +60,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--out {run_dir} exists and is not empty (use --resume to continue a run)")
             run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with run_lock(run_dir):  # held through the engine (its server runs in this process)
+        with run_lock(run_dir):  # held through the run (a simulation's server shares it)
             return _run_locked(args, cfg, run_dir)
     except RunLockedError as e:
         raise ConfigError(str(e)) from e
 
 
 def _run_locked(args: argparse.Namespace, cfg, run_dir: Path) -> int:  # type: ignore[no-untyped-def]
-    from fedhmoe.evaluation.report import client_table, report_images, write_run_report
+    from fedhmoe.evaluation.report import client_table
     from fedhmoe.evaluation.rundir import LOCK_FILE, RunDirectory
-    from fedhmoe.evaluation.tracking import open_tracker
     from fedhmoe.runtime.server import check_resume
 
     if args.out and not args.resume and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
@@ -84,23 +85,29 @@ def _run_locked(args: argparse.Namespace, cfg, run_dir: Path) -> int:  # type: i
     log.info("run %s: %s on %d clients, %d rounds, engine %s", run_dir, cfg.algorithm.name,
              cfg.federation.num_clients, cfg.federation.num_rounds, engine)
     from fedhmoe.runtime.discovery import DiscoveryError
-    from fedhmoe.runtime.engines import run_inprocess, run_simulation_engine
     from fedhmoe.runtime.progress import make_progress
     from fedhmoe.runtime.server import RoundFailed
+    from fedhmoe.runtime.simulation import SimulationError
 
-    run = run_inprocess if engine == "inprocess" else run_simulation_engine
-    # the trackers stay open past the rounds, for the report's plots
-    with open_tracker(cfg, run_dir) as tracker:
-        try:
-            summary = run(cfg, run_dir, resume=bool(args.resume), allow_config_change=args.allow_config_change,
-                          progress=make_progress(args.quiet), tracker=tracker)
-        except (RoundFailed, DiscoveryError) as e:  # the run cannot go on: say why, exit non-zero
-            tracker.close(failed=True)
-            print(f"fedhmoe: the run stopped: {e}\nrun directory (rows and checkpoints so far): {run_dir}",
-                  file=sys.stderr)
-            return 1
-        report = write_run_report(run_dir)
-        tracker.log_images(report_images(run_dir))
+    progress = make_progress(args.quiet)
+    try:
+        if engine == "inprocess":
+            from fedhmoe.runtime.engines import inprocess_grid
+            from fedhmoe.runtime.server_app import serve
+
+            summary, report = serve(inprocess_grid(cfg), cfg, run_dir, resume=bool(args.resume), engine=engine,
+                                    allow_config_change=args.allow_config_change, progress=progress)
+        else:  # the server runs in Flower's simulation process, which writes the report and feeds the trackers
+            from fedhmoe.runtime.simulation import run_simulation_engine
+
+            summary = run_simulation_engine(cfg, run_dir, resume=bool(args.resume),
+                                            allow_config_change=args.allow_config_change, progress=progress,
+                                            verbose=args.verbose)
+            report = run_dir / "report.md"
+    except (RoundFailed, DiscoveryError, SimulationError) as e:  # the run cannot go on: say why, exit non-zero
+        print(f"fedhmoe: the run stopped: {e}\nrun directory (rows and checkpoints so far): {run_dir}",
+              file=sys.stderr)
+        return 1
     print()
     print(f"{cfg.algorithm.name} on {cfg.model.name}: test score per client (data.source = {cfg.data.source})")
     print(client_table(summary))

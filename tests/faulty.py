@@ -1,5 +1,6 @@
 """A ClientApp that fails on purpose: fedhmoe's own app, except that chosen clients raise, exit their process or
-hang in chosen rounds. Used by the fault tests on the Simulation Engine (the app is pickled into Ray's workers)."""
+hang in chosen rounds. Used by the fault tests; on the Simulation Engine, Flower loads ``faulty:app`` (this folder on
+``PYTHONPATH``), whose faults are read from ``FEDHMOE_FAULTS`` (``PARTITION,ROUND,PHASE,FAULT;...``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+import fedhmoe.runtime.client_app  # noqa: F401  (as for fedhmoe's own app: Ray workers that die come back)
 from fedhmoe.protocol import Instructions
 from fedhmoe.runtime.client_logic import handle_evaluate, handle_query, handle_train
 from fedhmoe.runtime.watchdog import round_deadline
@@ -48,6 +50,18 @@ def faulty_app(faults: dict[tuple[int, int, str], str]) -> ClientApp:
     return app
 
 
+def parse_faults(spec: str) -> dict[tuple[int, int, str], str]:
+    """``'PARTITION,ROUND,PHASE,FAULT;...'`` as :func:`faulty_app` takes it."""
+    faults = {}
+    for item in filter(None, spec.split(";")):
+        p, r, phase, what = item.split(",")
+        faults[int(p), int(r), phase] = what
+    return faults
+
+
+app = faulty_app(parse_faults(os.environ.get("FEDHMOE_FAULTS", "")))
+
+
 if __name__ == "__main__":  # python tests/faulty.py OUT 'PARTITION,ROUND,PHASE,FAULT;...' [KEY=VALUE ...]
     import sys
 
@@ -55,9 +69,8 @@ if __name__ == "__main__":  # python tests/faulty.py OUT 'PARTITION,ROUND,PHASE,
     from fedhmoe.runtime.engines import run_simulation_engine
 
     out, spec, *overrides = sys.argv[1:]
-    faults = {}
-    for item in filter(None, spec.split(";")):
-        p, r, phase, what = item.split(",")
-        faults[int(p), int(r), phase] = what
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.toml"), overrides)
-    run_simulation_engine(cfg, out, client_app=faulty_app(faults))
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["FEDHMOE_FAULTS"] = spec  # read by Flower's processes, which inherit it
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    cfg = load_config(os.path.join(here, "..", "configs", "smoke.toml"), overrides)
+    run_simulation_engine(cfg, out, client_app="faulty:app")

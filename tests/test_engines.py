@@ -1,6 +1,7 @@
 """The same config and seed give the same results on the in-process engine and Flower's Ray engine."""
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,48 @@ def strip_timing(obj):
     return obj
 
 
+def running_with(prefix: str) -> list[str]:
+    """The live processes (their command names) started for a SuperLink whose home is under ``prefix``."""
+    from fedhmoe.runtime.simulation import MARK
+
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if any(v.startswith(f"{MARK}={prefix}".encode()) for v in env) and stat[stat.rfind(")") + 2] != "Z":
+            found.append((entry / "comm").read_text().strip())
+    return found
+
+
 @pytest.mark.slow
-def test_simulation_engine_matches_inprocess(tmp_path):
+def test_simulation_engine_matches_inprocess(tmp_path, monkeypatch):
     cfg = load_config(SMOKE, ["train.num-threads=1", "algorithm.name=fedit-ft", "data.max-test-examples=4",
                               "data.max-val-examples=3"])
     # run directories of equal path length: the state directory travels in every message config
     a = run_inprocess(cfg, tmp_path / "a")
-    b = run_simulation_engine(cfg, tmp_path / "b")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "t"))  # where the engine's SuperLink keeps its home
+    (tmp_path / "t").mkdir()
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:  # what runs for the engine while it works
+        while not done.wait(0.5):
+            seen.update(running_with(str(tmp_path / "t")))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        b = run_simulation_engine(cfg, tmp_path / "b")
+    finally:
+        done.set()
+        watcher.join()
+    assert {"flower-superlin", "flwr-simulation", "raylet"} <= seen, seen
+    # ... and nothing of it afterwards: the SuperLink, Flower's simulation process and Ray's processes are gone, and
+    # so is the SuperLink's home
+    assert running_with(str(tmp_path / "t")) == [] and list((tmp_path / "t").iterdir()) == []
     assert strip_timing(a) == strip_timing(b)
     on_disk = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert strip_timing(on_disk) == strip_timing(a)

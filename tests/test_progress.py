@@ -113,3 +113,40 @@ def test_the_live_line_routes_log_lines_through_it_and_gives_the_stream_back():
         assert handler.stream is sys.__stdout__
     finally:
         log.removeHandler(handler)
+
+
+def test_a_server_in_another_process_is_shown_here_from_its_files(tmp_path, capsys):
+    """The Simulation Engine's server writes its progress (``FileProgress``) and log lines to the run directory;
+    ``RunFollower`` shows both here: the same status as the server's, its new log lines (not those of a run it
+    resumes), whole lines only."""
+    from fedhmoe.runtime.progress import FileProgress, RunFollower
+
+    log_file = tmp_path / "server.log"
+    log_file.write_text("an earlier run's line\n")
+    server = FileProgress(tmp_path / "progress.json", every_s=3600.0)
+    shown = Progress()
+    follower = RunFollower(shown, tmp_path / "progress.json", log_file)
+    server.start(3)
+    server.begin(1, "train", 4)
+    server.reply({"train-loss": 2.0})
+    follower.poll()
+    # a reply within the phase waits for the next write (at most every every_s), the phase's start does not
+    assert (shown.round, shown.phase, shown.sent, shown.done) == (1, "train", 4, 0)
+    server.reply({"train-loss": 4.0})
+    server.reply({"train-loss": 6.0})
+    server.reply({"train-loss": 8.0})  # the last of the phase: written at once
+    with log_file.open("a") as f:
+        f.write("12:00:00 fedhmoe INFO: round 1/3 done\n12:00:01 fedhmoe INFO: half a li")
+    follower.poll()
+    assert (shown.round, shown.phase, shown.done, shown.losses) == (1, "train", 4, [2.0, 4.0, 6.0, 8.0])
+    assert "round 1/3 | train | clients 4/4 | train loss 5.0000" in shown.status()
+    assert capsys.readouterr().out == "12:00:00 fedhmoe INFO: round 1/3 done\n"
+    with log_file.open("a") as f:
+        f.write("ne\n")
+    server.begin(2, "evaluate", 4)
+    server.end()
+    follower.start().stop()  # stop reads once more
+    assert (shown.round, shown.phase, shown.done) == (2, "evaluate", 0)
+    # the time left comes from the server's round clock: one round took about no time, so almost none is left
+    assert shown.eta(time.monotonic()) is not None and shown.eta(time.monotonic()) < 60
+    assert capsys.readouterr().out == "12:00:01 fedhmoe INFO: half a line\n"

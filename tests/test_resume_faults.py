@@ -320,3 +320,21 @@ def test_kill_9_at_several_instants_then_resume_equals_the_uninterrupted_run(tmp
         x, y = (load_file(str(d / "clients" / f"client-{client}" / "round-3.safetensors"))
                 for d in (tmp_path / "s", run))
         assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_the_server_log_keeps_each_run_and_resume_but_not_a_refused_one(tmp_path, request):
+    """``server.log`` gets every line of the run and of each resume, appended; a resume that is refused leaves it
+    as it was, like the rest of the folder."""
+    fedhmoe_log = logging.getLogger("fedhmoe")
+    level = fedhmoe_log.level
+    fedhmoe_log.setLevel(logging.INFO)
+    request.addfinalizer(lambda: fedhmoe_log.setLevel(level))
+    run_inprocess(smoke(), tmp_path)
+    first = (tmp_path / "server.log").read_text()
+    assert "3 clients:" in first and "round 2/2:" in first
+    with pytest.raises(ConfigError):
+        run_inprocess(smoke("algorithm.name=local"), tmp_path, resume=True)
+    assert (tmp_path / "server.log").read_text() == first
+    run_inprocess(smoke("federation.num-rounds=3"), tmp_path, resume=True)
+    after = (tmp_path / "server.log").read_text()
+    assert after.startswith(first) and "resuming after round 2" in after and "round 3/3:" in after

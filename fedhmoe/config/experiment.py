@@ -104,7 +104,10 @@ def _check_federation_and_data(cfg: Config) -> None:
     need(fed.clients_per_round == 0 or fed.fraction_per_round == 1.0, "federation.clients-per-round",
          f"{fed.clients_per_round} clients per round and federation.fraction-per-round {fed.fraction_per_round} "
          "both set; set only one of them")
-    need(fed.num_cpus_per_client > 0, "federation.num-cpus-per-client", "must be positive")
+    need(fed.num_cpus_per_client >= 1 and float(fed.num_cpus_per_client).is_integer(),
+         "federation.num-cpus-per-client",
+         f"must be a whole number of CPUs, at least 1 (Flower's Simulation Engine reserves whole CPUs), got "
+         f"{fed.num_cpus_per_client}")
     need(fed.num_gpus_per_client >= 0, "federation.num-gpus-per-client", "must be non-negative")
     need(fed.round_timeout_s > 0, "federation.round-timeout-s", "must be positive (seconds)")
     need(fed.discovery_timeout_s > 0, "federation.discovery-timeout-s", "must be positive (seconds)")

@@ -56,7 +56,7 @@ class FederationConfig:
         "Simulation Engine on Ray). The CLI flag `--engine` overrides it.",
         ("inprocess", "simulation"),
     )
-    num_cpus_per_client: float = _f(1.0, "CPU cores Ray reserves for each simulated client (positive).")
+    num_cpus_per_client: float = _f(1.0, "CPU cores Ray reserves for each simulated client (whole, at least 1).")
     num_gpus_per_client: float = _f(0.0, "GPU share Ray reserves for each simulated client (non-negative).")
     round_timeout_s: float = _f(
         3600.0, "Seconds the server waits for the replies of one round (positive). A client that has not answered "

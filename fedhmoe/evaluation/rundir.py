@@ -60,9 +60,10 @@ def _read_pid(path: Path) -> int | None:
 
 
 @contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[None]:
+def run_lock(run_dir: str | Path, holder: int | None = None) -> Iterator[None]:
     """Hold ``<run_dir>/.lock`` (this process's pid) while the body runs, so that two runs never write into one
-    folder. The same process may nest it (the command line and the round loop both take it).
+    folder. The same process may nest it (the command line and the round loop both take it), and so may a process
+    working for the lock's ``holder`` (the server the command line starts in Flower's simulation process).
 
     Raises:
         RunLockedError: Naming the folder and the holder's pid, if a live process holds the lock. A lock left by
@@ -70,7 +71,7 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     """
     path = Path(run_dir) / LOCK_FILE
     me = os.getpid()
-    if _read_pid(path) == me:  # nested: the outer holder releases it
+    if _read_pid(path) in {me, holder} - {None}:  # nested: the outer holder releases it
         yield
         return
     _acquire(path, me)

@@ -6,7 +6,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedhmoe.runtime.client_logic import handle_evaluate, handle_query, handle_train
+from fedhmoe.runtime.flower_compat import restartable_ray_workers
 from fedhmoe.runtime.watchdog import round_deadline
+
+restartable_ray_workers()  # on the Simulation Engine: a dead worker comes back
 
 #: on a Ray worker, a call that outlives its round ends the worker (see :mod:`fedhmoe.runtime.watchdog`)
 app = ClientApp(mods=[round_deadline])

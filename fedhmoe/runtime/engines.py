@@ -1,13 +1,12 @@
-"""Engines that run the same ServerApp and ClientApp: in-process (tests, debugging) and Flower's Simulation
-Engine (Ray). The Deployment Engine needs no code here: ``flower-superlink``, ``flower-supernode`` and
-``flwr run`` load :mod:`fedhmoe.runtime.server_app` and :mod:`fedhmoe.runtime.client_app` (see README).
+"""Engines that run the same server and ClientApp: in-process (tests, debugging; here) and Flower's Simulation
+Engine (Ray; :mod:`fedhmoe.runtime.simulation`). The Deployment Engine needs no code here: ``flower-superlink``,
+``flower-supernode`` and ``flwr run`` load :mod:`fedhmoe.runtime.server_app` and :mod:`fedhmoe.runtime.client_app`
+(see README).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import traceback
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,12 +23,11 @@ from fedhmoe.runtime.client_app import app as default_client_app
 from fedhmoe.runtime.flower_compat import RUN_ID, set_message_id, set_server_identity
 from fedhmoe.runtime.progress import Progress
 from fedhmoe.runtime.server import run_federation
-from fedhmoe.runtime.server_app import make_server_app
+from fedhmoe.runtime.simulation import run_simulation_engine
 
 log = logging.getLogger("fedhmoe")
 
-__all__ = ["InProcessGrid", "run_inprocess", "run_simulation_engine"]
-
+__all__ = ["InProcessGrid", "inprocess_grid", "run_inprocess", "run_simulation_engine"]
 
 
 class InProcessGrid(Grid):
@@ -93,47 +91,18 @@ class InProcessGrid(Grid):
         return list(self.pull_messages(list(self.push_messages(messages))))
 
 
+def inprocess_grid(cfg: Config, client_app: ClientApp | None = None) -> InProcessGrid:
+    """The in-process engine's Grid for ``cfg``, with this process as the server task (``client_app``: fedhmoe's
+    own by default)."""
+    set_server_identity()
+    return InProcessGrid(client_app or default_client_app, cfg.federation.num_clients)
+
+
 def run_inprocess(cfg: Config, run_dir: Path, resume: bool = False, client_app: ClientApp | None = None,
                   allow_config_change: bool = False, progress: Progress | None = None,
                   tracker: Tracker | None = None) -> dict:
     """Run the experiment in this process (no Ray) and return its summary (see :func:`run_federation` for
     ``resume``, ``allow_config_change``, ``progress`` and ``tracker``)."""
-    set_server_identity()
-    grid = InProcessGrid(client_app or default_client_app, cfg.federation.num_clients)
-    return run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine="inprocess",
-                          allow_config_change=allow_config_change, progress=progress, tracker=tracker)
-
-
-def run_simulation_engine(cfg: Config, run_dir: Path, resume: bool = False, allow_config_change: bool = False,
-                          client_app: ClientApp | None = None, progress: Progress | None = None,
-                          tracker: Tracker | None = None) -> dict:
-    """Run the experiment on Flower's Simulation Engine (Ray): one virtual SuperNode per client.
-
-    A worker process that dies (a client's crash, an out-of-memory kill, a call past the round's deadline: see
-    :mod:`fedhmoe.runtime.watchdog`) is restarted by Ray, and a call it took with it, or one handed to it while it
-    restarts, is tried once more: Flower passes ``client_resources`` on as the actor's options, where
-    ``max_restarts`` and ``max_task_retries`` live. Without them Flower keeps handing later messages to the dead
-    actor, and every one of them fails, whichever client it is for.
-    """
-    from flwr.simulation import run_simulation  # loads Ray (seconds): only when this engine runs
-
-    fed = cfg.federation
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    backend = {
-        "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client,
-                             "max_restarts": -1, "max_task_retries": 1},
-        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
-                      "logging_level": logging.WARNING, "log_to_driver": True},
-    }
-    errors: list[BaseException] = []
-    # the ServerApp runs in a thread of this process, so it logs to the caller's trackers
-    server_app = make_server_app(cfg, run_dir, resume, engine="simulation", allow_config_change=allow_config_change,
-                                 errors=errors, progress=progress, tracker=tracker)
-    run_simulation(server_app=server_app, client_app=client_app or default_client_app, num_supernodes=fed.num_clients,
-                   backend_config=backend)
-    if errors:  # the server stopped the run (a failed round, too few clients): the same error as in process
-        raise errors[0]
-    summary_path = Path(run_dir) / "summary.json"
-    if not summary_path.is_file():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
-    return json.loads(summary_path.read_text())
+    return run_federation(inprocess_grid(cfg, client_app), cfg, RunDirectory(run_dir), resume=resume,
+                          engine="inprocess", allow_config_change=allow_config_change, progress=progress,
+                          tracker=tracker)

@@ -13,14 +13,30 @@ does:
   :func:`set_message_id` does. The only other route, rebuilding the message as ``Message(content,
   metadata=Metadata(...))``, is marked internal in Flower's source as well. Replies carry this id back as
   ``reply_to_message_id``.
+
+One more is the Simulation Engine's: its Ray actors. Flower's simulation runtime takes only whole CPUs, GPUs and a
+few ``ray.init`` arguments from a run's federation config, while ``run_simulation`` used to pass ``client_resources``
+on to the actors' ``.options(...)``, where Ray's ``max_restarts`` and ``max_task_retries`` live. Ray merges a remote
+class's ``_default_options`` under every ``.options(...)`` call, so :func:`restartable_ray_workers` puts the two there
+(see :mod:`fedhmoe.runtime.watchdog` for why workers must come back).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
 from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
-__all__ = ["RUN_ID", "SERVER_NODE", "set_message_id", "set_server_identity"]
+__all__ = ["RAY_ACTOR_RESTARTS", "RUN_ID", "SERVER_NODE", "restartable_ray_workers", "set_message_id",
+           "set_server_identity"]
+
+#: A worker process that dies (a client's crash, an out-of-memory kill, a call past its round's deadline) is
+#: restarted by Ray, and the call it took with it, or one handed to it while it restarts, is tried once more.
+#: Without these Flower keeps handing later messages to the dead actor, and each of them fails, whichever client it
+#: is for.
+RAY_ACTOR_RESTARTS = {"max_restarts": -1, "max_task_retries": 1}
 
 #: The run id and server node id of the in-process engine.
 RUN_ID, SERVER_NODE = 1, 1
@@ -36,3 +52,15 @@ def set_server_identity(run_id: int = RUN_ID, node_id: int = SERVER_NODE, task_i
 def set_message_id(msg: Message, message_id: str) -> None:
     """Give a message the id a SuperLink would assign on delivery (replies refer to it)."""
     msg.metadata.__dict__["_message_id"] = message_id
+
+
+def restartable_ray_workers() -> bool:
+    """In Flower's simulation process (``flwr-simulation``), make the Ray actors that run ClientApps restartable
+    (:data:`RAY_ACTOR_RESTARTS`); elsewhere do nothing. Called when the ClientApp module loads, which Flower does in
+    that process before it builds its pool of actors. Returns whether it applied them."""
+    if os.path.basename(sys.argv[0]) != "flwr-simulation":
+        return False
+    from flwr.simulation.ray_transport.ray_actor import ClientAppActor  # imports Ray, which this process runs on
+
+    ClientAppActor._default_options.update(RAY_ACTOR_RESTARTS)  # type: ignore[attr-defined]
+    return True

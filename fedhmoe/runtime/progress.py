@@ -10,16 +10,19 @@ workers and on SuperNodes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("fedhmoe")
 
-__all__ = ["LiveProgress", "LogProgress", "Progress", "make_progress"]
+__all__ = ["FileProgress", "LiveProgress", "LogProgress", "Progress", "RunFollower", "make_progress"]
 
 
 class Progress:
@@ -75,7 +78,8 @@ class Progress:
 
     def status(self) -> str:
         """The state in one line."""
-        parts = [f"round {self.round}/{self.rounds}" if self.phase != "discovery" else "", self.phase]
+        parts = [f"round {self.round}/{self.rounds}" if self.phase not in ("starting", "discovery") else "",
+                 self.phase]
         if self.sent:
             parts.append(f"clients {self.done}/{self.sent}")
         if self.losses:
@@ -161,6 +165,93 @@ class LiveProgress(Progress):
         for h, stream in self._handlers:
             h.setStream(stream)
         self._handlers = []
+
+
+class FileProgress(Progress):
+    """The state as a small JSON file (``progress.json`` in the run directory), replaced at each event (at most
+    every ``every_s`` seconds within a phase), for a display in another process: the server of the Simulation
+    Engine runs in Flower's simulation process, the command line shows it (:class:`RunFollower`)."""
+
+    def __init__(self, path: str | Path, every_s: float = 0.2) -> None:
+        super().__init__()
+        self.path, self.every_s = Path(path), every_s
+        self._written = (-1.0, ("", -1))
+
+    def show(self) -> None:
+        now, step = time.monotonic(), (self.phase, self.round)
+        if step == self._written[1] and self.done < self.sent and now - self._written[0] < self.every_s:
+            return
+        self._written = (now, step)
+        self._write()
+
+    def end(self) -> None:
+        self._write()
+
+    def _write(self) -> None:
+        wall = time.time() - time.monotonic()  # monotonic clocks are not shared between processes: wall time is
+        state = {"rounds": self.rounds, "round": self.round, "first-round": self.first_round, "phase": self.phase,
+                 "sent": self.sent, "done": self.done, "losses": self.losses,
+                 "round-t": self._round_t + wall, "from-t": self._from_t + wall}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.path)
+
+
+class RunFollower:
+    """Shows a run whose server works in another process: reads its :class:`FileProgress` file into ``progress``
+    (the display of this process) and prints the new lines of its log file, every ``every_s`` seconds in a thread
+    until :meth:`stop`. Lines already in the log when it starts (a resumed run's) are not printed again."""
+
+    def __init__(self, progress: Progress, progress_file: str | Path, log_file: str | Path,
+                 every_s: float = 0.25) -> None:
+        self.progress, self.progress_file, self.log_file = progress, Path(progress_file), Path(log_file)
+        self.every_s = every_s
+        self._offset = self.log_file.stat().st_size if self.log_file.is_file() else 0
+        self._seen: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fedhmoe-follow", daemon=True)
+
+    def start(self) -> RunFollower:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop following, after one last read (the log's last lines, the final state)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.poll()
+
+    def poll(self) -> None:
+        """Read what changed since the last call."""
+        try:
+            if self.log_file.is_file():
+                with self.log_file.open("rb") as f:
+                    f.seek(self._offset)
+                    chunk = f.read()
+                end = chunk.rfind(b"\n") + 1  # whole lines only; a partial one waits for its end
+                if end:
+                    self._offset += end
+                    sys.stdout.write(chunk[:end].decode("utf-8", "replace"))
+                    sys.stdout.flush()
+            stamp = self.progress_file.stat().st_mtime_ns if self.progress_file.is_file() else None
+            if stamp is not None and stamp != self._seen:
+                self._seen = stamp
+                self._apply(json.loads(self.progress_file.read_text()))
+        except (OSError, ValueError):  # a file being replaced: read it at the next poll
+            pass
+
+    def _apply(self, state: dict[str, Any]) -> None:
+        p = self.progress
+        wall = time.time() - time.monotonic()
+        p.rounds, p.round, p.first_round = state["rounds"], state["round"], state["first-round"]
+        p.phase, p.sent, p.done, p.losses = state["phase"], state["sent"], state["done"], list(state["losses"])
+        p._round_t, p._from_t = state["round-t"] - wall, state["from-t"] - wall  # elapsed: from this process's start
+        p.show()
 
 
 def make_progress(quiet: bool = False, stream: Any = None) -> Progress:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,20 +28,24 @@ from fedhmoe.evaluation.tracking import Tracker, open_tracker
 from fedhmoe.models.adapters import kind_of
 from fedhmoe.models.backbone import backbone_shapes, load_backbone
 from fedhmoe.models.facts import model_facts
-from fedhmoe.runtime.discovery import Roster
+from fedhmoe.runtime.discovery import DiscoveryError, Roster
 from fedhmoe.runtime.progress import Progress
 from fedhmoe.specs import ModelFacts
+from fedhmoe.utils.logs import formatter
 from fedhmoe.utils.torch_seeding import torch_generator
 from fedhmoe.validate import validate
 from fedhmoe.wire import METRICS
 
 log = logging.getLogger("fedhmoe")
 
+#: the server's log lines, in the run directory
+SERVER_LOG = "server.log"
+
 
 class RoundFailed(RuntimeError):
     """Every reply of a round was rejected: the run stops (its rows and checkpoints so far are kept)."""
 
-__all__ = ["RoundFailed", "check_resume", "initial_state", "run_federation"]
+__all__ = ["SERVER_LOG", "RoundFailed", "check_resume", "initial_state", "run_federation"]
 
 
 def initial_state(cfg: Config, facts: ModelFacts | None = None) -> dict[str, np.ndarray]:
@@ -258,11 +264,14 @@ def _restart_after(run: RunDirectory, done: int, toml_text: str, changes: dict[s
 
 def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = False,
                    engine: str = "flower-app", allow_config_change: bool = False,
-                   progress: Progress | None = None, tracker: Tracker | None = None) -> dict[str, Any]:
+                   progress: Progress | None = None, tracker: Tracker | None = None,
+                   lock_holder: int | None = None) -> dict[str, Any]:
     """Run (or resume) one experiment on ``grid`` and return its summary (which records ``engine``: ``inprocess``,
     ``simulation``, or ``flower-app`` under ``flwr run``).
 
-    The run directory is locked for the run's duration (a second run into it fails). A resume continues from the
+    The run directory is locked for the run's duration (a second run into it fails), unless ``lock_holder`` (the
+    process that started this one) holds it already. The server's log lines are appended to ``server.log`` in the
+    run directory. A resume continues from the
     newest checkpoint (from round 1 when there is none) and refuses a config other than the checkpoint's unless
     ``allow_config_change`` (``federation.num-rounds`` may grow). ``progress`` is told what the run is doing
     (:mod:`fedhmoe.runtime.progress`; default: nothing is shown).
@@ -272,19 +281,64 @@ def run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool = Fa
     here.
     """
     progress = progress or Progress()
-    with run_lock(run.path):
+    with run_lock(run.path, lock_holder), _log_to(run.path / SERVER_LOG, held=resume) as run_log:
         validate(cfg)  # before any tracker opens or any model loads
         with nullcontext(tracker) if tracker is not None else open_tracker(cfg, run.path) as tracking:
             run.mirrors.append(tracking.log_rows)
             try:
-                return _run_federation(grid, cfg, run, resume, engine, allow_config_change, tracking, progress)
+                return _run_federation(grid, cfg, run, resume, engine, allow_config_change, tracking, progress,
+                                       run_log)
+            except (RoundFailed, DiscoveryError) as e:  # in the run's log too
+                log.error("the run stops: %s", e)
+                raise
             finally:
                 run.mirrors.remove(tracking.log_rows)
                 progress.end()
 
 
+class _RunLog(logging.Handler):
+    """fedhmoe's log lines, appended to the run directory's ``server.log``. While held (a resume not yet accepted)
+    they are kept back, so that a refused resume leaves the folder as it was; the file is made at the first line
+    written."""
+
+    def __init__(self, path: Path, held: bool) -> None:
+        super().__init__()
+        self.file = logging.FileHandler(path, encoding="utf-8", delay=True)
+        self.file.setFormatter(formatter())
+        self.held: list[logging.LogRecord] | None = [] if held else None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.held is not None:
+            self.held.append(record)
+        else:
+            self.file.emit(record)
+
+    def commit(self) -> None:
+        """Write the lines held back, and each later one as it comes."""
+        held, self.held = self.held or [], None
+        for record in held:
+            self.file.emit(record)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+@contextmanager
+def _log_to(path: Path, held: bool) -> Iterator[_RunLog]:
+    """fedhmoe's log lines go to ``path`` too while the body runs (see :class:`_RunLog`)."""
+    handler = _RunLog(path, held)
+    log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
 def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, engine: str,
-                    allow_config_change: bool, tracker: Tracker, progress: Progress) -> dict[str, Any]:
+                    allow_config_change: bool, tracker: Tracker, progress: Progress, run_log: _RunLog
+                    ) -> dict[str, Any]:
     toml_text = config_to_toml(cfg)
     wire_text = _message_config(cfg)
     t0 = time.perf_counter()
@@ -304,6 +358,7 @@ def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, en
     done = 0
     if resume:
         done, changes = _resume(run, strategy, cfg, allow_config_change)
+        run_log.commit()  # the resume is accepted: the folder changes from here
         tracker.log_config(cfg, resumed_after=done)
         _restart_after(run, done, toml_text, changes)
     else:
