@@ -180,3 +180,36 @@ def test_flower_takes_whole_cpus_per_client():
         from fedhmoe.validate import validate
 
         validate(load_config(SMOKE, ["federation.num-cpus-per-client=1.5"]))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_superlink_ends_when_the_process_that_started_it_is_killed(tmp_path):
+    """``fedhmoe run`` killed with ``kill -9`` leaves no SuperLink (nor, with it, any process of Flower's) behind:
+    nothing would be left writing into the run directory that a ``--resume`` takes over."""
+    import signal
+    import time
+
+    from test_engines import running_with
+
+    script = ("import sys, tempfile, time\n"
+              f"tempfile.tempdir = {str(tmp_path)!r}\n"
+              "from pathlib import Path\n"
+              "from fedhmoe.runtime.simulation import LocalSuperLink\n"
+              f"link = LocalSuperLink(Path({str(tmp_path / 'superlink.log')!r}))\n"
+              "link.start()\n"
+              "print(link.proc.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        superlink = int(starter.stdout.readline())
+        assert "flower-superlin" in running_with(str(tmp_path))
+        starter.send_signal(signal.SIGKILL)
+        starter.wait()
+        deadline = time.monotonic() + 30
+        while running_with(str(tmp_path)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert running_with(str(tmp_path)) == []
+        stat = Path(f"/proc/{superlink}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or a zombie
+    finally:
+        starter.kill()

@@ -67,20 +67,6 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, resume: bool = False, engin
     return summary, report
 
 
-def make_server_app(cfg: Config, run_dir: Path, resume: bool = False, engine: str = "flower-app",
-                    allow_config_change: bool = False, progress: Progress | None = None) -> ServerApp:
-    """A ServerApp that runs an already loaded ``cfg`` into ``run_dir`` (for a Grid of one's own; Flower's runtimes
-    load ``app``)."""
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, RunDirectory(run_dir), resume=resume, engine=engine,
-                       allow_config_change=allow_config_change, progress=progress)
-
-    return server
-
-
 def read_failure(run_dir: Path) -> tuple[str, str] | None:
     """Why the server of ``run_dir`` stopped (the error's type name and message), if ``app`` recorded it."""
     path = Path(run_dir) / FAILURE_FILE

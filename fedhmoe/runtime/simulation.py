@@ -41,6 +41,30 @@ SERVER_APP, CLIENT_APP = "fedhmoe.runtime.server_app:app", "fedhmoe.runtime.clie
 MARK = "FEDHMOE_SUPERLINK_HOME"
 
 
+def _prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+_PRCTL = _prctl()
+
+
+def _end_with(parent: int) -> Any:
+    """A ``preexec_fn``: on Linux the child gets SIGTERM when the thread that started it ends (the process is killed,
+    even by ``kill -9``), so a SuperLink never outlives ``fedhmoe run``; Flower's processes end with the SuperLink."""
+
+    def child() -> None:
+        if _PRCTL is not None:
+            _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # it died before the call
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return child
+
+
 class SimulationError(RuntimeError):
     """Flower's simulation processes failed outside fedhmoe's server (they did not start, or the run ended without
     a summary): the message names Flower's log."""
@@ -108,8 +132,9 @@ clientapp = "{client_app}"
 class LocalSuperLink:
     """A SuperLink in simulation mode on 127.0.0.1, private to this process: its own free port, ``FLWR_HOME`` (a
     temporary folder, removed at :meth:`stop`) and database (a file in it: Flower's in-memory one fails under
-    concurrent requests now and then), its log in ``log_file``. A context manager;
-    :meth:`stop` leaves no process it started running."""
+    concurrent requests now and then), its log in ``log_file``. A context manager; :meth:`stop` leaves no process
+    it started running, and on Linux the SuperLink (and with it every process Flower started) ends when the thread
+    that started it does, even if this process is killed."""
 
     def __init__(self, log_file: Path, startup_timeout_s: float = 120.0) -> None:
         self.log_file, self.startup_timeout_s = log_file, startup_timeout_s
@@ -145,7 +170,7 @@ class LocalSuperLink:
                      "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.home / "state.db"),
                      "--disable-runtime-dependency-installation"],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-                    start_new_session=True)
+                    start_new_session=True, preexec_fn=_end_with(os.getpid()))
             if self._wait_ready():
                 break
         else:
