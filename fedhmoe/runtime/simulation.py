@@ -211,8 +211,9 @@ class LocalSuperLink:
                 start_new_session=True)
 
     def stop(self, grace_s: float = 20.0) -> None:
-        """Stop the SuperLink, then every process it started (Flower ends them when the SuperLink goes; any left
-        after ``grace_s`` is killed), and remove its ``FLWR_HOME``."""
+        """Stop the SuperLink (within ``grace_s``), then every process it started: asked to end (SIGTERM), killed
+        after 5 s. Flower's processes would follow the SuperLink by themselves, but Ray's shutdown in Flower's
+        simulation process takes seconds the run no longer needs. Then remove the SuperLink's ``FLWR_HOME``."""
         if self.proc is not None and self.proc.poll() is None:
             _signal_group(self.proc.pid, signal.SIGTERM)
             try:
@@ -220,15 +221,21 @@ class LocalSuperLink:
             except subprocess.TimeoutExpired:
                 _signal_group(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        deadline = time.monotonic() + grace_s
-        while (left := self.processes()) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in left:
-            log.warning("stopping process %d, which Flower's SuperLink left running", pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            left = self.processes()
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait_s
+            while left and time.monotonic() < deadline:
+                time.sleep(0.1)
+                left = self.processes()
+            if not left:
+                break
+        else:
+            log.warning("processes Flower's SuperLink started are still running: %s", left)
         shutil.rmtree(self.home, ignore_errors=True)
 
     def processes(self) -> list[int]:
