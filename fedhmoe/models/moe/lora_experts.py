@@ -83,10 +83,13 @@ class LoRAExperts(nn.Module):
             sel = (flat == e).nonzero(as_tuple=True)[0]
             tok = token[sel]
             x = hidden_states[tok]  # (m, H)
-            gu = x @ self.gate_up_proj[e].t() + s * (self.dropout(x) @ self.gate_up_A[e].t()) @ self.gate_up_B[e].t()
+            # the LoRA path in the factors' float32 (a bfloat16 backbone's activations are cast up, the update down)
+            low = s * (self.dropout(x).to(self.gate_up_A.dtype) @ self.gate_up_A[e].t()) @ self.gate_up_B[e].t()
+            gu = x @ self.gate_up_proj[e].t() + low.to(x.dtype)
             g, u = gu.chunk(2, dim=-1)  # (m, I) each
             a = self.act_fn(g) * u  # (m, I)
-            y = a @ self.down_proj[e].t() + s * (self.dropout(a) @ self.down_A[e].t()) @ self.down_B[e].t()
+            low = s * (self.dropout(a).to(self.down_A.dtype) @ self.down_A[e].t()) @ self.down_B[e].t()
+            y = a @ self.down_proj[e].t() + low.to(a.dtype)
             out.index_add_(0, tok, (y * gates[sel, None]).to(out.dtype))
         return out
 
