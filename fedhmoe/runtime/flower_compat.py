@@ -29,7 +29,7 @@ import sys
 from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
-__all__ = ["RAY_ACTOR_RESTARTS", "RUN_ID", "SERVER_NODE", "restartable_ray_workers", "set_message_id",
+__all__ = ["RAY_ACTOR_RESTARTS", "RUN_ID", "SERVER_NODE", "in_memory", "restartable_ray_workers", "set_message_id",
            "set_server_identity"]
 
 #: A worker process that dies (a client's crash, an out-of-memory kill, a call past its round's deadline) is
@@ -64,3 +64,9 @@ def restartable_ray_workers() -> bool:
 
     ClientAppActor._default_options.update(RAY_ACTOR_RESTARTS)  # type: ignore[attr-defined]
     return True
+
+
+def in_memory(grid: object) -> bool:
+    """Whether ``grid`` is the Simulation Engine's in-memory Grid (``flwr.superlink.grid.InMemoryGrid``, not part of
+    Flower's public API), where looking for replies costs no request."""
+    return type(grid).__name__ == "InMemoryGrid" and type(grid).__module__.startswith("flwr.")
