@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from fedhmoe.models.dropout import AdapterDropout
+
 __all__ = ["LoRABase", "LoRALinear", "inject_lora", "kaiming_uniform_a", "lora_draw_order", "merge_lora",
            "wrap_linears"]
 
@@ -47,8 +49,8 @@ class LoRABase(nn.Module):
     linear layer shares (:class:`LoRALinear`, :class:`fedhmoe.models.amole.AMoLELinear`).
 
     Checks the hyper-parameters, keeps ``base`` (frozen) as the first child module, records its sizes, the rank,
-    alpha, the scaling and the dropout on the adapter input (active only in training mode). Subclasses register
-    their own parameters after calling this constructor.
+    alpha, the scaling and the dropout on the adapter input (:class:`fedhmoe.models.dropout.AdapterDropout`,
+    active only in training mode). Subclasses register their own parameters after calling this constructor.
 
     Args:
         base: The linear layer to wrap; its parameters are frozen.
@@ -74,7 +76,7 @@ class LoRABase(nn.Module):
         self.alpha = float(alpha)
         self.scaling = self.alpha / self.rank
         self.dropout_p = float(dropout)
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = AdapterDropout(dropout) if dropout > 0 else nn.Identity()
 
     def _draw_a(self, generator: torch.Generator | None) -> torch.Tensor:
         """Initial ``(r, in)`` values of a down projection on the base's device: kaiming-uniform

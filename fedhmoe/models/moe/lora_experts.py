@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedhmoe.keys import expert_key
+from fedhmoe.models.dropout import AdapterDropout
 from fedhmoe.models.lora import kaiming_uniform_a
 from fedhmoe.models.moe.families import block_family, block_ids, moe_blocks, param_like
 from fedhmoe.utils.torch_seeding import torch_generator
@@ -26,7 +27,9 @@ class LoRAExperts(nn.Module):
     The expert weights are frozen; a bank of every expert's weights (the backbone's, kept on the CPU) supplies
     the held ones whenever the held set changes, so only LoRA factors and router rows need to travel. The
     forward dispatches tokens expert by expert (as the Hugging Face eager implementation does) and adds
-    ``(alpha / r) * B (A x)`` to each projection.
+    ``(alpha / r) * B (A x)`` to each projection. In training mode each expert drops its own routed tokens'
+    inputs and intermediate activations before its ``A`` factors (:class:`fedhmoe.models.dropout.AdapterDropout`:
+    every (expert, token, feature) element independently), as a LoRA module per expert would.
 
     Args:
         base: The Hugging Face experts module (``gate_up_proj`` ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``,
@@ -40,7 +43,7 @@ class LoRAExperts(nn.Module):
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
         self.act_fn = base.act_fn
         self.rank, self.scaling = rank, alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = AdapterDropout(dropout) if dropout > 0 else nn.Identity()
         self.bank = {t: w.detach() if w.is_meta else w.detach().to("cpu")  # every expert, frozen
                      for t, w in (("gate_up_proj", base.gate_up_proj), ("down_proj", base.down_proj))}
         self.gate_up_proj = nn.Parameter(base.gate_up_proj.detach(), requires_grad=False)
