@@ -48,6 +48,8 @@ _RESTART_SHARE = 0.05
 _RESTART_TOP = 8
 # Reduced costs are computed on weights rescaled to [0, 1]; the final tolerance absorbs float rounding only.
 _TOL = 1e-13
+# Admissible networks with at most this many arcs get their maximum flow from a plain Python search.
+_SMALL_FLOW = 400
 # Tolerances of the cost-scaling levels, coarse to final (see the module docstring).
 _TOLERANCES = (1e-5, 1e-7, 1e-9, 1e-11, _TOL)
 
@@ -291,44 +293,32 @@ def _repair(w: np.ndarray, x: np.ndarray, cand: np.ndarray, q: np.ndarray, g: np
     """
     num_rows, num_cols = x.shape
     sink = num_rows + num_cols
-    num_nodes = sink + 1
     a_row, a_col = np.nonzero(cand)
-    num_arcs = a_row.size
     a_col_node = a_col + num_rows
     a_flat = a_row * num_cols + a_col
     w_arc = w.ravel()[a_flat]
     x_flat = x.reshape(-1)
-    col_nodes = np.arange(num_rows, sink)
-    # One fixed sparsity pattern with both directions of every arc; a direction that is not residual gets an
-    # infinite weight, which Dijkstra never relaxes. Row nodes hold the arcs in their own order, then come the
-    # column nodes (arcs back to rows and the arc to the sink), then the sink's row.
-    by_col = np.argsort(np.concatenate([a_col, np.arange(num_cols)]), kind="stable")
-    heads = np.concatenate([a_col_node, np.concatenate([a_row, np.full(num_cols, sink)])[by_col], col_nodes])
-    counts = np.concatenate([np.bincount(a_row, minlength=num_rows),
-                             np.bincount(a_col, minlength=num_cols) + 1, [num_cols]])
-    indptr = np.zeros(num_nodes + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    graph = csr_array((np.zeros(heads.size), heads, indptr), shape=(num_nodes, num_nodes))
-    fwd = graph.data[:num_arcs]
-    back = graph.data[num_arcs:2 * num_arcs + num_cols]
-    down = graph.data[2 * num_arcs + num_cols:]
-
     held = np.take(x_flat, a_flat)
     reduced = np.take(q, a_row) - np.take(q, a_col_node) - w_arc
-    to_sink = q[num_rows:sink] - q[sink]
-    _saturate(x, g, excess, a_row, a_col, held, reduced, to_sink, tol, lo, hi)
-    while True:
+    _saturate(x, g, excess, a_row, a_col, held, reduced, q[num_rows:sink] - q[sink], tol, lo, hi)
+    # Built on the first shortest-path search only: most levels of small instances end without one.
+    search: tuple[csr_array, np.ndarray] | None = None
+    while np.any(excess > 0):
         held = np.take(x_flat, a_flat)
         reduced = np.take(q, a_row) - np.take(q, a_col_node) - w_arc
         to_sink = q[num_rows:sink] - q[sink]
         _admissible_flow(x, g, excess, a_row, a_col, held, reduced, to_sink, tol, lo, hi)
         if not np.any(excess > 0):
             return
+        if search is None:
+            search = _search_graph(a_row, a_col, num_rows, num_cols)
+        graph, by_col = search
+        num_arcs = a_row.size
         held = np.take(x_flat, a_flat)
-        np.maximum(np.where(held, np.inf, reduced), 0.0, out=fwd)
-        np.take(np.maximum(np.concatenate([np.where(held, -reduced, np.inf), np.where(g < hi, to_sink, np.inf)]),
-                           0.0), by_col, out=back)
-        np.maximum(np.where(g > lo, -to_sink, np.inf), 0.0, out=down)
+        graph.data[:num_arcs] = np.maximum(np.where(held, np.inf, reduced), 0.0)
+        graph.data[num_arcs:2 * num_arcs + num_cols] = np.maximum(
+            np.concatenate([np.where(held, -reduced, np.inf), np.where(g < hi, to_sink, np.inf)]), 0.0)[by_col]
+        graph.data[2 * num_arcs + num_cols:] = np.maximum(np.where(g > lo, -to_sink, np.inf), 0.0)
         dist = dijkstra(graph, directed=True, indices=np.flatnonzero(excess > 0), min_only=True)
         reach = np.isfinite(dist)
         if not np.any(reach & (excess < 0)):
@@ -336,6 +326,25 @@ def _repair(w: np.ndarray, x: np.ndarray, cand: np.ndarray, q: np.ndarray, g: np
         dist[~reach] = dist[reach].max()
         q += dist
         q -= q[sink]
+
+
+def _search_graph(a_row: np.ndarray, a_col: np.ndarray, num_rows: int, num_cols: int
+                  ) -> tuple[csr_array, np.ndarray]:
+    """The shortest-path graph over the arcs ``(a_row, a_col)`` and the order of the column nodes' entries.
+
+    One fixed sparsity pattern with both directions of every arc; a direction that is not residual gets an
+    infinite weight, which Dijkstra never relaxes. Row nodes hold the arcs in their own order, then come the
+    column nodes (arcs back to rows, in the returned order, and the arc to the sink), then the sink's row.
+    """
+    sink = num_rows + num_cols
+    by_col = np.argsort(np.concatenate([a_col, np.arange(num_cols)]), kind="stable")
+    heads = np.concatenate([a_col + num_rows, np.concatenate([a_row, np.full(num_cols, sink)])[by_col],
+                            np.arange(num_rows, sink)])
+    counts = np.concatenate([np.bincount(a_row, minlength=num_rows),
+                             np.bincount(a_col, minlength=num_cols) + 1, [num_cols]])
+    indptr = np.zeros(sink + 2, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return csr_array((np.zeros(heads.size), heads, indptr), shape=(sink + 1, sink + 1)), by_col
 
 
 def _saturate(x: np.ndarray, g: np.ndarray, excess: np.ndarray, a_row: np.ndarray, a_col: np.ndarray,
@@ -386,15 +395,19 @@ def _admissible_flow(x: np.ndarray, g: np.ndarray, excess: np.ndarray, a_row: np
     caps = np.concatenate([np.ones(int(match.sum()) + int(unmatch.sum()), dtype=np.int32),
                            (hi - g[up]).astype(np.int32), (g[down] - lo).astype(np.int32),
                            excess[surplus].astype(np.int32), (-excess[shortage]).astype(np.int32)])
-    network = csr_array((caps, (tails, heads)), shape=(sink + 3, sink + 3))
-    result = maximum_flow(network, source, drain)
-    if result.flow_value == 0:
-        return
-    # The flow matrix is antisymmetric: read each pair from its tail's side, where the net flow is positive.
-    flow = result.flow.tocoo()
-    tail, head, amount = flow.row, flow.col, flow.data
-    ahead = amount > 0
-    tail, head, amount = tail[ahead], head[ahead], amount[ahead]
+    if tails.size <= _SMALL_FLOW:
+        amount = _augmenting_paths(tails.tolist(), heads.tolist(), caps.tolist(), source, drain, sink + 3)
+        ahead = amount > 0
+        tail, head, amount = tails[ahead], heads[ahead], amount[ahead]
+    else:
+        result = maximum_flow(csr_array((caps, (tails, heads)), shape=(sink + 3, sink + 3)), source, drain)
+        if result.flow_value == 0:
+            return
+        # The flow matrix is antisymmetric: read each pair from its tail's side, where the net flow is positive.
+        flow = result.flow.tocoo()
+        tail, head, amount = flow.row, flow.col, flow.data
+        ahead = amount > 0
+        tail, head, amount = tail[ahead], head[ahead], amount[ahead]
     moved = (tail < num_rows) & (head >= num_rows) & (head < sink)
     x[tail[moved], head[moved] - num_rows] = True
     moved = (tail >= num_rows) & (tail < sink) & (head < num_rows)
@@ -407,3 +420,46 @@ def _admissible_flow(x: np.ndarray, g: np.ndarray, excess: np.ndarray, a_row: np
     excess[head[moved]] -= amount[moved]
     moved = head == drain
     excess[tail[moved]] += amount[moved]
+
+
+def _augmenting_paths(tails: list[int], heads: list[int], caps: list[int], source: int, drain: int,
+                      num_nodes: int) -> np.ndarray:
+    """Maximum flow by breadth-first augmenting paths, for networks so small that scipy's per-call setup would
+    cost more than the search; returns each arc's flow."""
+    out: list[list[int]] = [[] for _ in range(num_nodes)]
+    into: list[list[int]] = [[] for _ in range(num_nodes)]
+    for arc, (tail, head) in enumerate(zip(tails, heads, strict=True)):
+        out[tail].append(arc)
+        into[head].append(arc)
+    flow = [0] * len(caps)
+    while True:
+        # via[node]: the arc that reached it, as arc + 1 when used forwards and -(arc + 1) when undone
+        via = [0] * num_nodes
+        via[source] = num_nodes
+        frontier = [source]
+        while frontier and not via[drain]:
+            reached = []
+            for node in frontier:
+                for arc in out[node]:
+                    if not via[heads[arc]] and flow[arc] < caps[arc]:
+                        via[heads[arc]] = arc + 1
+                        reached.append(heads[arc])
+                for arc in into[node]:
+                    if not via[tails[arc]] and flow[arc] > 0:
+                        via[tails[arc]] = -(arc + 1)
+                        reached.append(tails[arc])
+            frontier = reached
+        if not via[drain]:
+            return np.array(flow, dtype=np.int64)
+        path = []
+        node = drain
+        while node != source:
+            arc = abs(via[node]) - 1
+            path.append(via[node])
+            node = tails[arc] if via[node] > 0 else heads[arc]
+        amount = min(caps[a - 1] - flow[a - 1] if a > 0 else flow[-a - 1] for a in path)
+        for a in path:
+            if a > 0:
+                flow[a - 1] += amount
+            else:
+                flow[-a - 1] -= amount
