@@ -8,7 +8,9 @@ and time of ``scipy.optimize.milp`` (HiGHS branch and bound, integrality on ever
 embeddings (r = 16) with a small shared direction and spread client norms; ``peaked`` is a stress case: a
 strong shared direction makes most experts put nearly all their mass on the same few clients (at (300,
 1000), 97 % of the preferences are below 1e-6 of the largest), so the client bounds bind everywhere and
-the rest of the assignment is decided by tiny differences.
+the rest of the assignment is decided by tiny differences; ``ties`` is ``peaked`` rounded to 1e-3 (a
+degenerate stress case: at (300, 1000) about 99 % of the preferences are exactly 0 and the optimum is far
+from unique).
 
     .venv/bin/python benchmarks/rsea_solver.py [--repeats 3] [--milp-limit 60] [--no-milp] [--write FILE]
 """
@@ -64,7 +66,10 @@ CASES = [
 
 
 def preferences(kind: str, case: Case, seed: int) -> np.ndarray:
-    """Softmax preferences of one module: ``uniform``, ``embeddings`` or ``peaked`` (see the module docstring)."""
+    """Softmax preferences of one module: ``uniform``, ``embeddings``, ``peaked`` or ``ties`` (see the module
+    docstring)."""
+    if kind == "ties":
+        return np.round(preferences("peaked", case, seed), 3)
     rng = np.random.default_rng(seed)
     e, n = case.num_experts, case.num_clients
     if kind == "uniform":
@@ -134,7 +139,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per instance (median reported)")
     ap.add_argument("--milp-limit", type=float, default=60.0, help="time limit of each milp solve, seconds")
     ap.add_argument("--no-milp", action="store_true", help="skip the milp reference")
-    ap.add_argument("--kinds", default="uniform,embeddings,peaked", help="comma-separated preference kinds")
+    ap.add_argument("--kinds", default="uniform,embeddings,peaked,ties", help="comma-separated preference kinds")
     ap.add_argument("--write", help="markdown file to append the table to")
     args = ap.parse_args()
 

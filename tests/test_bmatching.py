@@ -118,3 +118,49 @@ def test_non_integer_sizes_and_bad_weights_are_rejected():
 def test_assignment_errors_are_b_matching_errors():
     assert issubclass(InfeasibleAssignment, InfeasibleBMatching)
     assert issubclass(InfeasibleBMatching, ValueError)
+
+
+def milp_total(w, d, lo, hi):
+    """Reference optimum from scipy's MILP (HiGHS); its own tolerances can only make it lower than exact."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    r, c = w.shape
+    rows = np.kron(np.eye(r), np.ones((1, c)))
+    cols = np.kron(np.ones((1, r)), np.eye(c))
+    res = milp(-w.ravel(), constraints=[LinearConstraint(rows, d, d), LinearConstraint(cols, lo, hi)],
+               integrality=np.ones(r * c), bounds=Bounds(0, 1), options={"mip_rel_gap": 0})
+    assert res.success
+    return -float(res.fun)
+
+
+def heavy_tailed(rng, r, c):
+    """Like the benchmark's ``peaked`` preferences: a shared direction makes every row prefer the same few
+    columns by orders of magnitude, and the rest is decided by weights far below 1e-6 of the largest."""
+    common = rng.normal(size=8)
+    rows = common + rng.normal(size=(r, 8))
+    cols = (common + rng.normal(size=(c, 8))) * rng.lognormal(0.0, 0.5, size=(c, 1))
+    scores = rows @ cols.T / np.sqrt(8.0)
+    scores = scores - scores.max(axis=1, keepdims=True)
+    w = np.exp(4 * scores)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_heavy_tailed_weights_match_milp_and_the_unscaled_solver(arcs, monkeypatch, seed):
+    w = heavy_tailed(np.random.default_rng(seed), 40, 60)
+    x = max_weight_bmatching(w, 3, 1, 4)
+    assert np.all(x.sum(axis=1) == 3) and np.all((x.sum(axis=0) >= 1) & (x.sum(axis=0) <= 4))
+    total = float((w * x).sum())
+    assert total >= milp_total(w, 3, 1, 4) - 1e-9
+    # one level at the final tolerance: the cost-scaling levels only change the speed
+    monkeypatch.setattr(bmatching, "_TOLERANCES", (bmatching._TOL,))
+    assert abs(float((w * max_weight_bmatching(w, 3, 1, 4)).sum()) - total) <= 1e-12
+
+
+def test_exact_ties_everywhere_stay_optimal_and_deterministic(arcs):
+    # 0/1 weights: almost every arc ties, so each maximum flow has many equally good choices
+    w = (np.random.default_rng(7).random((30, 45)) < 0.1).astype(float)
+    x = max_weight_bmatching(w, 4, 2, 5)
+    assert np.all(x.sum(axis=1) == 4) and np.all((x.sum(axis=0) >= 2) & (x.sum(axis=0) <= 5))
+    assert float((w * x).sum()) == milp_total(w, 4, 2, 5)
+    assert np.array_equal(max_weight_bmatching(w, 4, 2, 5), x)

@@ -7,14 +7,18 @@ min-cost flow below is exact.
 
 Network: every row sends ``d`` units, one per unit-capacity arc to a column (cost ``-W``); every column forwards
 between ``lo`` and ``hi`` units to a common sink. The solver starts from the matching in which every row takes
-its ``d`` best columns (optimal when the column bounds are ignored) and repairs the column bounds with
-successive shortest paths: node potentials keep every residual arc's reduced cost non-negative, a multi-source
-Dijkstra (scipy) finds shortest paths from every node with surplus, and all paths of the shortest-path forest
-that still have capacity are augmented before the next search. When many columns start overloaded, a few
-rounds of a column-price heuristic shape the starting matching first. Large instances run on a sparse set of
-candidate arcs; at the end, every arc outside it is checked against the potentials and any arc that would
-improve the objective is added (or, when many would, the solver starts again from the current prices with the
-larger arc set), so the result is optimal for the full problem, not only for the candidates.
+its ``d`` best columns (optimal when the column bounds are ignored) and repairs the column bounds primal-dual:
+node potentials keep every residual arc's reduced cost at least ``-tol``; each phase sends a maximum flow from
+the nodes with surplus to the nodes with shortage over the arcs whose reduced cost is within ``tol`` of zero,
+then a multi-source Dijkstra (scipy) raises the potentials so that more arcs qualify. ``tol`` shrinks from 1e-5
+to 1e-13 of the weights' range (cost scaling): with softmax preferences the weights span many orders of
+magnitude, and one exact pass resolves them about one augmenting path per shortest-path search, while at a
+coarse tolerance whole groups of near-equal paths move in one maximum flow and each finer level only repairs
+the arcs the previous one left. When many columns start overloaded, a few rounds of a column-price heuristic
+shape the starting matching first. Large instances run on a sparse set of candidate arcs; at the end of every
+level, every arc outside it is checked against the potentials and the most improving ones are added (or, when
+many would improve, the solver starts again from the current prices with the larger arc set), so the result
+is optimal for the full problem, not only for the candidates.
 
 Node numbering inside the solver: rows ``0..R-1``, columns ``R..R+C-1``, sink ``R+C``.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.sparse import csr_array
-from scipy.sparse.csgraph import dijkstra
+from scipy.sparse.csgraph import dijkstra, maximum_flow
 
 from fedhmoe.algorithms.checks import as_finite_matrix, as_int
 
@@ -42,8 +46,12 @@ _WARM_DAMPING = 0.8
 _MAX_RESTARTS = 3
 _RESTART_SHARE = 0.05
 _RESTART_TOP = 8
-# Reduced costs are computed on weights rescaled to [0, 1]; this absorbs float rounding only.
+# Reduced costs are computed on weights rescaled to [0, 1]; the final tolerance absorbs float rounding only.
 _TOL = 1e-13
+# Admissible networks with at most this many arcs get their maximum flow from a plain Python search.
+_SMALL_FLOW = 400
+# Tolerances of the cost-scaling levels, coarse to final (see the module docstring).
+_TOLERANCES = (1e-5, 1e-7, 1e-9, 1e-11, _TOL)
 
 
 class InfeasibleBMatching(ValueError):
@@ -226,12 +234,12 @@ def _most_violated(better: np.ndarray, reduced: np.ndarray) -> np.ndarray:
 
 
 def _min_cost_flow(w: np.ndarray, d: int, lo: int, hi: int) -> np.ndarray:
-    """Successive shortest paths on the b-matching network of ``w`` (rescaled weights).
+    """Primal-dual min-cost flow with cost scaling on the b-matching network of ``w`` (rescaled weights).
 
     Arcs: row -> column (capacity 1, cost ``-w``), column -> sink (flow ``g`` within ``[lo, hi]``, cost 0). A
     node's imbalance is what flows in minus what flows out (rows supply ``d``, the sink absorbs ``R d``).
-    Potentials ``q`` keep the reduced cost ``cost(u, v) + q[u] - q[v]`` of every residual arc non-negative, so
-    a zero imbalance everywhere means an optimal flow.
+    Potentials ``q`` keep the reduced cost ``cost(u, v) + q[u] - q[v]`` of every residual arc at least ``-tol``,
+    so a zero imbalance everywhere at the last level (``_TOL``) means an optimal flow up to float rounding.
     """
     num_rows, num_cols = w.shape
     sink = num_rows + num_cols
@@ -246,192 +254,212 @@ def _min_cost_flow(w: np.ndarray, d: int, lo: int, hi: int) -> np.ndarray:
     else:
         cand = _candidates(w, value, x, q[:num_rows], d, hi)
     restarts = 0
-    while True:
-        _repair(w, x, cand, q, g, excess, lo, hi)
-        if cand.all():
-            return x
-        reduced = q[:num_rows, None] - q[None, num_rows:sink] - w
-        better = ~cand & (reduced < -_TOL)
-        if not better.any():
-            return x
-        if restarts < _MAX_RESTARTS and better.sum() > _RESTART_SHARE * cand.sum():
-            # The candidates were far from the optimum's support: start again from the rows' best choices under
-            # the current column prices, which are much closer to the optimal ones.
-            restarts += 1
-            most = _most_violated(better, reduced)
-            value, deg = _start(w, q, x, d, q[sink] - q[num_rows:sink])
-            g, excess = _pin(q, deg, num_rows * d, lo, hi)
-            cand |= most | _candidates(w, value, x, q[:num_rows], d, hi)
-            continue
-        # Few arcs would improve the objective: take them (optimality then holds on them too) and let the next
-        # repair move the resulting surplus at each column and shortage at each row.
-        r_idx, c_idx = np.nonzero(better)
-        cand |= better
-        x |= better
-        np.subtract.at(excess, r_idx, 1)
-        np.add.at(excess, c_idx + num_rows, 1)
+    for tol in _TOLERANCES:
+        while True:
+            _repair(w, x, cand, q, g, excess, lo, hi, tol)
+            if cand.all():
+                break
+            reduced = q[:num_rows, None] - q[None, num_rows:sink] - w
+            better = ~cand & (reduced < -tol)
+            if not better.any():
+                break
+            if restarts < _MAX_RESTARTS and better.sum() > _RESTART_SHARE * cand.sum():
+                # The candidates were far from the optimum's support: start again from the rows' best choices
+                # under the current column prices, which are much closer to the optimal ones.
+                restarts += 1
+                most = _most_violated(better, reduced)
+                value, deg = _start(w, q, x, d, q[sink] - q[num_rows:sink])
+                g, excess = _pin(q, deg, num_rows * d, lo, hi)
+                cand |= most | _candidates(w, value, x, q[:num_rows], d, hi)
+            else:
+                # Add the most improving missing arcs; the next repair saturates them (the tolerance holds on
+                # them too afterwards) and moves the imbalances this leaves.
+                cand |= _most_violated(better, reduced)
+    return x
 
 
 def _repair(w: np.ndarray, x: np.ndarray, cand: np.ndarray, q: np.ndarray, g: np.ndarray, excess: np.ndarray,
-            lo: int, hi: int) -> None:
-    """Remove every imbalance by shortest augmenting paths over the arcs in ``cand``; updates in place."""
+            lo: int, hi: int, tol: float) -> None:
+    """Remove every imbalance over the arcs in ``cand`` (primal-dual); updates ``x``, ``q``, ``g``, ``excess``.
+
+    Each phase first sends as much flow as possible from the nodes with surplus to the nodes with shortage over
+    the admissible residual arcs (reduced cost zero, up to ``tol``), as one maximum flow; pushing along such
+    arcs keeps every reduced cost at least ``-tol`` (the arcs it creates are the reverses of arcs within ``tol``
+    of zero). The residual arcs below ``-tol`` left by a coarser level are saturated first. When surplus is
+    left, a multi-source Dijkstra from it raises the potentials by the shortest distances, which makes at least
+    one path to a shortage admissible. Sending all admissible flow at once is what makes the coarse levels
+    cheap: there many paths qualify together, and one phase moves what single paths would move in hundreds of
+    shortest-path searches.
+    """
     num_rows, num_cols = x.shape
     sink = num_rows + num_cols
-    num_nodes = sink + 1
     a_row, a_col = np.nonzero(cand)
-    num_arcs = a_row.size
     a_col_node = a_col + num_rows
     a_flat = a_row * num_cols + a_col
     w_arc = w.ravel()[a_flat]
     x_flat = x.reshape(-1)
-    col_nodes = np.arange(num_rows, sink)
-    # One fixed sparsity pattern with both directions of every arc; a direction that is not residual gets an
-    # infinite weight, which Dijkstra never relaxes. Row nodes hold the arcs in their own order, then come the
-    # column nodes (arcs back to rows and the arc to the sink), then the sink's row.
-    by_col = np.argsort(np.concatenate([a_col, np.arange(num_cols)]), kind="stable")
-    heads = np.concatenate([a_col_node, np.concatenate([a_row, np.full(num_cols, sink)])[by_col], col_nodes])
-    counts = np.concatenate([np.bincount(a_row, minlength=num_rows),
-                             np.bincount(a_col, minlength=num_cols) + 1, [num_cols]])
-    indptr = np.zeros(num_nodes + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    graph = csr_array((np.zeros(heads.size), heads, indptr), shape=(num_nodes, num_nodes))
-    fwd = graph.data[:num_arcs]
-    back = graph.data[num_arcs:2 * num_arcs + num_cols]
-    down = graph.data[2 * num_arcs + num_cols:]
-
+    held = np.take(x_flat, a_flat)
+    reduced = np.take(q, a_row) - np.take(q, a_col_node) - w_arc
+    _saturate(x, g, excess, a_row, a_col, held, reduced, q[num_rows:sink] - q[sink], tol, lo, hi)
+    # Built on the first shortest-path search only: most levels of small instances end without one.
+    search: tuple[csr_array, np.ndarray] | None = None
     while np.any(excess > 0):
         held = np.take(x_flat, a_flat)
         reduced = np.take(q, a_row) - np.take(q, a_col_node) - w_arc
         to_sink = q[num_rows:sink] - q[sink]
-        np.maximum(np.where(held, np.inf, reduced), 0.0, out=fwd)
-        np.take(np.maximum(np.concatenate([np.where(held, -reduced, np.inf), np.where(g < hi, to_sink, np.inf)]),
-                           0.0), by_col, out=back)
-        np.maximum(np.where(g > lo, -to_sink, np.inf), 0.0, out=down)
-        sources = np.flatnonzero(excess > 0)
-        dist, pred, _ = dijkstra(graph, directed=True, indices=sources, min_only=True, return_predecessors=True)
+        _admissible_flow(x, g, excess, a_row, a_col, held, reduced, to_sink, tol, lo, hi)
+        if not np.any(excess > 0):
+            return
+        if search is None:
+            search = _search_graph(a_row, a_col, num_rows, num_cols)
+        graph, by_col = search
+        num_arcs = a_row.size
+        held = np.take(x_flat, a_flat)
+        graph.data[:num_arcs] = np.maximum(np.where(held, np.inf, reduced), 0.0)
+        graph.data[num_arcs:2 * num_arcs + num_cols] = np.maximum(
+            np.concatenate([np.where(held, -reduced, np.inf), np.where(g < hi, to_sink, np.inf)]), 0.0)[by_col]
+        graph.data[2 * num_arcs + num_cols:] = np.maximum(np.where(g > lo, -to_sink, np.inf), 0.0)
+        dist = dijkstra(graph, directed=True, indices=np.flatnonzero(excess > 0), min_only=True)
         reach = np.isfinite(dist)
         if not np.any(reach & (excess < 0)):
             raise RuntimeError("internal error: no augmenting path although the b-matching is feasible")
         dist[~reach] = dist[reach].max()
         q += dist
         q -= q[sink]
-        _augment_forest(x, g, excess, pred, dist, reach, q, lo, hi)
 
 
-# --------------------------------------------------------------------------------------------- augmenting
+def _search_graph(a_row: np.ndarray, a_col: np.ndarray, num_rows: int, num_cols: int
+                  ) -> tuple[csr_array, np.ndarray]:
+    """The shortest-path graph over the arcs ``(a_row, a_col)`` and the order of the column nodes' entries.
 
-
-def _augment_forest(x: np.ndarray, g: np.ndarray, excess: np.ndarray, pred: np.ndarray, dist: np.ndarray,
-                    reach: np.ndarray, q: np.ndarray, lo: int, hi: int) -> None:
-    """Push flow along every shortest-path-forest path that still has capacity, nearest ends first.
-
-    Every forest arc has zero reduced cost after the potential update, so these are shortest paths and pushing
-    along them keeps all reduced costs non-negative. Updates ``x``, ``g`` and ``excess`` in place; the work is
-    done on Python lists because the paths are walked one node at a time.
+    One fixed sparsity pattern with both directions of every arc; a direction that is not residual gets an
+    infinite weight, which Dijkstra never relaxes. Row nodes hold the arcs in their own order, then come the
+    column nodes (arcs back to rows, in the returned order, and the arc to the sink), then the sink's row.
     """
-    num_rows, num_cols = x.shape
     sink = num_rows + num_cols
-    pred_l: list[int] = pred.tolist()
-    exc_l: list[int] = excess.tolist()
-    g_l: list[int] = g.tolist()
-    # A node on a path that was found saturated or dry; later paths through it are skipped this round.
-    blocked: set[int] = set()
-    for end, via in _forest_ends(g, excess, pred, dist, reach, q, num_rows, hi):
-        need = min(-exc_l[sink], hi - g_l[end - num_rows]) if via else -exc_l[end]
-        if need <= 0:
-            continue
-        path, caps = _trace(end, pred_l, blocked, x, g_l, lo, hi)
-        root = path[-1]
-        if caps is None or exc_l[root] <= 0:
-            blocked.update(path)
-            continue
-        amount = min(need, exc_l[root], *caps)
-        _push(path, amount, x, g_l, num_rows, sink)
-        if via:
-            g_l[end - num_rows] += amount
-            exc_l[sink] += amount
-        else:
-            exc_l[end] += amount
-        exc_l[root] -= amount
-        if exc_l[root] == 0:
-            blocked.update(path)
-        else:
-            full = [j for j, cap in enumerate(caps) if cap == amount]
-            if full:
-                blocked.update(path[:full[-1] + 1])
-    excess[:] = exc_l
-    g[:] = g_l
+    by_col = np.argsort(np.concatenate([a_col, np.arange(num_cols)]), kind="stable")
+    heads = np.concatenate([a_col + num_rows, np.concatenate([a_row, np.full(num_cols, sink)])[by_col],
+                            np.arange(num_rows, sink)])
+    counts = np.concatenate([np.bincount(a_row, minlength=num_rows),
+                             np.bincount(a_col, minlength=num_cols) + 1, [num_cols]])
+    indptr = np.zeros(sink + 2, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return csr_array((np.zeros(heads.size), heads, indptr), shape=(sink + 1, sink + 1)), by_col
 
 
-def _forest_ends(g: np.ndarray, excess: np.ndarray, pred: np.ndarray, dist: np.ndarray, reach: np.ndarray,
-                 q: np.ndarray, num_rows: int, hi: int) -> list[tuple[int, bool]]:
-    """Where the paths to augment end, nearest first (ties: lower node): ``(node, via_sink)`` pairs.
-
-    Reached nodes with a shortage end a path themselves. A shortage at the sink is served through any reached
-    column whose arc to the sink has room and zero reduced cost (``via_sink``), and through the sink's own
-    predecessor in the forest.
-    """
+def _saturate(x: np.ndarray, g: np.ndarray, excess: np.ndarray, a_row: np.ndarray, a_col: np.ndarray,
+              held: np.ndarray, reduced: np.ndarray, to_sink: np.ndarray, tol: float, lo: int, hi: int) -> None:
+    """Saturate every residual arc whose reduced cost is below ``-tol``; the imbalances this leaves are what
+    the phases at ``tol`` then remove."""
+    num_rows = x.shape[0]
     sink = excess.size - 1
-    targets = np.flatnonzero(reach & (excess < 0))
-    targets = targets[targets != sink]
-    via_sink = np.empty(0, dtype=np.int64)
-    if excess[sink] < 0:
-        col = np.flatnonzero((g < hi) & reach[num_rows:sink] & (q[num_rows:sink] - q[sink] <= _TOL))
-        via_sink = col + num_rows
-        parent = int(pred[sink])
-        if parent >= 0 and parent not in set(via_sink.tolist()):
-            via_sink = np.append(via_sink, parent)
-    ends = np.concatenate([targets, via_sink])
-    is_via = np.concatenate([np.zeros(targets.size, bool), np.ones(via_sink.size, bool)])
-    order = np.lexsort((ends, dist[ends]))
-    return list(zip(ends[order].tolist(), is_via[order].tolist(), strict=True))
+    take = ~held & (reduced < -tol)
+    drop = held & (reduced > tol)
+    x[a_row[take], a_col[take]] = True
+    x[a_row[drop], a_col[drop]] = False
+    np.subtract.at(excess, a_row[take], 1)
+    np.add.at(excess, a_col[take] + num_rows, 1)
+    np.add.at(excess, a_row[drop], 1)
+    np.subtract.at(excess, a_col[drop] + num_rows, 1)
+    raise_g = (g < hi) & (to_sink < -tol)
+    lower_g = (g > lo) & (to_sink > tol)
+    change = np.where(raise_g, hi - g, 0) + np.where(lower_g, lo - g, 0)
+    g += change
+    excess[num_rows:sink] -= change
+    excess[sink] += int(change.sum())
 
 
-def _trace(end: int, pred_l: list[int], blocked: set[int], x: np.ndarray, g_l: list[int], lo: int, hi: int
-           ) -> tuple[list[int], list[int] | None]:
-    """Walk the forest from ``end`` back to its root, collecting each arc's residual capacity.
+def _admissible_flow(x: np.ndarray, g: np.ndarray, excess: np.ndarray, a_row: np.ndarray, a_col: np.ndarray,
+                     held: np.ndarray, reduced: np.ndarray, to_sink: np.ndarray, tol: float, lo: int, hi: int
+                     ) -> None:
+    """Maximum flow from surplus to shortage over the residual arcs whose reduced cost is zero (up to ``tol``).
 
-    Returns:
-        ``(path, caps)``: the nodes from ``end`` to the last one reached (the root when the walk succeeds) and
-        the capacity of each arc ``path[j + 1] -> path[j]``; ``caps`` is None when the walk met a blocked node
-        or an arc without capacity.
+    The arcs: row -> column where unmatched, column -> row where matched (undoing the match), column -> sink
+    while below ``hi``, sink -> column while above ``lo``; a super source feeds every surplus and a super sink
+    drains every shortage. Updates ``x``, ``g`` and ``excess`` in place.
     """
     num_rows, num_cols = x.shape
     sink = num_rows + num_cols
-    path = [end]
-    caps: list[int] = []
-    node = end
+    source, drain = sink + 1, sink + 2
+    match = ~held & (reduced <= tol)
+    unmatch = held & (reduced >= -tol)
+    cols = np.arange(num_cols)
+    up = (g < hi) & (to_sink <= tol)
+    down = (g > lo) & (to_sink >= -tol)
+    surplus = np.flatnonzero(excess > 0)
+    shortage = np.flatnonzero(excess < 0)
+    tails = np.concatenate([a_row[match], a_col[unmatch] + num_rows, cols[up] + num_rows, np.full(down.sum(), sink),
+                            np.full(surplus.size, source), shortage])
+    heads = np.concatenate([a_col[match] + num_rows, a_row[unmatch], np.full(up.sum(), sink), cols[down] + num_rows,
+                            surplus, np.full(shortage.size, drain)])
+    caps = np.concatenate([np.ones(int(match.sum()) + int(unmatch.sum()), dtype=np.int32),
+                           (hi - g[up]).astype(np.int32), (g[down] - lo).astype(np.int32),
+                           excess[surplus].astype(np.int32), (-excess[shortage]).astype(np.int32)])
+    if tails.size <= _SMALL_FLOW:
+        amount = _augmenting_paths(tails.tolist(), heads.tolist(), caps.tolist(), source, drain, sink + 3)
+        ahead = amount > 0
+        tail, head, amount = tails[ahead], heads[ahead], amount[ahead]
+    else:
+        result = maximum_flow(csr_array((caps, (tails, heads)), shape=(sink + 3, sink + 3)), source, drain)
+        if result.flow_value == 0:
+            return
+        # The flow matrix is antisymmetric: read each pair from its tail's side, where the net flow is positive.
+        flow = result.flow.tocoo()
+        tail, head, amount = flow.row, flow.col, flow.data
+        ahead = amount > 0
+        tail, head, amount = tail[ahead], head[ahead], amount[ahead]
+    moved = (tail < num_rows) & (head >= num_rows) & (head < sink)
+    x[tail[moved], head[moved] - num_rows] = True
+    moved = (tail >= num_rows) & (tail < sink) & (head < num_rows)
+    x[head[moved], tail[moved] - num_rows] = False
+    moved = (tail >= num_rows) & (tail < sink) & (head == sink)
+    g[tail[moved] - num_rows] += amount[moved]
+    moved = (tail == sink) & (head >= num_rows) & (head < sink)
+    g[head[moved] - num_rows] -= amount[moved]
+    moved = tail == source
+    excess[head[moved]] -= amount[moved]
+    moved = head == drain
+    excess[tail[moved]] += amount[moved]
+
+
+def _augmenting_paths(tails: list[int], heads: list[int], caps: list[int], source: int, drain: int,
+                      num_nodes: int) -> np.ndarray:
+    """Maximum flow by breadth-first augmenting paths, for networks so small that scipy's per-call setup would
+    cost more than the search; returns each arc's flow."""
+    out: list[list[int]] = [[] for _ in range(num_nodes)]
+    into: list[list[int]] = [[] for _ in range(num_nodes)]
+    for arc, (tail, head) in enumerate(zip(tails, heads, strict=True)):
+        out[tail].append(arc)
+        into[head].append(arc)
+    flow = [0] * len(caps)
     while True:
-        if node in blocked:
-            return path, None
-        prev = pred_l[node]
-        if prev < 0:
-            return path, caps
-        if prev < num_rows:  # row -> column: free while unmatched
-            cap = 0 if x[prev, node - num_rows] else 1
-        elif prev < sink:
-            if node == sink:  # column -> sink: room up to hi
-                cap = hi - g_l[prev - num_rows]
-            else:  # column -> row, undoing a match
-                cap = 1 if x[node, prev - num_rows] else 0
-        else:  # sink -> column, lowering the column's flow down to lo
-            cap = g_l[node - num_rows] - lo
-        if cap <= 0:
-            return path, None
-        caps.append(cap)
-        path.append(prev)
-        node = prev
-
-
-def _push(path: list[int], amount: int, x: np.ndarray, g_l: list[int], num_rows: int, sink: int) -> None:
-    """Send ``amount`` along the arcs ``path[j + 1] -> path[j]``: match, unmatch, or change a column's flow."""
-    for head, tail in zip(path[:-1], path[1:], strict=True):
-        if tail < num_rows:
-            x[tail, head - num_rows] = True
-        elif tail < sink:
-            if head == sink:
-                g_l[tail - num_rows] += amount
+        # via[node]: the arc that reached it, as arc + 1 when used forwards and -(arc + 1) when undone
+        via = [0] * num_nodes
+        via[source] = num_nodes
+        frontier = [source]
+        while frontier and not via[drain]:
+            reached = []
+            for node in frontier:
+                for arc in out[node]:
+                    if not via[heads[arc]] and flow[arc] < caps[arc]:
+                        via[heads[arc]] = arc + 1
+                        reached.append(heads[arc])
+                for arc in into[node]:
+                    if not via[tails[arc]] and flow[arc] > 0:
+                        via[tails[arc]] = -(arc + 1)
+                        reached.append(tails[arc])
+            frontier = reached
+        if not via[drain]:
+            return np.array(flow, dtype=np.int64)
+        path = []
+        node = drain
+        while node != source:
+            arc = abs(via[node]) - 1
+            path.append(via[node])
+            node = tails[arc] if via[node] > 0 else heads[arc]
+        amount = min(caps[a - 1] - flow[a - 1] if a > 0 else flow[-a - 1] for a in path)
+        for a in path:
+            if a > 0:
+                flow[a - 1] += amount
             else:
-                x[head, tail - num_rows] = False
-        else:
-            g_l[head - num_rows] -= amount
+                flow[-a - 1] -= amount
