@@ -199,16 +199,20 @@ def test_a_superlink_ends_when_the_process_that_started_it_is_killed(tmp_path):
               "link.start()\n"
               "print(link.proc.pid, flush=True)\n"
               "time.sleep(600)\n")
-    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    log = tmp_path / "superlink.log"
     try:
-        superlink = int(starter.stdout.readline())
+        line = starter.stdout.readline()
+        assert line.strip().isdigit(), (line, starter.stderr.read() if starter.poll() is not None else "")
+        superlink = int(line)
         assert "flower-superlin" in running_with(str(tmp_path))
         starter.send_signal(signal.SIGKILL)
         starter.wait()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while running_with(str(tmp_path)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert running_with(str(tmp_path)) == []
+        assert running_with(str(tmp_path)) == [], log.read_text()[-3000:]
         stat = Path(f"/proc/{superlink}/stat")
         assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or a zombie
     finally:
