@@ -15,43 +15,21 @@ not touch the head).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import platform
 import statistics
-import time
 
-import numpy as np
-import torch
 
-from common import emit
-from fedhmoe.algorithms.registry import ALGORITHMS
+from common import ClientStep, client_step_parser, emit, interleaved
 from fedhmoe.client import train as train_mod
-from fedhmoe.config import load_config
-from fedhmoe.data.splits import client_data
-from fedhmoe.models import adapters
-from fedhmoe.runtime.backbone_cache import get_worker
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("config")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--client", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--write", help="markdown file to append the table to")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.set)
-    worker = get_worker(cfg, ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg))
-    model, spec = worker.model, worker.spec
-    params = adapters.trainable(model, spec)
-    train = client_data(cfg, args.client).train
-    one_step = dataclasses.replace(cfg.train, local_steps=1)
-    batch = worker.formatter.collate_train([worker.formatter.encode_train(ex) for ex in train[: cfg.train.batch_size]])
+    args = client_step_parser(__doc__.split("\n\n")[0], repeats=5).parse_args()
+    client = ClientStep.load(args)
+    cfg, worker, spec = client.cfg, client.worker, client.worker.spec
+    batch = worker.formatter.collate_train([worker.formatter.encode_train(ex)
+                                            for ex in client.train[: cfg.train.batch_size]])
     targets = batch["labels"][:, 1:]
     answer_share = float((targets != -100).sum()) / targets.numel()
 
@@ -60,21 +38,11 @@ def main() -> None:
     def step(variant: str, seed: int) -> float:
         train_mod.keeps_logit_mask = masked if variant == "answers" else (lambda m: False)
         try:
-            start = time.perf_counter()
-            train_mod.train_local(model, params, worker.formatter, train, one_step, cfg.train.learning_rate,
-                                  np.random.default_rng(seed), worker.device)
-            return time.perf_counter() - start
+            return client.run(seed)
         finally:
             train_mod.keeps_logit_mask = masked
 
-    variants = ["all", "answers"]
-    for i in range(args.warmup):
-        for v in variants:
-            step(v, i)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for rep in range(args.repeats):
-        for v in variants[rep % 2:] + variants[: rep % 2]:
-            times[v].append(step(v, 100 + rep))
+    times = interleaved(step, ["all", "answers"], args.warmup, args.repeats)
     med = {v: statistics.median(t) for v, t in times.items()}
     load = os.getloadavg()[0]
     lines = [

@@ -16,26 +16,17 @@ against the dropped positions), the variants interleaved, beside the same calls 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 import os
 import platform
 import statistics
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
-from common import emit
-from fedhmoe.algorithms.registry import ALGORITHMS
-from fedhmoe.client import train as train_mod
-from fedhmoe.config import load_config
-from fedhmoe.data.splits import client_data
-from fedhmoe.models import adapters
+from common import ClientStep, client_step_parser, emit, interleaved
 from fedhmoe.models.dropout import AdapterDropout, dropped_positions
-from fedhmoe.runtime.backbone_cache import get_worker
 
 
 class _Shapes(nn.Module):
@@ -87,26 +78,14 @@ def replay(calls: list[tuple[torch.Size, torch.dtype]], variant: str, p: float, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("config")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--client", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3, help="timed steps per variant")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap = client_step_parser(__doc__.split("\n\n")[0], repeats=3)
     ap.add_argument("--replays", type=int, default=5, help="replays of the dropout calls per variant")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--write", help="markdown file to append the table to")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.set)
-    worker = get_worker(cfg, ALGORITHMS[cfg.algorithm.name].adapter_spec(cfg))
-    model, spec = worker.model, worker.spec
+    client = ClientStep.load(args)
+    cfg, model, spec = client.cfg, client.worker.model, client.worker.spec
     p = spec.dropout
     if p <= 0:
         raise SystemExit(f"{args.config}: the adapters have no dropout")
-    params = adapters.trainable(model, spec)
-    train = client_data(cfg, args.client).train
-    one_step = dataclasses.replace(cfg.train, local_steps=1)
     owners = [m for m in model.modules() if isinstance(getattr(m, "dropout", None), AdapterDropout)]
     make = {"p = 0": lambda: nn.Identity(), "nn.Dropout": lambda: nn.Dropout(p),
             "AdapterDropout": lambda: AdapterDropout(p)}
@@ -115,19 +94,10 @@ def main() -> None:
         for m in owners:
             m.dropout = make[variant]() if record is None else _Shapes(make[variant](), record)
         torch.manual_seed(seed)
-        start = time.perf_counter()
-        train_mod.train_local(model, params, worker.formatter, train, one_step, cfg.train.learning_rate,
-                              np.random.default_rng(seed), worker.device)
-        return time.perf_counter() - start
+        return client.run(seed)
 
     variants = list(make)
-    for i in range(args.warmup):
-        for v in variants:
-            step(v, i)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for rep in range(args.repeats):
-        for v in variants[rep % 3:] + variants[: rep % 3]:
-            times[v].append(step(v, 100 + rep))
+    times = interleaved(step, variants, args.warmup, args.repeats)
     calls: list[tuple[torch.Size, torch.dtype]] = []
     step("nn.Dropout", 0, calls)
     for m in owners:

@@ -36,6 +36,7 @@ from fedhmoe.config.toml_io import (
     config_to_toml,
     load_config,
     parse_override,
+    toml_value,
 )
 
 __all__ = [
@@ -60,5 +61,6 @@ __all__ = [
     "config_to_toml",
     "load_config",
     "parse_override",
+    "toml_value",
     "replace",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "config_to_toml",
     "load_config",
     "parse_override",
+    "toml_value",
 ]
 
 
@@ -110,7 +111,8 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """``v`` (bool, number, string, list, table) as a TOML value."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -118,9 +120,9 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f'"{k}" = {_toml_value(x)}' for k, x in v.items()) + "}"
+        return "{" + ", ".join(f'"{k}" = {toml_value(x)}' for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
@@ -129,7 +131,7 @@ def config_to_toml(cfg: Config) -> str:
     lines = []
     for sec, body in config_to_dict(cfg).items():
         lines.append(f"[{sec}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in body.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -142,7 +144,7 @@ def config_to_documented_toml(cfg: Config) -> str:
         lines.append(f"[{sec.name}]")
         for f in fields(body):
             lines.append(f"# {f.metadata['doc']}")
-            lines.append(f"{_kebab(f.name)} = {_toml_value(getattr(body, f.name))}")
+            lines.append(f"{_kebab(f.name)} = {toml_value(getattr(body, f.name))}")
         lines.append("")
     return "\n".join(lines)
 

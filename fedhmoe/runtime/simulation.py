@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedhmoe.config import Config, config_to_toml
+from fedhmoe.config import Config, config_to_toml, toml_value
 from fedhmoe.runtime.progress import Progress, RunFollower
 from fedhmoe.runtime.server import SERVER_LOG
 from fedhmoe.runtime.server_app import PROGRESS_FILE, RUN_CONFIG, STOPS, read_failure
@@ -92,19 +92,11 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
-def _toml_value(v: str | bool | int | float) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(v)  # a JSON string is a TOML basic string
-
-
 def write_app(folder: Path, client_app: str = CLIENT_APP) -> Path:
     """A Flower app in ``folder``: its ``pyproject.toml`` only, naming fedhmoe's components (the code is the
     installed fedhmoe) and declaring the run config keys the ServerApp reads."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = "\n".join(f"{k} = {_toml_value(v)}" for k, v in RUN_CONFIG.items())
+    config = "\n".join(f"{k} = {toml_value(v)}" for k, v in RUN_CONFIG.items())
     (folder / "pyproject.toml").write_text(f"""[build-system]
 requires = ["setuptools>=77"]
 build-backend = "setuptools.build_meta"
@@ -201,8 +193,8 @@ class LocalSuperLink:
         """``flwr run APP --stream`` against this SuperLink, its output appended to ``log_file``; the process
         ends when the run does."""
         rc = self.home / "run-config.toml"
-        rc.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
-        fed = " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())
+        rc.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
+        fed = " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items())
         with log_file.open("ab") as out:
             return subprocess.Popen(
                 [_bin("flwr"), "run", str(app_dir), "fedhmoe", "--run-config", str(rc), "--federation-config", fed,
