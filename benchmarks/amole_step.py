@@ -10,8 +10,10 @@ on a small CPU). Three copies get adapters on ``q_proj`` and ``v_proj``:
   the tokens routed to it are gathered, pushed through its LoRA pair and added back (``index_add_``).
 
 One step is forward + backward + AdamW step on a batch of ``--batch x --seq`` tokens (the last 16 positions of
-every other row are padding). Steps of the three variants are interleaved, and the variant order rotates every
-repeat, so a slow spell on a shared machine hits all three alike. A second table times one adapted
+every other row are padding), with the client's optimizer (``fedhmoe.client.train.make_optimizer``: fused AdamW)
+and, like every client process, glibc's allocator keeping freed memory (``fedhmoe.utils.allocator``;
+``--system-malloc`` leaves it as it is). Steps of the three variants are interleaved, and the variant order
+rotates every repeat, so a slow spell on a shared machine hits all three alike. A second table times one adapted
 ``q_proj``-shaped layer alone (forward + backward + AdamW on the same token count), where the adapter's share
 of the work is not diluted by the rest of the model (FedAMoLE, section 1.3).
 
@@ -32,9 +34,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
+from common import emit
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fedhmoe.client.train import make_optimizer
+from fedhmoe.config import TrainConfig
 from fedhmoe.models.amole import (
     AMoLELinear,
     ReferenceAMoLE,
@@ -47,11 +52,12 @@ from fedhmoe.models.amole import (
     token_mask,
 )
 from fedhmoe.models.lora import LoRALinear, inject_lora
+from fedhmoe.utils.allocator import keep_freed_memory
 from fedhmoe.utils.torch_seeding import torch_generator
-from common import emit
 
 TARGETS = ["q_proj", "v_proj"]
 VARIANTS = ("lora", "amole", "loop")
+OPTIMIZER = TrainConfig(optimizer="adamw", weight_decay=0.0)
 
 
 class LoopAMoLELinear(AMoLELinear):
@@ -184,7 +190,7 @@ def model_step(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
 ) -> Callable[[], None]:
     """One training step (forward, backward, AdamW) of ``model`` as a closure."""
-    opt = torch.optim.AdamW(trainable(model), lr=1e-4)
+    opt = make_optimizer(trainable(model), OPTIMIZER, 1e-4)
     routed = bool(amole_modules(model))
 
     def step() -> None:
@@ -223,7 +229,7 @@ def layer_steps(
     for name, layer in layers.items():
         layer.train()
         params = [p for p in layer.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        opt = make_optimizer(params, OPTIMIZER, 1e-4)
 
         def step(layer: nn.Module = layer, opt: torch.optim.Optimizer = opt) -> None:
             loss = F.mse_loss(layer(x), target)
@@ -282,9 +288,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reference-repeats", type=int, default=3, help="timed steps of the per-token reference layer")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's allocator as it is (the clients keep freed memory)")
     ap.add_argument("--write", help="markdown file to append the table to")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    kept = False if args.system_malloc else keep_freed_memory()
 
     models = build_variants(args.layers, args.experts, args.rank, args.alpha, args.dropout, args.top_k)
     gen = torch.Generator().manual_seed(2)
@@ -308,7 +317,8 @@ def main() -> None:
         f"### amole_step (SmolLM2-135M shapes, {args.layers} layers, batch {args.batch} x {args.seq}, "
         f"r={args.rank}, {args.experts} experts top-{args.top_k} + shared on {'/'.join(TARGETS)}, dropout "
         f"{args.dropout:g}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{args.threads} threads, torch {torch.__version__})",
+        f"{args.threads} threads, torch {torch.__version__}, fused AdamW, "
+        f"{'freed memory kept' if kept else 'system allocator settings'})",
         "",
         "Median ms per training step (forward + backward + AdamW), variants interleaved; "
         f"{args.repeats} model steps and {args.repeats * 3} layer steps per variant; the last column gives "

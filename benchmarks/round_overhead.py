@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import emit
 
 from fedhmoe.config import load_config
 from fedhmoe.evaluation.rundir import read_metrics
-from common import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,14 +38,35 @@ def measure(engine: str, clients: int, rounds: int, out: Path) -> dict[str, floa
     rows = read_metrics(out)
     per_round = []
     for r in range(1, rounds + 1):
-        wall = next(x["train-phase-seconds"] for x in rows if x.get("split") == "server" and x["round"] == r)
-        compute = sum(x["train-seconds"] for x in rows if x.get("split") == "train" and x["round"] == r)
-        per_round.append((wall, compute))
+        server = next(x for x in rows if x.get("split") == "server" and x["round"] == r)
+        train = [x for x in rows if x.get("split") == "train" and x["round"] == r]
+        compute = sum(x["train-seconds"] for x in train)
+        handled = sum(x["handle-seconds"] for x in train)
+        per_round.append({
+            "wall": server["train-phase-seconds"], "compute": compute,
+            "configure": server["configure-seconds"],
+            "client-other": handled - compute,
+            "transport": server["exchange-seconds"] - handled,
+            "check": server["check-seconds"],
+            "aggregate": server["aggregate-seconds"] - server["check-seconds"],
+            "artifacts": server["artifact-seconds"] + (server["train-phase-seconds"] - server["configure-seconds"]
+                                                       - server["exchange-seconds"] - server["aggregate-seconds"]
+                                                       - server["artifact-seconds"]),
+            "checkpoint": server["checkpoint-seconds"],
+        })
     # round 1 includes each worker's one-time backbone load; report it apart from the steady state
     steady = per_round[1:] or per_round
-    wall, compute = (float(np.mean([w for w, _ in steady])), float(np.mean([c for _, c in steady])))
-    return {"first-wall": per_round[0][0], "first-compute": per_round[0][1], "wall": wall, "compute": compute,
-            "overhead-share": 1 - compute / wall}
+    mean = {k: float(np.mean([p[k] for p in steady])) for k in steady[0]}
+    return {"first-wall": per_round[0]["wall"], "first-compute": per_round[0]["compute"], **mean,
+            "overhead-share": 1 - mean["compute"] / mean["wall"]}
+
+
+PARTS = [("configure", "building and encoding the messages (server)"),
+         ("transport", "delivery: the engine, Ray, polling, moving messages between processes"),
+         ("client-other", "client handler outside training: decoding, loading and saving state, encoding"),
+         ("check", "reply checks (server)"),
+         ("aggregate", "aggregation (server)"),
+         ("artifacts", "artifacts and bookkeeping (server)")]
 
 
 def main() -> None:
@@ -54,13 +75,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--write", help="markdown file to append the table to")
     args = ap.parse_args()
+    load = [f"{v:.2f}" for v in os.getloadavg()]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for engine in ("inprocess", "simulation"):
             results[engine] = measure(engine, args.clients, args.rounds, Path(tmp) / engine)
     lines = [
         f"### round_overhead ({args.clients} clients, {args.rounds} rounds, tiny-llama, 5 local steps; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; load average {load[0]} before, "
+        f"{os.getloadavg()[0]:.2f} after)",
         "",
         "| engine | round 1 wall s | round 1 client compute s | steady round wall s | steady client compute s "
         "| share not client compute |",
@@ -69,6 +92,14 @@ def main() -> None:
     for engine, m in results.items():
         lines.append(f"| {engine} | {m['first-wall']:.2f} | {m['first-compute']:.2f} | {m['wall']:.2f} | "
                      f"{m['compute']:.2f} | {m['overhead-share']:.1%} |")
+    lines += ["", "Where a steady round's train phase goes that is not client compute (ms per round, share of the "
+                  "phase); the checkpoint is written after the phase and is given apart:", "",
+              "| part | " + " | ".join(results) + " |", "|---|" + "---:|" * len(results)]
+    for key, what in PARTS:
+        lines.append(f"| {key}: {what} | " + " | ".join(
+            f"{1e3 * m[key]:.1f} ({m[key] / m['wall']:.1%})" for m in results.values()) + " |")
+    lines.append("| checkpoint (after the phase) | " + " | ".join(
+        f"{1e3 * m['checkpoint']:.1f}" for m in results.values()) + " |")
     emit("\n".join(lines), args.write)
 
 

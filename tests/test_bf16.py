@@ -58,6 +58,7 @@ def test_a_bfloat16_backbone_trains_float32_adapters(method, extra, tmp_path, mo
     for frozen, trained, state in seen:
         assert frozen == {torch.bfloat16} and trained == {torch.float32} and state == {torch.float32}
     assert router_dtypes == ({torch.bfloat16} if method == "fedmoe" else set())
+    assert optimizers and all(opt.defaults["fused"] is True for opt in optimizers)  # bfloat16 rows included
     rows = read_metrics(tmp_path)
     assert all(math.isfinite(r["train-loss"]) for r in rows if r.get("split") == "train")
     assert all(math.isfinite(r["eval-loss"]) for r in rows if r.get("split") == "test")

@@ -21,7 +21,7 @@ TIMING = {"engine", "run-key", "wall-seconds", "train-seconds", "eval-seconds", 
 def strip_timing(obj):
     """``obj`` without what may differ between two runs of the same config (see ``TIMING``)."""
     if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING}
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING and not k.endswith("-seconds")}
     if isinstance(obj, list):
         return [strip_timing(v) for v in obj]
     return obj

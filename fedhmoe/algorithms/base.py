@@ -13,6 +13,7 @@ model: what they know of it comes in as :class:`~fedhmoe.specs.ModelFacts`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,8 @@ class RoundLog:
     rejected: list[Rejection] = field(default_factory=list)
     #: the messages sent; the grid gives each its id when it pushes it, and a reply names the id it answers
     sent: list[Message] = field(default_factory=list)
+    #: seconds spent reading and checking the replies (decoding, shapes, finiteness)
+    check_seconds: float = 0.0
 
 
 class FederatedStrategy(Strategy):
@@ -324,6 +327,7 @@ class FederatedStrategy(Strategy):
         A reply is matched to its client through the message it answers, so an error the SuperLink writes for
         a node that went down (sent from the SuperLink, not from the node) still names the node's client.
         """
+        t0 = time.perf_counter()
         addressee = {m.metadata.message_id: self.client_of.get(m.metadata.dst_node_id, -1)
                      for m in log_.sent if m.metadata.message_id}
         out, answered = [], set()
@@ -349,6 +353,7 @@ class FederatedStrategy(Strategy):
             log_.rejected.append(Rejection(client, why))
         out.sort(key=lambda r: r.client)
         log_.replies = out
+        log_.check_seconds = time.perf_counter() - t0
         return out
 
     def _read_reply(self, client: int, msg: Message, shapes: Mapping[int, Mapping[str, Mapping[str, tuple]]] | None

@@ -3,8 +3,11 @@
 Layout (``runs/<name>-<UTC timestamp>/``):
 - ``config.toml``: the fully resolved config;
 - ``metrics.jsonl``: one JSON object per line with ``round``, ``client``, ``split`` and metric names; train rows
-  carry ``bytes-up``, ``bytes-down``, ``train-seconds``; eval rows carry the bytes of the evaluation exchange;
-  a ``resume`` row records the config changes a resume was allowed to make;
+  carry ``bytes-up``, ``bytes-down``, ``train-seconds`` (the training loop) and ``handle-seconds`` (the client's
+  whole handler); eval rows carry the bytes of the evaluation exchange; a ``server`` row per round times the
+  phases (``train-phase-seconds``, ``eval-phase-seconds``, ``round-seconds``) and the train phase's parts
+  (``configure-``, ``exchange-``, ``aggregate-``, of which ``check-``, ``artifact-seconds``), then
+  ``checkpoint-seconds``; a ``resume`` row records the config changes a resume was allowed to make;
 - ``summary.json``: per-client scores before training, at the end, and at the round chosen on validation;
 - ``checkpoints/round-<r>/``: server tensors and structure, the resolved config they were made with, and the round
   and checksum of each client state under ``clients/`` (personal states, SCAFFOLD's control variates) they need;

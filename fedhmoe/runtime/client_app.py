@@ -8,8 +8,10 @@ from flwr.clientapp import ClientApp
 from fedhmoe.runtime.client_logic import handle_evaluate, handle_query, handle_train
 from fedhmoe.runtime.flower_compat import restartable_ray_workers
 from fedhmoe.runtime.watchdog import round_deadline
+from fedhmoe.utils.allocator import keep_freed_memory
 
 restartable_ray_workers()  # on the Simulation Engine: a dead worker comes back
+keep_freed_memory()  # every process that trains reuses its freed pages from step to step
 
 #: on a Ray worker, a call that outlives its round ends the worker (see :mod:`fedhmoe.runtime.watchdog`)
 app = ClientApp(mods=[round_deadline])

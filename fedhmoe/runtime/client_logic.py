@@ -177,25 +177,28 @@ def _train(rnd: _Round, ctx: HookContext) -> TrainResult:
     )
 
 
-def _reply(msg: Message, rnd: _Round, ctx: HookContext, state: dict[str, np.ndarray], result: TrainResult) -> Message:
+def _reply(msg: Message, rnd: _Round, ctx: HookContext, state: dict[str, np.ndarray], result: TrainResult,
+           t0: float) -> Message:
     """The training reply: the trained tensors keyed exactly as received, the hooks' records, statistics and
-    metrics."""
+    metrics; ``handle-seconds`` is the whole handler's time since ``t0``, ``train-seconds`` its training part."""
     ins, model = rnd.instructions, rnd.worker.model
-    metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-seconds": result.seconds,
-               "steps": result.steps, "client": rnd.client,
-               "param-bytes": int(sum(p.numel() * p.element_size() for p in model.parameters())), **ctx.metrics}
     arrays, side = None, {}
     if ins.return_arrays:
         sent = list(msg.content[ARRAYS].keys()) if ARRAYS in msg.content else list(state)
         arrays = encode_arrays({k: state[k] for k in sent}, ins.wire_dtype)
         side = {name: encode_arrays(rec, ins.wire_dtype) for name, rec in ctx.side.items()}
     stats = encode_arrays(ctx.stats) if ctx.stats else None
+    metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-seconds": result.seconds,
+               "steps": result.steps, "client": rnd.client,
+               "param-bytes": int(sum(p.numel() * p.element_size() for p in model.parameters())), **ctx.metrics,
+               "handle-seconds": time.perf_counter() - t0}
     return Message(make_content(arrays=arrays, metrics=metrics, stats=stats, side=side), reply_to=msg)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
     """One round of local training: read the instructions, load the start state, run the hooks around local
     training, save personal state, reply."""
+    t0 = time.perf_counter()
     rnd = _open_round(msg, context)
     _load_start(msg, rnd, before_round=rnd.instructions.server_round)
     ctx = _hook_context(msg, rnd)
@@ -208,7 +211,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         rnd.store.save(rnd.instructions.server_round, state)
     for hook in hooks:
         hook.after_train(ctx, result)
-    return _reply(msg, rnd, ctx, state, result)
+    return _reply(msg, rnd, ctx, state, result, t0)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

@@ -78,7 +78,7 @@ def _rows_train(r: int, rl: RoundLog) -> list[dict[str, Any]]:
                      "num-examples": m.get("num-examples"), "steps": m.get("steps"),
                      "bytes-up": rl.bytes_up.get(rep.client, 0), "bytes-down": rl.bytes_down.get(rep.client, 0),
                      "train-seconds": m.get("train-seconds"),
-                     **{k: m[k] for k in ("val-score", "param-bytes") if k in m}})
+                     **{k: m[k] for k in ("handle-seconds", "val-score", "param-bytes") if k in m}})
     return rows + _rows_rejected(r, "train", rl)
 
 
@@ -377,12 +377,21 @@ def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, en
         t_round = time.perf_counter()
         _admit_newcomers(roster, strategy, client_tasks)
         _record_structure(run, strategy, r)
+        t = time.perf_counter()
         messages = list(strategy.configure_train(r, config=ConfigRecord(base)))
+        parts = {"configure-seconds": time.perf_counter() - t}
+        t = time.perf_counter()
         replies = _exchange(grid, messages, r, "train", timeout, progress)
+        parts["exchange-seconds"] = time.perf_counter() - t
         progress.begin(r, "aggregate")
+        t = time.perf_counter()
         strategy.aggregate_train(r, replies)
+        parts["aggregate-seconds"] = time.perf_counter() - t  # the reply checks included
+        parts["check-seconds"] = strategy.last_train.check_seconds
+        t = time.perf_counter()
         for name, obj in strategy.artifacts(r).items():
             run.write_json(name, obj)
+        parts["artifact-seconds"] = time.perf_counter() - t
         t_train = time.perf_counter() - t_round
         run.log(_rows_train(r, strategy.last_train))
         _check_some_accepted(r, "training", strategy.last_train)
@@ -395,13 +404,15 @@ def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, en
             _evaluate(grid, strategy, r, run, base, timeout, progress)
         t_eval = time.perf_counter() - t_eval
         every = cfg.checkpoint.every_n_rounds
+        t = time.perf_counter()
         if every and (r % every == 0 or r == last):
             tensors, meta = strategy.state_dict()
             # the config and the client states it was made with, checked when resuming from it
             run.save_checkpoint(r, tensors, {"strategy": meta, "config": toml_text,
                                              "personal": run.personal_manifest(r)}, cfg.checkpoint.keep_last)
+        parts["checkpoint-seconds"] = time.perf_counter() - t
         run.log([{"round": r, "split": "server", "train-phase-seconds": t_train, "eval-phase-seconds": t_eval,
-                  "round-seconds": time.perf_counter() - t_round}])
+                  "round-seconds": time.perf_counter() - t_round, **parts}])
     summary = _summary(run, cfg, client_tasks, {"run-name": cfg.run.name, "seed": cfg.run.seed, "engine": engine,
                                                 "run-key": base["run-key"], "wall-seconds": time.perf_counter() - t0})
     run.write_summary(summary)
