@@ -49,9 +49,10 @@ def measure(engine: str, clients: int, rounds: int, out: Path) -> dict[str, floa
             "transport": server["exchange-seconds"] - handled,
             "check": server["check-seconds"],
             "aggregate": server["aggregate-seconds"] - server["check-seconds"],
-            "artifacts": server["artifact-seconds"] + (server["train-phase-seconds"] - server["configure-seconds"]
-                                                       - server["exchange-seconds"] - server["aggregate-seconds"]
-                                                       - server["artifact-seconds"]),
+            "structure": server["structure-seconds"],
+            "artifacts": server["artifact-seconds"],
+            "untimed": server["train-phase-seconds"] - sum(server[f"{k}-seconds"] for k in (
+                "structure", "configure", "exchange", "aggregate", "artifact")),
             "checkpoint": server["checkpoint-seconds"],
         })
     # round 1 includes each worker's one-time backbone load; report it apart from the steady state
@@ -61,20 +62,24 @@ def measure(engine: str, clients: int, rounds: int, out: Path) -> dict[str, floa
             "overhead-share": 1 - mean["compute"] / mean["wall"]}
 
 
-PARTS = [("configure", "building and encoding the messages (server)"),
-         ("transport", "delivery: the engine, Ray, polling, moving messages between processes"),
+PARTS = [("structure", "newcomers and the round's structure (server)"),
+         ("configure", "building and encoding the messages (server)"),
+         ("transport", "the exchange less the client handlers: Flower, Ray, polling, moving messages"),
          ("client-other", "client handler outside training: decoding, loading and saving state, encoding"),
          ("check", "reply checks (server)"),
          ("aggregate", "aggregation (server)"),
-         ("artifacts", "artifacts and bookkeeping (server)")]
+         ("artifacts", "artifacts (server)"),
+         ("untimed", "the rest of the phase")]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per run (at least 2: round 1 is set apart)")
     ap.add_argument("--write", help="markdown file to append the table to")
     args = ap.parse_args()
+    if args.rounds < 2:
+        ap.error("--rounds must be at least 2: the steady state is measured after round 1")
     load = [f"{v:.2f}" for v in os.getloadavg()]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,14 +1,17 @@
-"""Memory of one simulation as the number of FedAMoLE clients grows: the peak stays flat.
+"""Memory of one simulation as the number of FedAMoLE clients grows, summed over its processes and by process.
 
 For each client count N, ``fedhmoe run`` trains N FedAMoLE clients of SmolLM2-135M-Instruct on the simulation engine
 for one round of one local step (``configs/fedamole/rg-task.toml``, N experts with 2 clients per expert so that
 the assignment is feasible, tiny evaluation splits). Once a second the memory of the command, of its descendants
-and of every process its SuperLink started (they carry ``FEDHMOE_SUPERLINK_HOME`` in their environment; Ray's
-daemons leave the process tree) is summed twice:
+and of every process its SuperLink started (``fedhmoe.runtime.simulation.marked_processes``: Ray's daemons leave
+the process tree) is summed twice:
 
 * RSS: libraries mapped by several processes count once per process (an upper bound);
 * PSS (``/proc/PID/smaps_rollup``): shared pages are split between the processes that map them, so the sum is
   the memory these processes take together.
+
+The PSS peaks of the kinds of process are kept too: the command, the SuperLink and its SuperExec, Flower's simulation
+process (the ServerApp), the Ray workers (the ClientApps) and Ray's own daemons.
 
     .venv/bin/python benchmarks/scale_memory.py [--clients 20,100] [--write docs/benchmarks.md]
 """
@@ -27,8 +30,13 @@ from pathlib import Path
 
 from common import emit
 
+from fedhmoe.evaluation.rundir import read_metrics
+from fedhmoe.runtime.simulation import MARK, marked_processes
+
 ROOT = Path(__file__).resolve().parents[1]
-MARK = b"FEDHMOE_SUPERLINK_HOME="
+KINDS = (("ray::ClientAppActor", "Ray workers (ClientApps)"), ("flwr-simulation", "simulation process (ServerApp)"),
+         ("superlink", "SuperLink + SuperExec"), ("superexec", "SuperLink + SuperExec"),
+         ("fedhmoe", "the command"))
 
 
 def _children(pid: int) -> list[int]:
@@ -49,16 +57,17 @@ def _tree(pid: int) -> set[int]:
     return seen
 
 
-def _marked() -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if MARK in (entry / "environ").read_bytes():
-                    found.add(int(entry.name))
-            except OSError:
-                continue
-    return found
+def _home(pids: set[int]) -> str | None:
+    """The SuperLink home of the run: the value of its mark in the environment of a process of the tree."""
+    prefix = f"{MARK}=".encode()
+    for p in pids:
+        try:
+            for item in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"):
+                if item.startswith(prefix):
+                    return item[len(prefix):].decode()
+        except OSError:
+            continue
+    return None
 
 
 def _kib(pid: int, path: str, field: str) -> int:
@@ -71,21 +80,39 @@ def _kib(pid: int, path: str, field: str) -> int:
     return 0
 
 
+def _kind(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "other"
+    return next((name for key, name in KINDS if key in cmd), "Ray daemons and others")
+
+
 class Sampler(threading.Thread):
-    """Sums the RSS and PSS of the run's processes once a second; keeps the peaks."""
+    """Sums the RSS and PSS of the run's processes once a second; keeps the peaks, in all and by kind."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid, self.stop, self.peak_rss, self.peak_pss, self.processes = pid, threading.Event(), 0, 0, 0
+        self.home: str | None = None
+        self.by_kind: dict[str, int] = {}
 
     def run(self) -> None:
         while not self.stop.is_set():
-            pids = _tree(self.pid) | _marked()
+            pids = _tree(self.pid)
+            self.home = self.home or _home(pids)
+            if self.home:
+                pids |= set(marked_processes(self.home))
             rss = sum(_kib(p, "status", "VmRSS:") for p in pids)
-            pss = sum(_kib(p, "smaps_rollup", "Pss:") for p in pids)
+            pss = {p: _kib(p, "smaps_rollup", "Pss:") for p in pids}
             if rss > self.peak_rss:
                 self.peak_rss, self.processes = rss, len(pids)
-            self.peak_pss = max(self.peak_pss, pss)
+            self.peak_pss = max(self.peak_pss, sum(pss.values()))
+            kinds: dict[str, int] = {}
+            for p, kib in pss.items():
+                kinds[_kind(p)] = kinds.get(_kind(p), 0) + kib
+            for k, kib in kinds.items():
+                self.by_kind[k] = max(self.by_kind.get(k, 0), kib)
             self.stop.wait(1.0)
 
 
@@ -112,14 +139,15 @@ def measure(clients: int, out: Path) -> dict[str, float]:
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"the run with {clients} clients failed ({proc.returncode}):\n{err[-3000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(out)
     server = next(r for r in rows if r.get("split") == "server" and r["round"] == 1)
     train = [r for r in rows if r.get("split") == "train"]
     rejected = [r for r in rows if r.get("split") == "rejected"]
     return {"clients": clients, "wall": wall, "train-phase": server["train-phase-seconds"],
             "train": sum(r["train-seconds"] for r in train), "eval-phase": server["eval-phase-seconds"],
             "rejected": len(rejected), "peak-rss": sampler.peak_rss / 2**20, "peak-pss": sampler.peak_pss / 2**20,
-            "processes": sampler.processes, "states": _du(out / "clients") / 1e6}
+            "processes": sampler.processes, "states": _du(out / "clients") / 1e6,
+            "by-kind": {k: v / 2**20 for k, v in sorted(sampler.by_kind.items())}}
 
 
 def main() -> None:
@@ -142,6 +170,11 @@ def main() -> None:
         lines.append(f"| {m['clients']} | {m['wall']:.0f} | {m['train-phase']:.0f} | {m['train']:.0f} | "
                      f"{m['eval-phase']:.0f} | {m['rejected']} | {m['peak-rss']:.1f} | {m['peak-pss']:.1f} | "
                      f"{m['processes']} | {m['states']:.0f} |")
+    kinds = sorted({k for m in results for k in m["by-kind"]})
+    lines += ["", "Peak PSS by kind of process (GiB; each kind's own peak, so they need not add up to the total):", "",
+              "| clients | " + " | ".join(kinds) + " |", "|---:|" + "---:|" * len(kinds)]
+    for m in results:
+        lines.append(f"| {m['clients']} | " + " | ".join(f"{m['by-kind'].get(k, 0.0):.2f}" for k in kinds) + " |")
     emit("\n".join(lines), args.write)
 
 

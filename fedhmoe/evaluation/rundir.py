@@ -5,9 +5,10 @@ Layout (``runs/<name>-<UTC timestamp>/``):
 - ``metrics.jsonl``: one JSON object per line with ``round``, ``client``, ``split`` and metric names; train rows
   carry ``bytes-up``, ``bytes-down``, ``train-seconds`` (the training loop) and ``handle-seconds`` (the client's
   whole handler); eval rows carry the bytes of the evaluation exchange; a ``server`` row per round times the
-  phases (``train-phase-seconds``, ``eval-phase-seconds``, ``round-seconds``) and the train phase's parts
-  (``configure-``, ``exchange-``, ``aggregate-``, of which ``check-``, ``artifact-seconds``), then
-  ``checkpoint-seconds``; a ``resume`` row records the config changes a resume was allowed to make;
+  phases (``train-phase-seconds``, ``eval-phase-seconds``, ``round-seconds``), the train phase's parts, which
+  add up to it (``structure-``: newcomers and the round's structure, ``configure-``, ``exchange-``, ``aggregate-``
+  with the reply checks' ``check-`` inside, ``artifact-seconds``), and the ``checkpoint-seconds`` written after
+  the evaluation phase; a ``resume`` row records the config changes a resume was allowed to make;
 - ``summary.json``: per-client scores before training, at the end, and at the round chosen on validation;
 - ``checkpoints/round-<r>/``: server tensors and structure, the resolved config they were made with, and the round
   and checksum of each client state under ``clients/`` (personal states, SCAFFOLD's control variates) they need;

@@ -377,9 +377,10 @@ def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, en
         t_round = time.perf_counter()
         _admit_newcomers(roster, strategy, client_tasks)
         _record_structure(run, strategy, r)
+        parts = {"structure-seconds": time.perf_counter() - t_round}  # the train phase's parts, in order
         t = time.perf_counter()
         messages = list(strategy.configure_train(r, config=ConfigRecord(base)))
-        parts = {"configure-seconds": time.perf_counter() - t}
+        parts["configure-seconds"] = time.perf_counter() - t
         t = time.perf_counter()
         replies = _exchange(grid, messages, r, "train", timeout, progress)
         parts["exchange-seconds"] = time.perf_counter() - t

@@ -32,7 +32,7 @@ from fedhmoe.runtime.server_app import PROGRESS_FILE, RUN_CONFIG, STOPS, read_fa
 
 log = logging.getLogger("fedhmoe")
 
-__all__ = ["LocalSuperLink", "SimulationError", "run_simulation_engine", "write_app"]
+__all__ = ["LocalSuperLink", "SimulationError", "marked_processes", "run_simulation_engine", "write_app"]
 
 #: fedhmoe's components, as Flower names them
 SERVER_APP, CLIENT_APP = "fedhmoe.runtime.server_app:app", "fedhmoe.runtime.client_app:app"
@@ -231,17 +231,22 @@ class LocalSuperLink:
         shutil.rmtree(self.home, ignore_errors=True)
 
     def processes(self) -> list[int]:
-        """The live processes started for this SuperLink (zombies aside): those whose environment carries its mark.
-        Empty where the system has no ``/proc``."""
-        mark = f"{MARK}={self.home}".encode()
-        found = []
-        for entry in Path("/proc").glob("[0-9]*"):
-            try:
-                if mark in (entry / "environ").read_bytes().split(b"\0") and not _zombie(entry):
-                    found.append(int(entry.name))
-            except OSError:  # gone, or not ours to read
-                continue
-        return found
+        """The live processes started for this SuperLink (see :func:`marked_processes`)."""
+        return marked_processes(self.home)
+
+
+def marked_processes(home: Path | str) -> list[int]:
+    """The live processes (zombies aside) started for the local SuperLink whose home is ``home``: those whose
+    environment carries its mark. Empty where the system has no ``/proc``."""
+    mark = f"{MARK}={home}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if mark in (entry / "environ").read_bytes().split(b"\0") and not _zombie(entry):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
 
 
 def _zombie(proc: Path) -> bool:
