@@ -67,7 +67,7 @@ def step_in_fresh_process(layers: int, steps: int, system: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def optimizer_steps(layers: int, repeats: int) -> dict[str, dict[str, float]]:
+def optimizer_steps(layers: int, repeats: int) -> dict[str, float]:
     import torch
 
     from fedhmoe.client.train import make_optimizer

@@ -110,7 +110,8 @@ class Sampler(threading.Thread):
             self.peak_pss = max(self.peak_pss, sum(pss.values()))
             kinds: dict[str, int] = {}
             for p, kib in pss.items():
-                kinds[_kind(p)] = kinds.get(_kind(p), 0) + kib
+                kind = _kind(p)
+                kinds[kind] = kinds.get(kind, 0) + kib
             for k, kib in kinds.items():
                 self.by_kind[k] = max(self.by_kind.get(k, 0), kib)
             self.stop.wait(1.0)

@@ -341,6 +341,16 @@ def _log_to(path: Path, held: bool) -> Iterator[_RunLog]:
         handler.close()
 
 
+@contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Record the body's wall time as ``seconds[name + "-seconds"]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[f"{name}-seconds"] = time.perf_counter() - t
+
+
 def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, engine: str,
                     allow_config_change: bool, tracker: Tracker, progress: Progress, run_log: _RunLog
                     ) -> dict[str, Any]:
@@ -374,46 +384,40 @@ def _run_federation(grid: Grid, cfg: Config, run: RunDirectory, resume: bool, en
         _evaluate(grid, strategy, 0, run, base, timeout, progress)
     last = cfg.federation.num_rounds
     for r in range(done + 1, last + 1):
+        seconds: dict[str, float] = {}  # the server row's timings; the train phase's parts add up to it
         t_round = time.perf_counter()
-        _admit_newcomers(roster, strategy, client_tasks)
-        _record_structure(run, strategy, r)
-        parts = {"structure-seconds": time.perf_counter() - t_round}  # the train phase's parts, in order
-        t = time.perf_counter()
-        messages = list(strategy.configure_train(r, config=ConfigRecord(base)))
-        parts["configure-seconds"] = time.perf_counter() - t
-        t = time.perf_counter()
-        replies = _exchange(grid, messages, r, "train", timeout, progress)
-        parts["exchange-seconds"] = time.perf_counter() - t
+        with _timed(seconds, "structure"):
+            _admit_newcomers(roster, strategy, client_tasks)
+            _record_structure(run, strategy, r)
+        with _timed(seconds, "configure"):
+            messages = list(strategy.configure_train(r, config=ConfigRecord(base)))
+        with _timed(seconds, "exchange"):
+            replies = _exchange(grid, messages, r, "train", timeout, progress)
         progress.begin(r, "aggregate")
-        t = time.perf_counter()
-        strategy.aggregate_train(r, replies)
-        parts["aggregate-seconds"] = time.perf_counter() - t  # the reply checks included
-        parts["check-seconds"] = strategy.last_train.check_seconds
-        t = time.perf_counter()
-        for name, obj in strategy.artifacts(r).items():
-            run.write_json(name, obj)
-        parts["artifact-seconds"] = time.perf_counter() - t
-        t_train = time.perf_counter() - t_round
+        with _timed(seconds, "aggregate"):  # the reply checks included
+            strategy.aggregate_train(r, replies)
+        seconds["check-seconds"] = strategy.last_train.check_seconds
+        with _timed(seconds, "artifact"):
+            for name, obj in strategy.artifacts(r).items():
+                run.write_json(name, obj)
+        seconds["train-phase-seconds"] = time.perf_counter() - t_round
         run.log(_rows_train(r, strategy.last_train))
         _check_some_accepted(r, "training", strategy.last_train)
         tl = [rep.metrics.get("train-loss", float("nan")) for rep in strategy.last_train.replies]
         log.info("round %d/%d: %d replies (%d rejected), mean train loss %.4f, %.1f s", r, last,
                  len(strategy.last_train.replies), len(strategy.last_train.rejected),
                  float(np.mean(tl)) if tl else float("nan"), time.perf_counter() - t_round)
-        t_eval = time.perf_counter()
-        if r % cfg.eval.every_n_rounds == 0 or r == last:
-            _evaluate(grid, strategy, r, run, base, timeout, progress)
-        t_eval = time.perf_counter() - t_eval
+        with _timed(seconds, "eval-phase"):
+            if r % cfg.eval.every_n_rounds == 0 or r == last:
+                _evaluate(grid, strategy, r, run, base, timeout, progress)
         every = cfg.checkpoint.every_n_rounds
-        t = time.perf_counter()
-        if every and (r % every == 0 or r == last):
-            tensors, meta = strategy.state_dict()
-            # the config and the client states it was made with, checked when resuming from it
-            run.save_checkpoint(r, tensors, {"strategy": meta, "config": toml_text,
-                                             "personal": run.personal_manifest(r)}, cfg.checkpoint.keep_last)
-        parts["checkpoint-seconds"] = time.perf_counter() - t
-        run.log([{"round": r, "split": "server", "train-phase-seconds": t_train, "eval-phase-seconds": t_eval,
-                  "round-seconds": time.perf_counter() - t_round, **parts}])
+        with _timed(seconds, "checkpoint"):
+            if every and (r % every == 0 or r == last):
+                tensors, meta = strategy.state_dict()
+                # the config and the client states it was made with, checked when resuming from it
+                run.save_checkpoint(r, tensors, {"strategy": meta, "config": toml_text,
+                                                 "personal": run.personal_manifest(r)}, cfg.checkpoint.keep_last)
+        run.log([{"round": r, "split": "server", **seconds, "round-seconds": time.perf_counter() - t_round}])
     summary = _summary(run, cfg, client_tasks, {"run-name": cfg.run.name, "seed": cfg.run.seed, "engine": engine,
                                                 "run-key": base["run-key"], "wall-seconds": time.perf_counter() - t0})
     run.write_summary(summary)
