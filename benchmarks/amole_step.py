@@ -15,7 +15,10 @@ and, like every client process, glibc's allocator keeping freed memory (``fedhmo
 ``--system-malloc`` leaves it as it is). Steps of the three variants are interleaved, and the variant order
 rotates every repeat, so a slow spell on a shared machine hits all three alike. A second table times one adapted
 ``q_proj``-shaped layer alone (forward + backward + AdamW on the same token count), where the adapter's share
-of the work is not diluted by the rest of the model (FedAMoLE, section 1.3).
+of the work is not diluted by the rest of the model (FedAMoLE, section 1.3). Ratios are the medians of the
+ratios within each repeat. A third table gives each variant's matrix-product FLOPs per step (torch's
+``FlopCounterMode``): the loop variant multiplies only the selected experts' activations, so its count is the
+least arithmetic the routing needs, a floor for any implementation's ratio to LoRA.
 
     .venv/bin/python benchmarks/amole_step.py [--layers 4] [--repeats 15] [--write docs/benchmarks.md]
 """
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from common import emit
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedhmoe.client.train import make_optimizer
@@ -244,10 +248,8 @@ def layer_steps(
     return steps
 
 
-def interleaved(
-    steps: dict[str, Callable[[], None]], warmup: int, repeats: int
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median and fastest milliseconds per step of each variant, steps interleaved with a rotating order."""
+def interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each timed step of each variant, steps interleaved with an order that rotates every repeat."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -259,16 +261,41 @@ def interleaved(
             start = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - start)
-    median = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
-    fastest = {name: 1e3 * min(ts) for name, ts in times.items()}
-    return median, fastest
+    return times
 
 
-def table(title: str, ms: dict[str, float], best: dict[str, float]) -> list[str]:
-    """Markdown rows for one measurement: medians, their ratios, and the ratios of the fastest steps."""
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over the repeats of ``num``'s step time over ``den``'s step time in the same repeat."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+
+def matmul_flops(steps: dict[str, Callable[[], None]]) -> dict[str, int]:
+    """Matrix-product FLOPs of one step (forward and backward) of each variant, counted by torch's
+    ``FlopCounterMode`` (matmuls, linear layers and attention; element-wise work is not counted)."""
+    flops: dict[str, int] = {}
+    for name, step in steps.items():
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops[name] = int(counter.get_total_flops())
+    return flops
+
+
+def flops_table(title: str, flops: dict[str, int]) -> list[str]:
+    """Markdown rows for one FLOP count: GFLOPs per step and the ratios to LoRA."""
+    return [
+        f"| {title} | {flops['lora'] / 1e9:.3f} | {flops['amole'] / 1e9:.3f} | {flops['loop'] / 1e9:.3f} | "
+        f"{flops['amole'] / flops['lora']:.3f} | {flops['loop'] / flops['lora']:.3f} |"
+    ]
+
+
+def table(title: str, times: dict[str, list[float]]) -> list[str]:
+    """Markdown rows for one measurement: median milliseconds, the medians of the per-repeat ratios, and the
+    ratios of the fastest steps."""
+    ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    best = {name: min(ts) for name, ts in times.items()}
     return [
         f"| {title} | {ms['lora']:.1f} | {ms['amole']:.1f} | {ms['loop']:.1f} | "
-        f"{ms['amole'] / ms['lora']:.2f} | {ms['loop'] / ms['amole']:.2f} | "
+        f"{paired_ratio(times, 'amole', 'lora'):.2f} | {paired_ratio(times, 'loop', 'amole'):.2f} | "
         f"{best['amole'] / best['lora']:.2f} / {best['loop'] / best['amole']:.2f} |"
     ]
 
@@ -305,13 +332,16 @@ def main() -> None:
     if gap > 1e-3:
         raise SystemExit(f"the loop variant disagrees with AMoLE (max logit difference {gap:.2e})")
 
-    model_ms, model_best = interleaved(
-        {name: model_step(models[name], ids, mask, labels) for name in VARIANTS}, args.warmup, args.repeats
-    )
+    model_steps = {name: model_step(models[name], ids, mask, labels) for name in VARIANTS}
+    model_flops = matmul_flops(model_steps)
+    model_times = interleaved(model_steps, args.warmup, args.repeats)
     layers = layer_steps(args.batch * args.seq, args.experts, args.rank, args.alpha, args.dropout, args.top_k)
-    layer_ms, layer_best = interleaved({name: layers[name] for name in VARIANTS}, args.warmup, args.repeats * 3)
-    ref_ms = (interleaved({name: layers[name] for name in ("amole", "reference")}, 1, args.reference_repeats)[0]
-              if args.reference_repeats > 0 else None)  # 0: the slow per-token reference is not timed
+    layer_flops = matmul_flops({name: layers[name] for name in VARIANTS})
+    layer_times = interleaved({name: layers[name] for name in VARIANTS}, args.warmup, args.repeats * 3)
+    ref_ms = None  # --reference-repeats 0: the slow per-token reference is not timed
+    if args.reference_repeats > 0:
+        ref_times = interleaved({name: layers[name] for name in ("amole", "reference")}, 1, args.reference_repeats)
+        ref_ms = {name: 1e3 * statistics.median(ts) for name, ts in ref_times.items()}
 
     lines = [
         f"### amole_step (SmolLM2-135M shapes, {args.layers} layers, batch {args.batch} x {args.seq}, "
@@ -321,14 +351,26 @@ def main() -> None:
         f"{'freed memory kept' if kept else 'system allocator settings'})",
         "",
         "Median ms per training step (forward + backward + AdamW), variants interleaved; "
-        f"{args.repeats} model steps and {args.repeats * 3} layer steps per variant; the last column gives "
-        "both ratios for each variant's fastest step. "
+        f"{args.repeats} model steps and {args.repeats * 3} layer steps per variant. The ratio columns are the "
+        "medians of the ratios within each repeat (steps taken one after the other), which a slow spell of the "
+        "machine moves less than a ratio of medians; the last column gives both ratios for each variant's "
+        "fastest step. "
         f"Loop vs batched AMoLE max logit difference: {gap:.1e}.",
         "",
         "| measured | LoRA ms | AMoLE ms | loop ms | AMoLE / LoRA | loop / AMoLE | same, fastest steps |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        *table(f"whole model ({args.layers} layers)", model_ms, model_best),
-        *table("one adapted 576x576 layer", layer_ms, layer_best),
+        *table(f"whole model ({args.layers} layers)", model_times),
+        *table("one adapted 576x576 layer", layer_times),
+        "",
+        "The arithmetic of one step: matrix-product GFLOPs (forward and backward) counted by torch's "
+        "`FlopCounterMode`. The loop variant multiplies only the selected experts' activations, so its count is "
+        "the least any implementation of this routing needs: a time ratio to LoRA below the loop's FLOP ratio "
+        "would need the routed products to run faster per FLOP than the backbone's.",
+        "",
+        "| measured | LoRA GFLOP | AMoLE GFLOP | loop GFLOP | AMoLE / LoRA | loop / LoRA |",
+        "|---|---:|---:|---:|---:|---:|",
+        *flops_table(f"whole model ({args.layers} layers)", model_flops),
+        *flops_table("one adapted 576x576 layer", layer_flops),
     ]
     if ref_ms is not None:
         lines += ["", f"The per-token reference of the parity tests (`ReferenceAMoLE`), the same layer, "
