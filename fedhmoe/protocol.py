@@ -111,8 +111,7 @@ class Instructions:
         if not isinstance(body, dict):
             raise ProtocolError("message instructions must be a JSON object")
         body[_RUN_CONFIG_KEY] = record[_RUN_CONFIG_KEY]
-        hints = get_type_hints(cls)
-        names = {f.name.replace("_", "-"): f.name for f in fields(cls)}
+        hints, names = _field_types(cls)
         unknown = sorted(set(body) - set(names))
         if unknown:
             raise ProtocolError(f"message instructions hold unknown fields {unknown}")
@@ -120,6 +119,17 @@ class Instructions:
         if missing:
             raise ProtocolError(f"message instructions lack fields {missing}")
         return cls(**{name: _read(key, body[key], hints[name]) for key, name in names.items()})
+
+
+_FIELD_TYPES: dict[type, tuple[dict[str, Any], dict[str, str]]] = {}
+
+
+def _field_types(cls: type) -> tuple[dict[str, Any], dict[str, str]]:
+    """A dataclass's resolved field types and its fields by wire name (resolving them costs more than reading a
+    message, so once per class)."""
+    if cls not in _FIELD_TYPES:
+        _FIELD_TYPES[cls] = get_type_hints(cls), {f.name.replace("_", "-"): f.name for f in fields(cls)}
+    return _FIELD_TYPES[cls]
 
 
 def _read(key: str, value: Any, typ: Any) -> Any:

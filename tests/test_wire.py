@@ -1,8 +1,12 @@
 """Records on the wire: round trips, bf16 transport, byte counts."""
 
-import numpy as np
+import io
 
-from fedhmoe.wire import content_nbytes, decode_arrays, encode_arrays, make_content
+import numpy as np
+import pytest
+from flwr.app import Array
+
+from fedhmoe.wire import array_from_numpy, array_to_numpy, content_nbytes, decode_arrays, encode_arrays, make_content
 
 
 def test_float32_round_trip_keeps_keys_and_values():
@@ -30,3 +34,45 @@ def test_content_bytes_grow_with_payload():
     small = make_content(arrays=encode_arrays({"a": np.zeros(10, np.float32)}), config={"x": 1})
     big = make_content(arrays=encode_arrays({"a": np.zeros(1000, np.float32)}), config={"x": 1})
     assert content_nbytes(big) - content_nbytes(small) == 990 * 4
+
+
+def _npy_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16, np.int64, np.bool_, ">f4"])
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (3, 4), (2, 0, 3), (6, 8, 57)])
+def test_fast_arrays_match_flowers_own(dtype: object, shape: tuple[int, ...]) -> None:
+    x = np.asarray(np.random.default_rng(1).standard_normal(shape) * 50).astype(dtype)
+    ours, flowers = array_from_numpy(x), Array(x)
+    assert (ours.data, ours.dtype, ours.shape, ours.stype) == (flowers.data, flowers.dtype, flowers.shape,
+                                                               flowers.stype)
+    back = array_to_numpy(flowers)
+    assert back.dtype == x.dtype and back.shape == x.shape and back.flags.writeable
+    np.testing.assert_array_equal(back, x)
+
+
+def test_fast_arrays_take_strided_input_and_return_arrays_of_their_own() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert array_from_numpy(x.T).data == Array(np.ascontiguousarray(x.T)).data
+    a = array_from_numpy(x)
+    first = array_to_numpy(a)
+    first[0, 0] = 99.0  # the copy is the caller's: the record's bytes and the next read are unchanged
+    np.testing.assert_array_equal(array_to_numpy(a), x)
+
+
+def test_fast_read_leaves_other_layouts_to_numpy_and_refuses_damage() -> None:
+    x = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    fortran = Array("float32", (2, 3), "numpy.ndarray", _npy_bytes(x))  # a header numpy writes in Fortran order
+    np.testing.assert_array_equal(array_to_numpy(fortran), x)
+    good = array_from_numpy(np.arange(6, dtype=np.float32))
+    for cut in (len(good.data) - 4, 20, 9):  # short data, short header, short header length
+        with pytest.raises(ValueError, match="EOF"):
+            array_to_numpy(Array("float32", (6,), "numpy.ndarray", good.data[:cut]))
+    # bytes beyond the data are ignored, as np.load ignores them
+    np.testing.assert_array_equal(array_to_numpy(Array("float32", (6,), "numpy.ndarray", good.data + b"\0" * 4)),
+                                  np.arange(6, dtype=np.float32))
+    with pytest.raises(TypeError):
+        array_to_numpy(Array("float32", (6,), "torch.Tensor", good.data))
