@@ -57,11 +57,15 @@ _NPY_V1 = b"\x93NUMPY\x01\x00"  # the magic string and format version 1.0, which
 
 
 @lru_cache(maxsize=512)
-def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
-    """The ``.npy`` (version 1.0) header ``np.save`` writes for a C-ordered array of ``descr`` and ``shape``."""
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[bytes, str] | None:
+    """The ``.npy`` (version 1.0) header ``np.save`` writes for a C-ordered array of ``dtype`` and ``shape``, and
+    the dtype's name, or ``None`` for what the fast path leaves to Flower: structured and object dtypes."""
+    descr = np.lib.format.dtype_to_descr(dtype)
+    if dtype.hasobject or not isinstance(descr, str):
+        return None
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
-    return buf.getvalue()
+    return buf.getvalue(), str(dtype)
 
 
 @lru_cache(maxsize=512)
@@ -80,12 +84,11 @@ def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
 def array_from_numpy(x: np.ndarray) -> Array:
     """``flwr.app.Array(x)``: the same ``.npy`` bytes, dtype, shape and serialisation type, made faster."""
     x = x if x.flags.c_contiguous else x.copy(order="C")
-    descr = np.lib.format.dtype_to_descr(x.dtype)
-    if x.dtype.hasobject or not isinstance(descr, str):
-        return Array(x)  # structured dtypes, and objects, which Flower refuses with its own error
-    shape = tuple(int(n) for n in x.shape)
-    header = _npy_header(descr, shape)
-    return Array(str(x.dtype), shape, _NPY_STYPE, b"".join((header, x.data)))
+    made = _npy_header(x.dtype, x.shape)
+    if made is None:
+        return Array(x)  # Flower's own way (it refuses objects with its own error)
+    header, name = made
+    return Array(name, x.shape, _NPY_STYPE, b"".join((header, x.data)))
 
 
 def array_to_numpy(a: Array) -> np.ndarray:

@@ -76,3 +76,10 @@ def test_fast_read_leaves_other_layouts_to_numpy_and_refuses_damage() -> None:
                                   np.arange(6, dtype=np.float32))
     with pytest.raises(TypeError):
         array_to_numpy(Array("float32", (6,), "torch.Tensor", good.data))
+
+
+def test_structured_arrays_go_flowers_way_and_read_back() -> None:
+    x = np.zeros(3, dtype=[("a", "<f4"), ("b", "<i4")])
+    x["a"], x["b"] = [1.5, 2.5, 3.5], [1, 2, 3]
+    assert array_from_numpy(x).data == Array(x).data
+    np.testing.assert_array_equal(array_to_numpy(array_from_numpy(x)), x)
