@@ -3,7 +3,7 @@
 
 Three payloads, in float32: the tiny model's LoRA state, as in the round-overhead benchmark (8 small tensors,
 where the fixed cost per tensor is everything), SmolLM2-135M's LoRA r=8 on ``q_proj``/``v_proj`` (120
-tensors, 1.84 MB) and the same model's FedAMoLE state with 6 experts per module. The two codecs alternate in
+tensors, 1.84 MB of float32, 1.86 MB as a record) and the same model's FedAMoLE state with 6 experts per module. The two codecs alternate in
 every repeat; the table gives medians and their ratio. Both produce byte-identical records, which the script
 checks before timing.
 

@@ -39,7 +39,8 @@ _BF16 = "bfloat16"
 
 def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    f32 = np.asarray(x, dtype=np.float32)
+    bits = (f32 if f32.flags.c_contiguous else f32.copy()).view(np.uint32)  # a 0-d array stays 0-d
     rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
     return ((bits + rounding) >> 16).astype(np.uint16)
 
@@ -49,40 +50,54 @@ def _from_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 # Flower's ``Array`` holds a numpy array as the bytes of an ``.npy`` file (``stype`` "numpy.ndarray"), written and
-# read with ``np.save`` / ``np.load``. Both go through a file object and parse or format the header every time,
-# about 20-40 us per array, which a client pays for every tensor of every message. The two functions below make and
-# read the same bytes with the header formatted or parsed once per (dtype, shape); anything else goes to Flower.
+# read with ``np.save`` / ``np.load``. Both go through a file object and format or parse the header every time,
+# about 20-40 us per array, which a client pays for every tensor of every message. The two functions below write
+# the bytes np.save writes and read them back with the header formatted or parsed once per (dtype, shape). Reading
+# checks the header against the data's length before anything is allocated, so a damaged or hostile array costs a
+# ValueError, never a huge allocation or an unpickling.
 _NPY_STYPE = "numpy.ndarray"
-_NPY_V1 = b"\x93NUMPY\x01\x00"  # the magic string and format version 1.0, which np.save writes for these headers
+_NPY_MAGIC = b"\x93NUMPY"
+_CACHED_HEADER_BYTES = 1024  # longer headers (never written by np.save for fedhmoe's tensors) are parsed uncached
 
 
 @lru_cache(maxsize=512)
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[bytes, str] | None:
     """The ``.npy`` (version 1.0) header ``np.save`` writes for a C-ordered array of ``dtype`` and ``shape``, and
-    the dtype's name, or ``None`` for what the fast path leaves to Flower: structured and object dtypes."""
+    the dtype's name; ``None`` for what is left to Flower's own code: structured dtypes and what ``np.save``
+    refuses (objects, dtypes numpy describes as objects)."""
     descr = np.lib.format.dtype_to_descr(dtype)
-    if dtype.hasobject or not isinstance(descr, str):
+    if dtype.hasobject or not isinstance(descr, str) or descr == "|O":
         return None
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
     return buf.getvalue(), str(dtype)
 
 
-@lru_cache(maxsize=512)
-def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
-    """dtype, shape and element count of a version 1.0 header (from the length field on), or ``None`` for what
-    the fast path leaves to ``np.load``: Fortran order, object dtypes, or a header numpy does not accept."""
+def _npy_layout(major: int, header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """dtype, shape, Fortran order and element count of an ``.npy`` header of format ``major``.0 (``header`` from
+    its length field on).
+
+    Raises:
+        ValueError: numpy does not accept the header, or it describes objects or a negative dimension.
+    """
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
     try:
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(io.BytesIO(header))
-    except (ValueError, TypeError, SyntaxError):
-        return None
-    if fortran_order or dtype.hasobject:
-        return None
-    return dtype, shape, math.prod(shape)
+        shape, fortran_order, dtype = read(io.BytesIO(header))
+    except (ValueError, TypeError, SyntaxError, EOFError, OverflowError) as e:
+        raise ValueError(f"unreadable .npy header: {e}") from e
+    if dtype.hasobject:
+        raise ValueError(f"array of dtype {dtype} holds Python objects, which are not accepted")
+    if any(n < 0 for n in shape):
+        raise ValueError(f"array header has a negative dimension: shape {shape}")
+    return dtype, shape, bool(fortran_order), math.prod(shape)
+
+
+_cached_npy_layout = lru_cache(maxsize=512)(_npy_layout)  # a failed parse raises, so only good headers are kept
 
 
 def array_from_numpy(x: np.ndarray) -> Array:
-    """``flwr.app.Array(x)``: the same ``.npy`` bytes, dtype, shape and serialisation type, made faster."""
+    """``flwr.app.Array(np.ascontiguousarray(x))``, faster: the same ``.npy`` bytes, dtype name, shape and
+    serialisation type (a 0-d array keeps its shape; ``np.ascontiguousarray`` would make it ``(1,)``)."""
     x = x if x.flags.c_contiguous else x.copy(order="C")
     made = _npy_header(x.dtype, x.shape)
     if made is None:
@@ -92,18 +107,30 @@ def array_from_numpy(x: np.ndarray) -> Array:
 
 
 def array_to_numpy(a: Array) -> np.ndarray:
-    """``a.numpy()``: a new writable array, read without ``np.load`` when the bytes are a well-formed ``.npy``
-    (version 1.0, C order, no objects) whose data length matches its header exactly; otherwise ``a.numpy()``
-    reads it, and raises for what it cannot read."""
+    """``a.numpy()``, faster and stricter: a new writable C-ordered array from an ``.npy`` of format 1.0 or 2.0.
+
+    Raises:
+        ValueError: The array is not serialised as ``numpy.ndarray``, its bytes are not such an ``.npy``, its
+            header is unreadable or describes objects, or its data is not exactly as long as the header says.
+    """
+    if a.stype != _NPY_STYPE:
+        raise ValueError(f"array serialised as {a.stype!r}; only {_NPY_STYPE!r} is read")
     data = a.data
-    if a.stype == _NPY_STYPE and data[:8] == _NPY_V1 and len(data) >= 10:
-        start = 10 + int.from_bytes(data[8:10], "little")
-        layout = _npy_layout(bytes(data[8:start]))
-        if layout is not None:
-            dtype, shape, count = layout
-            if len(data) - start == dtype.itemsize * count:
-                return np.frombuffer(data, dtype, count, start).reshape(shape).copy()
-    return a.numpy()
+    major = data[6] if len(data) >= 8 and data[:6] == _NPY_MAGIC else 0
+    if major not in (1, 2):
+        raise ValueError("array bytes are not an .npy file of format version 1.0 or 2.0")
+    width = 2 if major == 1 else 4
+    start = 8 + width + int.from_bytes(data[8 : 8 + width], "little")
+    if len(data) < start:
+        raise ValueError(f"array bytes end inside the .npy header ({len(data)} of {start} bytes)")
+    header = bytes(data[8:start])
+    layout = _cached_npy_layout if len(header) <= _CACHED_HEADER_BYTES else _npy_layout
+    dtype, shape, fortran_order, count = layout(major, header)
+    if len(data) - start != dtype.itemsize * count:
+        raise ValueError(f"array of shape {shape} and dtype {dtype} needs {dtype.itemsize * count} bytes of data; "
+                         f"it has {len(data) - start}")
+    flat = np.frombuffer(data, dtype, count, start)
+    return (flat.reshape(shape[::-1]).T if fortran_order else flat.reshape(shape)).copy()
 
 
 def encode_arrays(state: Mapping[str, np.ndarray], dtype: str = "float32") -> ArrayRecord:

@@ -1,11 +1,12 @@
 """End-to-end runs of every algorithm: tiny model, 3 clients, 2 rounds, in-process."""
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Message
+from flwr.app import Array, Message
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
@@ -158,14 +159,19 @@ def _poisoning_app(bad_client: int, kind: str) -> ClientApp:
             arrays["not.a.key"] = np.zeros(3, np.float32)
         elif kind == "crash":
             raise RuntimeError("client fell over")
-        reply.content[ARRAYS] = encode_arrays(arrays)
+        record = encode_arrays(arrays)
+        if kind == "huge":  # a header that claims 4 TiB over 8 bytes of data: refused before any allocation
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**40,)})
+            record[k] = Array("float32", (2**40,), "numpy.ndarray", header.getvalue() + bytes(8))
+        reply.content[ARRAYS] = record
         return reply
 
     return app
 
 
 @pytest.mark.parametrize("kind, reason", [("nan", "NaN"), ("shape", "shape"), ("unknown", "unknown keys"),
-                                          ("crash", "client fell over")])
+                                          ("crash", "client fell over"), ("huge", "needs 4398046511104 bytes")])
 def test_bad_replies_are_rejected_and_the_round_goes_on(kind, reason, tmp_path):
     cfg = smoke()
     run_inprocess(cfg, tmp_path / "bad", client_app=_poisoning_app(1, kind))

@@ -63,18 +63,56 @@ def test_fast_arrays_take_strided_input_and_return_arrays_of_their_own() -> None
     np.testing.assert_array_equal(array_to_numpy(a), x)
 
 
-def test_fast_read_leaves_other_layouts_to_numpy_and_refuses_damage() -> None:
+def _npy(header: dict, data: bytes, version: int = 1) -> Array:
+    buf = io.BytesIO()
+    write = np.lib.format.write_array_header_1_0 if version == 1 else np.lib.format.write_array_header_2_0
+    write(buf, header)
+    return Array("float32", (1,), "numpy.ndarray", buf.getvalue() + data)
+
+
+def test_fast_read_takes_fortran_order_and_format_2() -> None:
     x = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
-    fortran = Array("float32", (2, 3), "numpy.ndarray", _npy_bytes(x))  # a header numpy writes in Fortran order
-    np.testing.assert_array_equal(array_to_numpy(fortran), x)
+    fortran = Array("float32", (2, 3), "numpy.ndarray", _npy_bytes(x))  # np.save writes Fortran order as such
+    back = array_to_numpy(fortran)
+    np.testing.assert_array_equal(back, x)
+    assert back.flags.c_contiguous and back.flags.writeable
+    v2 = _npy({"descr": "<f4", "fortran_order": False, "shape": (2, 3)}, x.tobytes(order="C"), version=2)
+    np.testing.assert_array_equal(array_to_numpy(v2), x)
+
+
+def test_zero_dimensional_tensors_keep_their_shape_in_both_transport_dtypes() -> None:
+    state = {"s": np.array(1.5, np.float32)}
+    for dtype in ("float32", "bfloat16"):
+        back = decode_arrays(encode_arrays(state, dtype), dtype)["s"]
+        assert back.shape == () and back.dtype == np.float32 and float(back) == 1.5
+
+
+def test_damaged_or_hostile_arrays_are_refused_with_a_value_error() -> None:
+    """What a reply check turns into a rejected reply: never another exception, a huge allocation or a pickle."""
     good = array_from_numpy(np.arange(6, dtype=np.float32))
-    for cut in (len(good.data) - 4, 20, 9):  # short data, short header, short header length
-        with pytest.raises(ValueError, match="EOF"):
-            array_to_numpy(Array("float32", (6,), "numpy.ndarray", good.data[:cut]))
-    # bytes beyond the data are ignored, as np.load ignores them
-    np.testing.assert_array_equal(array_to_numpy(Array("float32", (6,), "numpy.ndarray", good.data + b"\0" * 4)),
-                                  np.arange(6, dtype=np.float32))
-    with pytest.raises(TypeError):
+    cases = {
+        "short data": (good.data[:-4], "needs 24 bytes of data; it has 20"),
+        "extra data": (good.data + b"\0" * 4, "needs 24 bytes of data; it has 28"),
+        "cut in the header": (good.data[:20], "end inside the .npy header"),
+        "cut before the header length": (good.data[:9], "end inside the .npy header"),
+        "not an .npy": (b"PK\x03\x04" + good.data, "not an .npy file"),
+        "format 3": (good.data[:6] + b"\x03" + good.data[7:], "not an .npy file"),
+    }
+    for data, message in cases.values():
+        with pytest.raises(ValueError, match=message):
+            array_to_numpy(Array("float32", (6,), "numpy.ndarray", data))
+    hostile = {
+        "a 4 TiB shape": ({"descr": "<f4", "fortran_order": False, "shape": (2**40,)}, "needs 4398046511104 bytes"),
+        "a shape past int64": ({"descr": "<f4", "fortran_order": False, "shape": (2**64,)}, "needs"),
+        "a negative dimension": ({"descr": "<f4", "fortran_order": False, "shape": (-3,)}, "negative dimension"),
+        "objects": ({"descr": "|O", "fortran_order": False, "shape": (1,)}, "Python objects"),
+    }
+    for header, message in hostile.values():
+        with pytest.raises(ValueError, match=message):
+            array_to_numpy(_npy(header, b"\0" * 8))
+    with pytest.raises(ValueError, match="unreadable .npy header"):
+        array_to_numpy(Array("float32", (1,), "numpy.ndarray", good.data[:10] + b"x" * (len(good.data) - 10)))
+    with pytest.raises(ValueError, match="only 'numpy.ndarray' is read"):
         array_to_numpy(Array("float32", (6,), "torch.Tensor", good.data))
 
 
