@@ -17,8 +17,9 @@ rotates every repeat, so a slow spell on a shared machine hits all three alike. 
 ``q_proj``-shaped layer alone (forward + backward + AdamW on the same token count), where the adapter's share
 of the work is not diluted by the rest of the model (FedAMoLE, section 1.3). Ratios are the medians of the
 ratios within each repeat. A third table gives each variant's matrix-product FLOPs per step (torch's
-``FlopCounterMode``): the loop variant multiplies only the selected experts' activations, so its count is the
-least arithmetic the routing needs, a floor for any implementation's ratio to LoRA.
+``FlopCounterMode``; torch counts nothing for the CPU's fused attention kernel, so attention is not in it): the
+loop variant multiplies only the selected experts' activations, so its count is the arithmetic of computing
+nothing for the unselected experts.
 
     .venv/bin/python benchmarks/amole_step.py [--layers 4] [--repeats 15] [--write docs/benchmarks.md]
 """
@@ -271,7 +272,8 @@ def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
 
 def matmul_flops(steps: dict[str, Callable[[], None]]) -> dict[str, int]:
     """Matrix-product FLOPs of one step (forward and backward) of each variant, counted by torch's
-    ``FlopCounterMode`` (matmuls, linear layers and attention; element-wise work is not counted)."""
+    ``FlopCounterMode`` (matmuls and linear layers; element-wise work and, on the CPU, the fused attention kernel
+    are not counted)."""
     flops: dict[str, int] = {}
     for name, step in steps.items():
         with FlopCounterMode(display=False) as counter:
@@ -363,9 +365,9 @@ def main() -> None:
         *table("one adapted 576x576 layer", layer_times),
         "",
         "The arithmetic of one step: matrix-product GFLOPs (forward and backward) counted by torch's "
-        "`FlopCounterMode`. The loop variant multiplies only the selected experts' activations, so its count is "
-        "the least any implementation of this routing needs: a time ratio to LoRA below the loop's FLOP ratio "
-        "would need the routed products to run faster per FLOP than the backbone's.",
+        "`FlopCounterMode` (element-wise work and, on the CPU, the fused attention kernel are not counted). The "
+        "loop variant multiplies only the selected experts' activations, so its count is the arithmetic of "
+        "computing nothing for the unselected experts.",
         "",
         "| measured | LoRA GFLOP | AMoLE GFLOP | loop GFLOP | AMoLE / LoRA | loop / LoRA |",
         "|---|---:|---:|---:|---:|---:|",
