@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import platform
 import statistics
@@ -265,9 +266,16 @@ def interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int)
     return times
 
 
-def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
-    """Median over the repeats of ``num``'s step time over ``den``'s step time in the same repeat."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> str:
+    """Median over the repeats of ``num``'s step time over ``den``'s in the same repeat, with a distribution-free
+    interval of at least 95% for that median (the order statistics whose ranks the binomial(n, 1/2) law gives)."""
+    ratios = sorted(a / b for a, b in zip(times[num], times[den], strict=True))
+    n, k, below = len(ratios), 0, 0.0
+    while below + math.comb(n, k) / 2**n <= 0.025:  # k order statistics left out on each side
+        below += math.comb(n, k) / 2**n
+        k += 1
+    lo, hi = (ratios[k - 1], ratios[n - k]) if k > 0 else (ratios[0], ratios[-1])
+    return f"{statistics.median(ratios):.2f} ({lo:.2f}-{hi:.2f})"
 
 
 def matmul_flops(steps: dict[str, Callable[[], None]]) -> dict[str, int]:
@@ -297,7 +305,7 @@ def table(title: str, times: dict[str, list[float]]) -> list[str]:
     best = {name: min(ts) for name, ts in times.items()}
     return [
         f"| {title} | {ms['lora']:.1f} | {ms['amole']:.1f} | {ms['loop']:.1f} | "
-        f"{paired_ratio(times, 'amole', 'lora'):.2f} | {paired_ratio(times, 'loop', 'amole'):.2f} | "
+        f"{paired_ratio(times, 'amole', 'lora')} | {paired_ratio(times, 'loop', 'amole')} | "
         f"{best['amole'] / best['lora']:.2f} / {best['loop'] / best['amole']:.2f} |"
     ]
 
@@ -355,11 +363,13 @@ def main() -> None:
         "Median ms per training step (forward + backward + AdamW), variants interleaved; "
         f"{args.repeats} model steps and {args.repeats * 3} layer steps per variant. The ratio columns are the "
         "medians of the ratios within each repeat (steps taken one after the other), which a slow spell of the "
-        "machine moves less than a ratio of medians; the last column gives both ratios for each variant's "
+        "machine moves less than a ratio of medians, each with a distribution-free interval of at least 95% "
+        "for that median; the last column gives both ratios for each variant's "
         "fastest step. "
         f"Loop vs batched AMoLE max logit difference: {gap:.1e}.",
         "",
-        "| measured | LoRA ms | AMoLE ms | loop ms | AMoLE / LoRA | loop / AMoLE | same, fastest steps |",
+        "| measured | LoRA ms | AMoLE ms | loop ms | AMoLE / LoRA (95% interval) | loop / AMoLE (95% interval) | "
+        "same, fastest steps |",
         "|---|---:|---:|---:|---:|---:|---:|",
         *table(f"whole model ({args.layers} layers)", model_times),
         *table("one adapted 576x576 layer", layer_times),

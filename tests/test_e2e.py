@@ -12,11 +12,11 @@ from safetensors.numpy import load_file
 
 from fedhmoe.algorithms.registry import ALGORITHMS
 from fedhmoe.config import load_config
-from fedhmoe.validate import validate
 from fedhmoe.evaluation.rundir import read_metrics
 from fedhmoe.runtime.client_logic import handle_evaluate, handle_query, handle_train
 from fedhmoe.runtime.engines import run_inprocess
 from fedhmoe.runtime.server import initial_state
+from fedhmoe.validate import validate
 from fedhmoe.wire import ARRAYS, decode_arrays, encode_arrays
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
@@ -40,7 +40,7 @@ def test_every_algorithm_runs_end_to_end(algorithm, tmp_path):
     assert summary["algorithm"] == algorithm
     assert set(summary["clients"]) == {"0", "1", "2"}
     # every client has one task family, scored before (round 0) and after the last round
-    for c, v in summary["clients"].items():
+    for v in summary["clients"].values():
         assert len(v["tasks"]) == 1
         assert v["before"] is not None and v["final"] is not None and v["final-round"] == 2
         assert v["best-val-round"] in (1, 2)
