@@ -2,10 +2,10 @@
 ``fedhmoe.wire`` (the same ``.npy`` bytes, with the header formatted or parsed once per dtype and shape).
 
 Three payloads, in float32: the tiny model's LoRA state, as in the round-overhead benchmark (8 small tensors,
-where the fixed cost per tensor is everything), SmolLM2-135M's LoRA r=8 on ``q_proj``/``v_proj`` (120
-tensors, 1.84 MB of float32, 1.86 MB as a record) and the same model's FedAMoLE state with 6 experts per module. The two codecs alternate in
-every repeat; the table gives medians and their ratio. Both produce byte-identical records, which the script
-checks before timing.
+where the fixed cost per tensor is everything), SmolLM2-135M's LoRA r=8 on ``q_proj``/``v_proj`` (120 tensors,
+1.84 MB of float32, 1.86 MB as a record) and the same model's FedAMoLE state with 6 experts per module. The two
+codecs alternate in every repeat; the table gives medians and their ratio. Both produce byte-identical records,
+which the script checks before timing.
 
     .venv/bin/python benchmarks/wire_codec.py [--repeats 30] [--write docs/benchmarks.md]
 """
