@@ -32,14 +32,13 @@ import math
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
-from common import emit
+from common import emit, interleaved_calls
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -250,22 +249,6 @@ def layer_steps(
     return steps
 
 
-def interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each timed step of each variant, steps interleaved with an order that rotates every repeat."""
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
-        order = names[rep % len(names) :] + names[: rep % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> str:
     """Median over the repeats of ``num``'s step time over ``den``'s in the same repeat, with a distribution-free
     interval of at least 95% for that median (the order statistics whose ranks the binomial(n, 1/2) law gives)."""
@@ -344,13 +327,14 @@ def main() -> None:
 
     model_steps = {name: model_step(models[name], ids, mask, labels) for name in VARIANTS}
     model_flops = matmul_flops(model_steps)
-    model_times = interleaved(model_steps, args.warmup, args.repeats)
+    model_times = interleaved_calls(model_steps, args.warmup, args.repeats)
     layers = layer_steps(args.batch * args.seq, args.experts, args.rank, args.alpha, args.dropout, args.top_k)
     layer_flops = matmul_flops({name: layers[name] for name in VARIANTS})
-    layer_times = interleaved({name: layers[name] for name in VARIANTS}, args.warmup, args.repeats * 3)
+    layer_times = interleaved_calls({name: layers[name] for name in VARIANTS}, args.warmup, args.repeats * 3)
     ref_ms = None  # --reference-repeats 0: the slow per-token reference is not timed
     if args.reference_repeats > 0:
-        ref_times = interleaved({name: layers[name] for name in ("amole", "reference")}, 1, args.reference_repeats)
+        pair = {name: layers[name] for name in ("amole", "reference")}
+        ref_times = interleaved_calls(pair, 1, args.reference_repeats)
         ref_ms = {name: 1e3 * statistics.median(ts) for name, ts in ref_times.items()}
 
     lines = [

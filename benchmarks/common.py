@@ -82,3 +82,14 @@ def interleaved(step: Callable[[str, int], float], variants: list[str], warmup: 
         for v in variants[k:] + variants[:k]:
             times[v].append(step(v, 100 + rep))
     return times
+
+
+def interleaved_calls(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """:func:`interleaved` for argument-free callables: the seconds of each timed call of each, by name."""
+
+    def call(name: str, seed: int) -> float:
+        start = time.perf_counter()
+        fns[name]()
+        return time.perf_counter() - start
+
+    return interleaved(call, list(fns), warmup, repeats)

@@ -16,11 +16,10 @@ import argparse
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
-from common import emit
+from common import emit, interleaved_calls
 from flwr.app import Array, ArrayRecord
 
 from fedhmoe.wire import decode_arrays, encode_arrays
@@ -64,14 +63,8 @@ def flower_decode(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each function, the functions alternating within every repeat."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    """Median milliseconds of each function, the order of the functions rotating every repeat."""
+    return {name: 1e3 * statistics.median(ts) for name, ts in interleaved_calls(fns, 0, repeats).items()}
 
 
 def row(title: str, state: dict[str, np.ndarray], repeats: int) -> str:
